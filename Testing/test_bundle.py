@@ -1,0 +1,164 @@
+"""Config JSON round trip and validation; model bundles: round trip, atomic replace, specific errors."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from cotexnet import BundleError, CoTexNet, CoTexNetConfig, ConfigError
+from cotexnet.bundle import load_backbone
+
+
+def test_config_json_round_trip(tmp_path):
+    config = CoTexNetConfig(classes=["liver", "tumor"], keywords=["liver", "liver tumor"], image_size=224,
+                            kd_mode="mse", kl_form="softmax", kd_weight=10, use_real_text=False)
+    config.to_json_file(tmp_path / "c.json")
+    again = CoTexNetConfig.from_json_file(tmp_path / "c.json")
+    assert again == config and again.kd_weight == 10.0 and again.colors == config.colors
+
+
+@pytest.mark.parametrize("fields, field_name", [
+    ({"classes": []}, "classes"),
+    ({"classes": ["a", "a"]}, "classes"),
+    ({"classes": ["a"], "keywords": ["x", "y"]}, "keywords"),
+    ({"classes": ["a"], "colors": [[1, 2, 3]]}, "colors"),
+    ({"classes": ["a"], "kd_mode": "distill"}, "kd_mode"),
+    ({"classes": ["a"], "kl_form": "js"}, "kl_form"),
+    ({"classes": ["a"], "variant": "unet"}, "variant"),
+    ({"classes": ["a"], "alpha_init": 1.5}, "alpha_init"),
+    ({"classes": ["a"], "dropout": 1.0}, "dropout"),
+    ({"classes": ["a"], "image_size": 8}, "image_size"),
+    ({"classes": ["a"], "use_real_text": "yes"}, "use_real_text"),
+    ({"classes": ["a"], "kd_weight": float("nan")}, "kd_weight"),
+    ({"classes": ["a"], "use_text_encoder": False}, "use_real_text"),
+    ({"classes": ["a"], "slice_axis": "oblique"}, "slice_axis"),
+])
+def test_invalid_config_values_name_the_field(fields, field_name):
+    with pytest.raises(ConfigError, match=f"^{field_name}:"):
+        CoTexNetConfig(**fields)
+
+
+def test_config_file_errors_name_the_file(tmp_path):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({"classes": ["a"], "shiny": 1}))
+    with pytest.raises(ConfigError, match="config.json: unknown field.*shiny"):
+        CoTexNetConfig.from_json_file(path)
+    path.write_text("{not json")
+    with pytest.raises(ConfigError, match="config.json: not valid JSON"):
+        CoTexNetConfig.from_json_file(path)
+
+
+@pytest.fixture
+def bundle(tmp_path, tiny_model):
+    model = tiny_model(classes=["gm", "wm"]).eval()
+    with torch.no_grad():
+        model.sigma.fill_(1.25)  # a trained-looking value must survive the round trip
+    path = model.save_pretrained(tmp_path / "model", training_info={"epochs": 3})
+    return model, path
+
+
+def test_bundle_round_trip_gives_identical_outputs(bundle):
+    model, path = bundle
+    names = {p.name for p in path.iterdir()}
+    assert {"config.json", "model.safetensors", "vocab.json", "merges.txt", "training.json"} <= names
+    loaded = CoTexNet.from_pretrained(path, device="cpu")
+    images = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(loaded(images), model(images))
+    assert loaded.sigma.item() == 1.25 and loaded.config.classes == ["gm", "wm"]
+    assert json.loads((path / "training.json").read_text()) == {"epochs": 3}
+
+
+def test_saving_over_a_bundle_replaces_it_whole(bundle, tiny_model):
+    _, path = bundle
+    tiny_model(classes=["a", "b", "c"]).save_pretrained(path)
+    assert CoTexNet.from_pretrained(path).config.classes == ["a", "b", "c"]
+    assert not (path / "training.json").exists()
+    assert [p.name for p in path.parent.iterdir()] == ["model"]  # no staging or backup left behind
+
+
+def test_saving_never_overwrites_a_folder_that_is_not_a_bundle(tmp_path, tiny_model):
+    folder = tmp_path / "my-scans"
+    folder.mkdir()
+    (folder / "patient.nii.gz").write_bytes(b"precious")
+    with pytest.raises(BundleError, match="not a CoTexNet bundle"):
+        tiny_model().save_pretrained(folder)
+    assert (folder / "patient.nii.gz").read_bytes() == b"precious"
+
+
+def test_missing_bundle_directory(tmp_path):
+    with pytest.raises(BundleError, match="not found"):
+        CoTexNet.from_pretrained(tmp_path / "nope")
+
+
+def test_bundle_path_that_is_a_file(tmp_path):
+    (tmp_path / "model.safetensors").write_bytes(b"x")
+    with pytest.raises(BundleError, match="is a directory, this is a file"):
+        CoTexNet.from_pretrained(tmp_path / "model.safetensors")
+
+
+def test_missing_weights(bundle):
+    _, path = bundle
+    (path / "model.safetensors").unlink()
+    with pytest.raises(BundleError, match="model.safetensors: weights file is missing"):
+        CoTexNet.from_pretrained(path)
+
+
+def test_corrupt_weights(bundle):
+    _, path = bundle
+    data = (path / "model.safetensors").read_bytes()
+    (path / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(BundleError, match="corrupt or unreadable weights"):
+        CoTexNet.from_pretrained(path)
+
+
+def test_pickled_weights_are_never_loaded(bundle):
+    """A .bin pickle beside missing safetensors is not a fallback: nothing from the bundle is executed."""
+    _, path = bundle
+    (path / "model.safetensors").unlink()
+    torch.save({"x": torch.zeros(1)}, path / "pytorch_model.bin")
+    with pytest.raises(BundleError, match="weights file is missing"):
+        CoTexNet.from_pretrained(path)
+
+
+def test_newer_format_version(bundle):
+    _, path = bundle
+    data = json.loads((path / "config.json").read_text())
+    data["format_version"] = 99
+    (path / "config.json").write_text(json.dumps(data))
+    with pytest.raises(BundleError, match="format_version 99 is newer"):
+        CoTexNet.from_pretrained(path)
+
+
+def test_weights_that_do_not_match_the_config(bundle):
+    _, path = bundle
+    data = json.loads((path / "config.json").read_text())
+    data["classes"] = ["a", "b", "c"]
+    data["keywords"], data["colors"] = None, None
+    (path / "config.json").write_text(json.dumps(data))
+    with pytest.raises(BundleError, match=r"shape mismatch: clipseg\.decoder\.transposed_convolution\.4\.weight"):
+        CoTexNet.from_pretrained(path)
+
+
+def test_unavailable_backbone_names_it_and_says_how_to_get_it_offline(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(BundleError, match=r"'CIDAS/clipseg-rd64-refined'.*--local-dir DIR"):
+        load_backbone("CIDAS/clipseg-rd64-refined", cache_dir=tmp_path)
+
+
+def test_local_backbone_directory_loads_offline(tmp_path):
+    """A backbone folder saved the way Hugging Face stores it loads with no network."""
+    clipseg, tokenizer = load_backbone("tiny", image_size=64)
+    clipseg.save_pretrained(tmp_path / "clipseg", safe_serialization=True)
+    tokenizer.save_pretrained(tmp_path / "clipseg")
+    model = CoTexNet(CoTexNetConfig(classes=["a"], backbone=str(tmp_path / "clipseg"), image_size=64))
+    vision = model.clipseg.clip.vision_model.embeddings.patch_embedding.weight
+    torch.testing.assert_close(vision, clipseg.clip.vision_model.embeddings.patch_embedding.weight)
+
+
+def test_backbone_folder_without_safetensors_is_refused(tmp_path):
+    (tmp_path / "clipseg").mkdir()
+    (tmp_path / "clipseg" / "pytorch_model.bin").write_bytes(b"pickle")
+    with pytest.raises(BundleError, match="only safetensors weights are loaded"):
+        load_backbone(str(tmp_path / "clipseg"))

@@ -1,0 +1,207 @@
+"""Backbones and model bundles.
+
+A *backbone* is where CLIPSeg's weights come from: a Hugging Face id (downloaded once into the
+Hugging Face cache, honouring ``HF_HUB_OFFLINE`` and a cache directory), a local directory holding it,
+``tiny`` (a small random-init CLIPSeg for tests and demos — **not for real use**) or ``full-random``
+(the real ViT-B/16 CLIPSeg architecture with random weights, for offline speed measurements).
+
+A *bundle* is a trained model directory, Hugging Face style (DESIGN.md §3)::
+
+    config.json         CoTexNetConfig, including the backbone architecture and format version
+    model.safetensors   every weight (safetensors: loading never unpickles or runs code)
+    vocab.json, merges.txt, tokenizer_config.json, special_tokens_map.json
+    training.json       data, metrics and attributes used (optional)
+
+Bundles are written to a temporary sibling directory and renamed into place, so an interrupted save
+never leaves a half-written bundle where a good one was.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from .config import FORMAT_VERSION, CoTexNetConfig, write_json_atomic
+from .errors import BundleError, ConfigError
+from .prompts import load_tokenizer, offline_clip_tokenizer_dir
+
+WEIGHTS_NAME = "model.safetensors"
+CONFIG_NAME = "config.json"
+TRAINING_NAME = "training.json"
+#: Files of a Hugging Face CLIPSeg repository that loading needs (never pickled ``*.bin``).
+BACKBONE_FILES = ("config.json", "model.safetensors", "vocab.json", "merges.txt", "tokenizer_config.json",
+                  "special_tokens_map.json", "preprocessor_config.json")
+SYNTHETIC_BACKBONES = ("tiny", "full-random")
+
+
+def clipseg_architecture(name: str, image_size: int):
+    """transformers ``CLIPSegConfig`` of a synthetic backbone (``tiny`` or ``full-random``)."""
+    from transformers import CLIPSegConfig
+
+    text = dict(vocab_size=49408, max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407)
+    if name == "tiny":
+        # 4 vision layers, decoder fed by layers 0-2: the last layer runs CLS-only at inference, as in ViT-B/16.
+        text.update(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
+        vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=2,
+                      image_size=image_size, patch_size=16)
+        decoder = dict(projection_dim=32, extract_layers=[0, 1, 2], reduce_dim=16, decoder_num_attention_heads=2,
+                       decoder_intermediate_size=32)
+    elif name == "full-random":
+        # The architecture of CIDAS/clipseg-rd64-refined: CLIP ViT-B/16, rd64 decoder, refined upsampling.
+        text.update(hidden_size=512, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=8)
+        vision = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                      image_size=224, patch_size=16)
+        decoder = dict(projection_dim=512, extract_layers=[3, 6, 9], reduce_dim=64, decoder_num_attention_heads=4,
+                       decoder_intermediate_size=2048)
+    else:
+        raise ConfigError(f"backbone: unknown synthetic backbone {name!r}; expected one of {SYNTHETIC_BACKBONES}")
+    return CLIPSegConfig(text_config=text, vision_config=vision, conditional_layer=0,
+                         use_complex_transposed_convolution=True, **decoder)
+
+
+def build_clipseg(clipseg_config, seed: int = 0):
+    """A randomly initialised ``CLIPSegForImageSegmentation``, reproducible for a given seed."""
+    from transformers import CLIPSegForImageSegmentation
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return CLIPSegForImageSegmentation(clipseg_config).eval()
+
+
+def download_backbone(repo_id: str, cache_dir: str | os.PathLike | None = None, tqdm_class=None) -> Path:
+    """Fetch a Hugging Face CLIPSeg repository once (safetensors and tokenizer only) and return its folder.
+
+    With ``HF_HUB_OFFLINE=1`` only the local cache is used. ``tqdm_class`` lets a GUI show progress
+    (and cancel by raising from ``update``).
+    """
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id, cache_dir=cache_dir, allow_patterns=list(BACKBONE_FILES),
+                                      tqdm_class=tqdm_class))
+    except Exception as error:  # network, auth, offline-and-not-cached: all end the same way for a user
+        raise BundleError(
+            f"backbone {repo_id!r} could not be downloaded or found in the cache ({type(error).__name__}: {error}). "
+            f"To use it offline, download it once where there is internet "
+            f"(huggingface-cli download {repo_id} --local-dir DIR) and pass that folder as the backbone, "
+            f"or point HF_HOME / --cache-dir at a cache that holds it"
+        ) from None
+
+
+def load_backbone(name: str, image_size: int = 352, cache_dir: str | os.PathLike | None = None):
+    """Resolve ``name`` (``tiny``, ``full-random``, a directory or a Hugging Face id) → (CLIPSeg, tokenizer)."""
+    from transformers import CLIPSegForImageSegmentation
+
+    if name in SYNTHETIC_BACKBONES:
+        return build_clipseg(clipseg_architecture(name, image_size)), load_tokenizer(offline_clip_tokenizer_dir())
+    directory = Path(name).expanduser()
+    if not directory.is_dir():
+        if name.startswith((".", "/", "~")) or os.sep in name.strip("/").replace("/", "", 1):
+            raise BundleError(f"backbone {name!r}: no such directory")
+        directory = download_backbone(name, cache_dir)
+    if not (directory / WEIGHTS_NAME).is_file():
+        raise BundleError(
+            f"backbone {directory}: {WEIGHTS_NAME} is missing (only safetensors weights are loaded, never pickled "
+            f"*.bin files); convert the checkpoint to safetensors or download a repository that has them"
+        )
+    try:
+        model = CLIPSegForImageSegmentation.from_pretrained(str(directory), local_files_only=True, use_safetensors=True)
+    except Exception as error:
+        raise BundleError(f"backbone {directory}: could not load CLIPSeg weights ({error})") from None
+    return model.eval(), load_tokenizer(directory)
+
+
+def save_bundle(model, directory: str | os.PathLike, training_info: dict | None = None) -> Path:
+    """Write ``model`` as a bundle at ``directory``, replacing any bundle there only once complete."""
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".partial", dir=directory.parent))
+    try:
+        model.config.to_json_file(staging / CONFIG_NAME)
+        state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+        save_file(state, str(staging / WEIGHTS_NAME), metadata={"format": "pt", "cotexnet_format": str(FORMAT_VERSION)})
+        model.tokenizer.save_pretrained(str(staging))
+        if training_info is not None:
+            write_json_atomic(staging / TRAINING_NAME, training_info)
+        _replace_directory(staging, directory)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return directory
+
+
+def _replace_directory(new: Path, target: Path) -> None:
+    """Move ``new`` to ``target``; an existing ``target`` is moved aside first and removed after."""
+    if target.exists():
+        if not (target / CONFIG_NAME).is_file() and any(target.iterdir()):
+            raise BundleError(f"{target}: exists and is not a CoTexNet bundle; refusing to overwrite it")
+        old = target.with_name(f".{target.name}.old-{os.getpid()}")
+        os.replace(target, old)
+        os.replace(new, target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(new, target)
+
+
+def read_bundle_config(directory: str | os.PathLike) -> CoTexNetConfig:
+    """The config of a bundle, with errors that say what is wrong with the folder."""
+    directory = Path(directory)
+    if not directory.exists():
+        raise BundleError(f"{directory}: model bundle not found (no such directory)")
+    if not directory.is_dir():
+        raise BundleError(f"{directory}: a model bundle is a directory, this is a file")
+    if not (directory / CONFIG_NAME).is_file():
+        raise BundleError(f"{directory}: {CONFIG_NAME} is missing; this is not a CoTexNet model bundle")
+    try:
+        config = CoTexNetConfig.from_json_file(directory / CONFIG_NAME)
+    except ConfigError as error:
+        raise BundleError(str(error)) from None
+    if config.backbone_config is None:
+        raise BundleError(f"{directory / CONFIG_NAME}: backbone_config is missing; the bundle cannot be rebuilt offline")
+    return config
+
+
+def load_bundle(directory: str | os.PathLike, device: str | torch.device = "cpu"):
+    """Rebuild a bundle's model from its config and load its safetensors weights, checking every shape."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+    from transformers import CLIPSegConfig
+
+    from .model import CoTexNet
+
+    directory = Path(directory)
+    config = read_bundle_config(directory)
+    weights = directory / WEIGHTS_NAME
+    if not weights.is_file():
+        raise BundleError(f"{weights}: weights file is missing")
+    try:
+        state = load_file(str(weights))
+    except (SafetensorError, OSError, ValueError) as error:
+        raise BundleError(f"{weights}: corrupt or unreadable weights ({error})") from None
+    backbone = build_clipseg(CLIPSegConfig.from_dict(config.backbone_config))
+    model = CoTexNet(config, backbone=backbone, tokenizer=load_tokenizer(directory))
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    mismatched = [f"{k}: file {tuple(state[k].shape)} vs config {tuple(v.shape)}"
+                  for k, v in expected.items() if k in state and state[k].shape != v.shape]
+    if missing or unexpected or mismatched:
+        details = "; ".join(filter(None, [
+            f"missing {len(missing)} tensor(s), e.g. {missing[0]}" if missing else "",
+            f"{len(unexpected)} unexpected tensor(s), e.g. {unexpected[0]}" if unexpected else "",
+            f"shape mismatch: {', '.join(mismatched[:3])}" if mismatched else "",
+        ]))
+        raise BundleError(f"{weights}: weights do not match {directory / CONFIG_NAME} ({details})")
+    model.load_state_dict(state)
+    return model.to(device).eval()
+
+
+def read_training_info(directory: str | os.PathLike) -> dict:
+    path = Path(directory) / TRAINING_NAME
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}

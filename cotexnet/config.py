@@ -1,0 +1,213 @@
+"""CoTexNet configuration: classes, backbone, method switches, and how inputs are prepared.
+
+The config is the contract between training and inference: it travels in every model bundle as
+``config.json`` so that a loaded model rebuilds the same architecture and repeats the same intensity
+normalisation and slicing, with no network and no code executed from the bundle.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+#: Version of the bundle/config format written by this code. Loading refuses newer versions.
+FORMAT_VERSION = 1
+
+DEFAULT_BACKBONE = "CIDAS/clipseg-rd64-refined"
+VARIANTS = ("cotexnet", "clipseg")
+#: Distillation modes of the paper's Fig. 7: full SAN-KD, without the self-added noise (no T_c mixed
+#: into T'), without the alignment loss, and plain MSE fitting of T_c to T'.
+KD_MODES = ("san", "no_noise", "no_align", "mse")
+#: ``bernoulli``: Eq. (10) read on the sigmoid outputs, each of the 512 dimensions a Bernoulli
+#: probability (default). ``softmax``: the authors' code, KL(softmax(T') || softmax(T_c)) on the
+#: pre-sigmoid logits.
+KL_FORMS = ("bernoulli", "softmax")
+SLICE_AXES = ("axial", "coronal", "sagittal")
+ATTENTIONS = ("sdpa", "eager")
+
+#: Colors (RGB in 0..1) given to classes in order when a config names none; distinct on Slicer's
+#: dark and light backgrounds.
+DEFAULT_PALETTE = (
+    (0.95, 0.35, 0.25), (0.30, 0.75, 0.35), (0.25, 0.55, 0.95), (0.95, 0.80, 0.20),
+    (0.70, 0.35, 0.85), (0.20, 0.80, 0.80), (0.95, 0.55, 0.75), (0.60, 0.45, 0.25),
+)
+
+
+@dataclass
+class CoTexNetConfig:
+    """Everything needed to rebuild a CoTexNet model and prepare its inputs.
+
+    Method fields follow the paper (DESIGN.md §1): ``alpha_init``/``sigma_init``/``mu_init`` are the
+    initial values of the learnable SAN-KD scalars of Eqs. (9)–(12), ``dropout`` the rate of Eq. (11),
+    and the ``use_*`` switches are the ablations of Tables 6–9.
+    """
+
+    classes: list[str]
+    keywords: list[str] | None = None
+    colors: list[list[float]] | None = None
+    image_size: int = 352
+    backbone: str = DEFAULT_BACKBONE
+    variant: str = "cotexnet"
+    clipseg_prompt: str = "a photo of something"
+    pseudo_template: str = "segmentation area of"
+    use_real_text: bool = True
+    use_pseudo_text: bool = True
+    use_text_encoder: bool = True
+    use_text_module: bool = True
+    kd_mode: str = "san"
+    kl_form: str = "bernoulli"
+    kd_weight: float = 1.0
+    dice_weight: float = 1.0
+    ce_weight: float = 1.0
+    alpha_init: float = 0.2
+    sigma_init: float = 1.0
+    mu_init: float = -0.002
+    dropout: float = 0.2
+    attention: str = "sdpa"
+    slice_axis: str = "axial"
+    modality: str = "MR"
+    intensity: dict[str, Any] = field(default_factory=lambda: {"mode": "percentile", "lower": 0.5, "upper": 99.5})
+    #: transformers ``CLIPSegConfig.to_dict()`` of the backbone, recorded so a bundle rebuilds the
+    #: architecture without fetching the backbone again.
+    backbone_config: dict[str, Any] | None = None
+    format_version: int = FORMAT_VERSION
+
+    def __post_init__(self):
+        if isinstance(self.classes, str) or not isinstance(self.classes, (list, tuple)) or not self.classes:
+            raise ConfigError(f"classes: expected a non-empty list of class names, got {self.classes!r}")
+        self.classes = [self._name("classes", c) for c in self.classes]
+        if len(set(self.classes)) != len(self.classes):
+            raise ConfigError(f"classes: names must be unique, got {self.classes}")
+        if self.keywords is None:
+            self.keywords = list(self.classes)
+        self.keywords = [self._name("keywords", k) for k in self.keywords]
+        if len(self.keywords) != len(self.classes):
+            raise ConfigError(
+                f"keywords: expected one keyword per class ({len(self.classes)}), got {len(self.keywords)}"
+            )
+        if self.colors is None:
+            self.colors = [list(DEFAULT_PALETTE[i % len(DEFAULT_PALETTE)]) for i in range(len(self.classes))]
+        self.colors = [self._color(c) for c in self.colors]
+        if len(self.colors) != len(self.classes):
+            raise ConfigError(f"colors: expected one color per class ({len(self.classes)}), got {len(self.colors)}")
+        self._check_choice("variant", VARIANTS)
+        self._check_choice("kd_mode", KD_MODES)
+        self._check_choice("kl_form", KL_FORMS)
+        self._check_choice("slice_axis", SLICE_AXES)
+        self._check_choice("attention", ATTENTIONS)
+        if not isinstance(self.image_size, int) or isinstance(self.image_size, bool) or not 16 <= self.image_size <= 2048:
+            raise ConfigError(f"image_size: expected an integer from 16 to 2048, got {self.image_size!r}")
+        for name in ("use_real_text", "use_pseudo_text", "use_text_encoder", "use_text_module"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name}: expected true or false, got {getattr(self, name)!r}")
+        for name in ("kd_weight", "dice_weight", "ce_weight", "alpha_init", "sigma_init", "mu_init", "dropout"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ConfigError(f"{name}: expected a finite number, got {value!r}")
+            setattr(self, name, float(value))
+        for name in ("kd_weight", "dice_weight", "ce_weight"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name}: expected a weight >= 0, got {getattr(self, name)}")
+        if not 0.0 <= self.alpha_init <= 1.0:
+            raise ConfigError(f"alpha_init: expected a value in [0, 1], got {self.alpha_init}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"dropout: expected a rate in [0, 1), got {self.dropout}")
+        if not isinstance(self.backbone, str) or not self.backbone:
+            raise ConfigError(f"backbone: expected 'tiny', a Hugging Face id or a directory, got {self.backbone!r}")
+        if self.use_real_text and not self.use_text_encoder and self.use_text_module:
+            raise ConfigError(
+                "use_real_text: real-text prompts need the text encoder; set use_real_text to false "
+                "when use_text_encoder is false"
+            )
+        if not isinstance(self.intensity, dict) or "mode" not in self.intensity:
+            raise ConfigError(f"intensity: expected a dict with a 'mode' key, got {self.intensity!r}")
+        if not isinstance(self.format_version, int) or self.format_version < 1:
+            raise ConfigError(f"format_version: expected a positive integer, got {self.format_version!r}")
+
+    @staticmethod
+    def _name(field_name: str, value: Any) -> str:
+        if not isinstance(value, str) or not value.strip():
+            raise ConfigError(f"{field_name}: expected non-empty strings, got {value!r}")
+        return value.strip()
+
+    @staticmethod
+    def _color(value: Any) -> list[float]:
+        ok = isinstance(value, (list, tuple)) and len(value) == 3
+        ok = ok and all(isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= 1 for v in value)
+        if not ok:
+            raise ConfigError(f"colors: expected [r, g, b] with each value in 0..1, got {value!r}")
+        return [float(v) for v in value]
+
+    def _check_choice(self, name: str, choices: tuple[str, ...]):
+        if getattr(self, name) not in choices:
+            raise ConfigError(f"{name}: expected one of {', '.join(choices)}, got {getattr(self, name)!r}")
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def uses_text_encoder_in_training(self) -> bool:
+        """Whether training runs CLIP's text encoder (the eval path never does for ``cotexnet``)."""
+        return self.variant == "clipseg" or (self.use_text_module and self.use_text_encoder)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "config") -> "CoTexNetConfig":
+        """Build a config from a dict, refusing unknown keys and newer formats with a clear message."""
+        if not isinstance(data, dict):
+            raise ConfigError(f"{source}: expected a JSON object, got {type(data).__name__}")
+        version = data.get("format_version", 1)
+        if isinstance(version, int) and version > FORMAT_VERSION:
+            raise ConfigError(
+                f"{source}: format_version {version} is newer than this version of CoTexNet understands "
+                f"({FORMAT_VERSION}); update the cotexnet package"
+            )
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"{source}: unknown field(s) {', '.join(unknown)}")
+        if "classes" not in data:
+            raise ConfigError(f"{source}: missing field 'classes'")
+        try:
+            return cls(**data)
+        except ConfigError as error:
+            raise ConfigError(f"{source}: {error}") from None
+
+    def to_json_file(self, path: str | os.PathLike) -> None:
+        """Write the config as JSON atomically (temporary file, then rename)."""
+        write_json_atomic(path, self.to_dict())
+
+    @classmethod
+    def from_json_file(cls, path: str | os.PathLike) -> "CoTexNetConfig":
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: config file not found") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise ConfigError(f"{path}: not valid JSON ({error})") from None
+        return cls.from_dict(data, source=str(path))
+
+
+def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
+    """Write JSON to ``path`` through a temporary file in the same folder, so a crash never leaves half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            json.dump(data, handle, indent=2)
+            handle.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -1,0 +1,374 @@
+"""CoTexNet: CLIPSeg with text prompts learned from regions of interest, distilled into the image.
+
+Built on transformers' CLIPSeg parts (``CLIPSegForImageSegmentation``: CLIP ViT image and text
+encoders, frozen, and the light FiLM-conditioned decoder, trained). Equations refer to the paper as
+summarised in DESIGN.md §1:
+
+* ROI branch: ``R_i = I * M_i`` → frozen image encoder → CLS → ``pseudo_mapper`` → pseudo-token ``P_i``.
+* ``T_e = E_T(SOS ⊕ "segmentation area of" ⊕ P_1..P_n ⊕ T_r ⊕ EOS)``, pooled at the true EOS.
+* ``T_c = sigmoid(Map(C))`` from the query image's CLS ``C`` (Map = ``concept_mapper``).
+* Eq. (9) ``T' = sigmoid((1-α)·T_e + α·T_c)``; Eqs. (11)–(12) ``T̂ = Dropout(T'·σ + μ)`` conditions
+  the decoder by FiLM in training; at test time ``T̂_c = T_c·σ + μ`` and the text encoder never runs.
+* Eq. (15) loss = Dice + cross-entropy over ``n+1`` channels + ``kd_weight`` · KL(T' ‖ T_c).
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import CoTexNetConfig
+from .prompts import PromptEncoder, TextInputs, compose_text_inputs
+
+#: CLIP's image normalisation; the model takes images in [0, 1] and applies it itself.
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclass
+class CoTexNetOutput:
+    """What a training forward returns. Tensors absent in an ablation are ``None``."""
+
+    logits: torch.Tensor  # (B, n+1, H, W), channel 0 = background
+    condition: torch.Tensor  # T̂, the FiLM conditioning vector (B, D)
+    text_embeds: torch.Tensor | None = None  # T_e
+    concept: torch.Tensor | None = None  # T_c = sigmoid(concept_logits)
+    concept_logits: torch.Tensor | None = None  # Map(C)
+    mixed: torch.Tensor | None = None  # T' = sigmoid(mixed_logits)
+    mixed_logits: torch.Tensor | None = None  # (1-α)·T_e + α·T_c
+
+
+@dataclass
+class LossTerms:
+    total: torch.Tensor
+    segmentation: torch.Tensor
+    distillation: torch.Tensor
+
+
+class ConceptMapper(nn.Sequential):
+    """Linear → GELU → Linear → LayerNorm: maps a CLS feature into another embedding space."""
+
+    def __init__(self, in_dim: int, out_dim: int):
+        super().__init__(nn.Linear(in_dim, out_dim), nn.GELU(), nn.Linear(out_dim, out_dim), nn.LayerNorm(out_dim))
+
+
+def set_attention(module: nn.Module, implementation: str) -> None:
+    """Switch every CLIPSeg attention block under ``module`` to ``"sdpa"`` or ``"eager"``."""
+    from transformers.models.clipseg.modeling_clipseg import CLIPSegAttention
+
+    for sub in module.modules():
+        if isinstance(sub, CLIPSegAttention):
+            sub.config = copy.copy(sub.config)
+            sub.config._attn_implementation = implementation
+
+
+def widen_head(decoder: nn.Module, num_outputs: int) -> None:
+    """Give CLIPSeg's decoder ``num_outputs`` output channels, starting from its 1-channel weights.
+
+    Every class channel starts as CLIPSeg's foreground logit and the background channel as its
+    negation, so a pretrained decoder's mask is where training starts.
+    """
+    head_parent = decoder.transposed_convolution
+    if isinstance(head_parent, nn.Sequential):
+        old = head_parent[-1]
+    else:
+        old = head_parent
+    new = nn.ConvTranspose2d(old.in_channels, num_outputs, old.kernel_size, stride=old.stride)
+    with torch.no_grad():
+        new.weight.copy_(old.weight.repeat(1, num_outputs, 1, 1))
+        new.bias.copy_(old.bias.repeat(num_outputs))
+        new.weight[:, 0].neg_()
+        new.bias[0].neg_()
+    if isinstance(head_parent, nn.Sequential):
+        head_parent[-1] = new
+    else:
+        decoder.transposed_convolution = new
+
+
+class CoTexNet(nn.Module):
+    """CoTexNet (or, with ``config.variant == "clipseg"``, the stock CLIPSeg baseline) on one config.
+
+    ``model(images)`` is the test-time path: images only, no text encoder, logits ``(B, n+1, H, W)``.
+    ``model(images, masks=..., text_ids=...)`` is the training path and returns :class:`CoTexNetOutput`.
+    """
+
+    def __init__(self, config: CoTexNetConfig, backbone=None, tokenizer=None):
+        super().__init__()
+        if backbone is None or tokenizer is None:
+            from .bundle import load_backbone
+
+            backbone, tokenizer = load_backbone(config.backbone, image_size=config.image_size)
+        config.backbone_config = backbone.config.to_dict()
+        self.config = config
+        self.tokenizer = tokenizer
+        self.prompts = PromptEncoder(tokenizer)
+        self.clipseg = backbone
+        self.extract_layers = list(backbone.config.extract_layers)
+        set_attention(self.clipseg, config.attention)
+        widen_head(self.clipseg.decoder, config.num_classes + 1)
+
+        projection_dim = backbone.config.projection_dim
+        text_dim = backbone.config.text_config.hidden_size
+        self.pseudo_mapper = ConceptMapper(projection_dim, text_dim)
+        self.concept_mapper = ConceptMapper(projection_dim, projection_dim)
+        self.alpha = nn.Parameter(torch.tensor(config.alpha_init))
+        self.sigma = nn.Parameter(torch.tensor(config.sigma_init))
+        self.mu = nn.Parameter(torch.tensor(config.mu_init))
+        self.noise_dropout = nn.Dropout(config.dropout)
+
+        self.register_buffer("pixel_mean", torch.tensor(CLIP_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(CLIP_STD).view(1, 3, 1, 1), persistent=False)
+        template = self.prompts.encode([config.pseudo_template])[0] if config.use_pseudo_text else []
+        self.register_buffer("template_ids", torch.tensor(template, dtype=torch.long), persistent=False)
+        prompt_ids = self.prompts.full_ids(config.clipseg_prompt)
+        self.register_buffer("clipseg_prompt_ids", torch.tensor([prompt_ids], dtype=torch.long), persistent=False)
+
+        for module in (self.clipseg.clip.vision_model, self.clipseg.clip.text_model):
+            module.requires_grad_(False)
+        self.clipseg.clip.visual_projection.requires_grad_(False)
+        self.clipseg.clip.text_projection.requires_grad_(False)
+        self.clipseg.clip.logit_scale.requires_grad_(False)
+
+    # ----------------------------------------------------------------------------------- encoders
+    @property
+    def vision(self):
+        return self.clipseg.clip.vision_model
+
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        """[0, 1] images (grayscale or RGB) → CLIP-normalised 3-channel pixel values."""
+        if images.shape[1] == 1:
+            images = images.expand(-1, 3, -1, -1)
+        return (images - self.pixel_mean.to(images.dtype)) / self.pixel_std.to(images.dtype)
+
+    def encode_image(self, images: torch.Tensor, need_activations: bool = True):
+        """Run the frozen image encoder once: decoder activations and the projected CLS embedding.
+
+        Layers after the last extracted one are needed only for the CLS token, so the final layer
+        computes its queries, attention output and MLP for the CLS position alone (keys and values
+        still come from every token) — same result, a twelfth less encoder work at inference.
+        """
+        vision = self.vision
+        hidden = vision.embeddings(self.normalize(images), interpolate_pos_encoding=True)
+        hidden = vision.pre_layrnorm(hidden)
+        layers = vision.encoder.layers
+        activations = []
+        last_full = len(layers) - 1 if (not need_activations or max(self.extract_layers) < len(layers) - 1) else len(layers)
+        for index, layer in enumerate(layers):
+            if index < last_full:
+                hidden = layer(hidden, None, None)[0]
+                if need_activations and index in self.extract_layers:
+                    activations.append(hidden)
+            else:
+                hidden = _cls_only_layer(layer, hidden)
+        cls = vision.post_layernorm(hidden[:, 0])
+        return activations, self.clipseg.clip.visual_projection(cls)
+
+    def encode_text(self, inputs: TextInputs, pseudo_tokens: torch.Tensor | None) -> torch.Tensor:
+        """CLIP text encoder with pseudo-tokens injected as token embeddings at real positions.
+
+        Runs embeddings → causal mask → encoder → final layer norm → pooling at each row's EOS →
+        projection, the stock ``input_ids`` path, so with no pseudo-tokens it equals
+        ``get_text_features``. Parameters are frozen, but gradients flow through to the pseudo-tokens.
+        """
+        text = self.clipseg.clip.text_model
+        ids = inputs.input_ids.to(self.template_ids.device)
+        tokens = text.embeddings.token_embedding(ids)
+        if pseudo_tokens is not None:
+            positions = inputs.pseudo_positions.to(ids.device)
+            tokens = tokens.index_copy(1, positions, pseudo_tokens.to(tokens.dtype))
+        hidden = text.embeddings(inputs_embeds=tokens)
+        length = ids.shape[1]
+        causal = torch.full((length, length), torch.finfo(hidden.dtype).min, device=hidden.device, dtype=hidden.dtype)
+        causal = torch.triu(causal, diagonal=1)[None, None].expand(ids.shape[0], 1, -1, -1)
+        hidden = text.encoder(inputs_embeds=hidden, causal_attention_mask=causal).last_hidden_state
+        hidden = text.final_layer_norm(hidden)
+        pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), inputs.eos_index.to(hidden.device)]
+        return self.clipseg.clip.text_projection(pooled)
+
+    def text_inputs(self, text_ids: list[list[int]] | None, batch_size: int) -> TextInputs:
+        """The text-encoder input of each sample for the configured ablation."""
+        config = self.config
+        real = text_ids if (config.use_real_text and text_ids is not None) else [[] for _ in range(batch_size)]
+        if len(real) != batch_size:
+            raise ValueError(f"text_ids: expected {batch_size} rows (one per image), got {len(real)}")
+        return compose_text_inputs(
+            self.template_ids.tolist(),
+            config.num_classes if config.use_pseudo_text else 0,
+            real,
+            sos_id=self.prompts.sos_id,
+            eos_id=self.prompts.eos_id,
+            pad_id=self.prompts.pad_id,
+        )
+
+    def encode_prompts(self, prompts: list[str]) -> list[list[int]]:
+        """Real-text prompts (one string per image, all classes concatenated) → token ids."""
+        return self.prompts.encode(prompts)
+
+    # ------------------------------------------------------------------------------------ decoder
+    def decode(self, activations: list[torch.Tensor], condition: torch.Tensor) -> torch.Tensor:
+        """CLIPSeg's FiLM decoder with the ``n+1``-channel head: logits at the input resolution."""
+        logits = self.clipseg.decoder(activations, condition).logits
+        return logits if logits.dim() == 4 else logits.unsqueeze(1)
+
+    def clipseg_condition(self, batch_size: int) -> torch.Tensor:
+        """The stock baseline's conditioning: CLIP text features of the fixed prompt (frozen)."""
+        with torch.no_grad():
+            features = self.clipseg.clip.get_text_features(self.clipseg_prompt_ids)
+        return features.expand(batch_size, -1)
+
+    def concept_logits(self, image_embeds: torch.Tensor) -> torch.Tensor:
+        return self.concept_mapper(image_embeds)
+
+    def test_condition(self, image_embeds: torch.Tensor) -> torch.Tensor:
+        """``T̂_c = T_c·σ + μ``: the test-time conditioning, from the image alone."""
+        return torch.sigmoid(self.concept_logits(image_embeds)) * self.sigma + self.mu
+
+    # ------------------------------------------------------------------------------------ forward
+    def forward(self, images: torch.Tensor, masks: torch.Tensor | None = None, text_ids: list[list[int]] | None = None):
+        """Test time (``masks is None``): logits ``(B, n+1, H, W)``. Training: :class:`CoTexNetOutput`.
+
+        ``images``: (B, 1 or 3, S, S) in [0, 1]. ``masks``: (B, n, S, S) binary, one per class.
+        ``text_ids``: real-text prompt token ids per image (from :meth:`encode_prompts`), no SOS/EOS.
+        """
+        if self.config.variant == "clipseg":
+            with torch.no_grad():
+                activations, _ = self.encode_image(images)
+            condition = self.clipseg_condition(images.shape[0]).to(activations[0].dtype)
+            logits = self.decode(activations, condition)
+            return logits if masks is None else CoTexNetOutput(logits=logits, condition=condition)
+        if masks is None:
+            activations, image_embeds = self.encode_image(images)
+            return self.decode(activations, self.test_condition(image_embeds))
+        return self._training_forward(images, masks, text_ids)
+
+    def _training_forward(self, images, masks, text_ids) -> CoTexNetOutput:
+        config = self.config
+        batch, num_classes = masks.shape[:2]
+        if num_classes != config.num_classes:
+            raise ValueError(f"masks: expected {config.num_classes} class masks per image, got {num_classes}")
+        with torch.no_grad():
+            activations, image_embeds = self.encode_image(images)
+        concept_logits = self.concept_logits(image_embeds)
+        concept = torch.sigmoid(concept_logits)
+        if not config.use_text_module:
+            condition = self.noise_dropout(concept * self.sigma + self.mu)
+            return CoTexNetOutput(self.decode(activations, condition), condition, concept=concept, concept_logits=concept_logits)
+
+        text_embeds = self.text_embeddings(images, masks, text_ids)
+        if config.kd_mode == "no_noise":
+            mixed_logits = text_embeds
+        else:
+            mixed_logits = (1 - self.alpha) * text_embeds + self.alpha * concept
+        mixed = torch.sigmoid(mixed_logits)
+        condition = self.noise_dropout(mixed * self.sigma + self.mu)
+        return CoTexNetOutput(
+            logits=self.decode(activations, condition),
+            condition=condition,
+            text_embeds=text_embeds,
+            concept=concept,
+            concept_logits=concept_logits,
+            mixed=mixed,
+            mixed_logits=mixed_logits,
+        )
+
+    def text_embeddings(self, images, masks, text_ids) -> torch.Tensor:
+        """``T_e`` from ROI pseudo-tokens and real text (or, without the text encoder, from the ROIs alone)."""
+        config = self.config
+        batch, num_classes = masks.shape[:2]
+        pseudo = None
+        if config.use_pseudo_text or not config.use_text_encoder:
+            rois = images.unsqueeze(1) * masks.unsqueeze(2).to(images.dtype)  # R_i = I * M_i
+            with torch.no_grad():
+                _, roi_embeds = self.encode_image(rois.flatten(0, 1), need_activations=False)
+            pseudo = self.pseudo_mapper(roi_embeds).view(batch, num_classes, -1)
+        if not config.use_text_encoder:
+            # Text-encoder ablation: the pseudo-tokens skip E_T and go straight to its projection.
+            return self.clipseg.clip.text_projection(pseudo.mean(dim=1))
+        return self.encode_text(self.text_inputs(text_ids, batch), pseudo if config.use_pseudo_text else None)
+
+    # --------------------------------------------------------------------------------------- loss
+    def compute_loss(self, output: CoTexNetOutput, labels: torch.Tensor) -> LossTerms:
+        """Eq. (15): Dice + cross-entropy on the ``n+1`` channels, plus the weighted distillation term.
+
+        Dice is MONAI's, computed over the whole batch per class (``batch=True``) without the
+        background channel, so slices with an absent class do not produce the degenerate 0/0 Dice that
+        per-image Dice gives; cross-entropy covers every channel including background.
+        """
+        config = self.config
+        seg = self._seg_loss(output.logits.float(), labels)
+        distill = self.distillation_loss(output)
+        return LossTerms(total=seg + config.kd_weight * distill, segmentation=seg, distillation=distill)
+
+    def _seg_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        from monai.losses import DiceLoss
+
+        if not hasattr(self, "_dice"):
+            self._dice = DiceLoss(to_onehot_y=True, softmax=True, include_background=False, batch=True)
+        target = labels.long()
+        dice = self._dice(logits, target.unsqueeze(1))
+        ce = F.cross_entropy(logits, target)
+        return self.config.dice_weight * dice + self.config.ce_weight * ce
+
+    def distillation_loss(self, output: CoTexNetOutput) -> torch.Tensor:
+        """Align the image-only ``T_c`` (student) with ``T'`` (teacher, detached), per ``kd_mode``.
+
+        ``san``/``no_noise``: KL(T' ‖ T_c) in the configured ``kl_form``; ``mse``: mean squared error;
+        ``no_align``: no term. Zero when the text module is off or for the CLIPSeg baseline.
+        """
+        config = self.config
+        zero = output.logits.new_zeros(())
+        if output.mixed is None or config.kd_mode == "no_align":
+            return zero
+        teacher = output.mixed.detach().float()
+        student = output.concept.float()
+        if config.kd_mode == "mse":
+            return F.mse_loss(student, teacher)
+        if config.kl_form == "softmax":
+            return F.kl_div(
+                F.log_softmax(output.concept_logits.float(), dim=-1),
+                F.log_softmax(output.mixed_logits.detach().float(), dim=-1),
+                reduction="batchmean",
+                log_target=True,
+            )
+        eps = 1e-6
+        p = teacher.clamp(eps, 1 - eps)
+        q = student.clamp(eps, 1 - eps)
+        kl = p * (p.log() - q.log()) + (1 - p) * ((1 - p).log() - (1 - q).log())
+        return kl.sum(dim=-1).mean()
+
+    # ------------------------------------------------------------------------------------ bundles
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def save_pretrained(self, directory: str | Path, training_info: dict | None = None) -> Path:
+        """Write a model bundle (config.json, model.safetensors, tokenizer files, training.json) atomically."""
+        from .bundle import save_bundle
+
+        return save_bundle(self, directory, training_info)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu") -> "CoTexNet":
+        """Load a bundle written by :meth:`save_pretrained`, offline, without unpickling anything."""
+        from .bundle import load_bundle
+
+        return load_bundle(directory, device=device)
+
+
+def _cls_only_layer(layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """One CLIP encoder layer evaluated for the CLS position only (keys/values from all tokens)."""
+    attention = layer.self_attn
+    normed = layer.layer_norm1(hidden)
+    batch, length, dim = normed.shape
+    heads, head_dim = attention.num_heads, attention.head_dim
+    query = attention.q_proj(normed[:, :1]).view(batch, 1, heads, head_dim).transpose(1, 2)
+    key = attention.k_proj(normed).view(batch, length, heads, head_dim).transpose(1, 2)
+    value = attention.v_proj(normed).view(batch, length, heads, head_dim).transpose(1, 2)
+    attended = F.scaled_dot_product_attention(query, key, value, scale=attention.scale)
+    cls = hidden[:, :1] + attention.out_proj(attended.transpose(1, 2).reshape(batch, 1, dim))
+    cls = cls + layer.mlp(layer.layer_norm2(cls))
+    return cls
+
