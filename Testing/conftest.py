@@ -24,20 +24,11 @@ def tiny_model():
 
 
 @pytest.fixture(scope="session")
-def mni152():
-    """Real anatomy: the MNI152 T1 template with grey/white-matter probability maps (shipped in nilearn's wheel).
+def mni152_dataset(tmp_path_factory):
+    """Real anatomy: MNI152 T1 with grey/white matter (nilearn's wheel) as an nnU-Net v2 raw dataset.
 
-    Returns (t1 array in SimpleITK (z, y, x) order, label map 0/1=grey/2=white, spacing (x, y, z), direction).
+    Five interleaved axial sub-volumes: three train, one validation, one test case (see cotexnet.demo).
     """
-    import numpy as np
-    from nilearn import datasets
+    from cotexnet.demo import write_mni152_dataset
 
-    t1 = datasets.load_mni152_template(resolution=2)
-    gm = datasets.load_mni152_gm_template(resolution=2).get_fdata()
-    wm = datasets.load_mni152_wm_template(resolution=2).get_fdata()
-    labels = np.zeros(gm.shape, dtype=np.uint8)
-    labels[(gm > 0.5) & (gm >= wm)] = 1
-    labels[(wm > 0.5) & (wm > gm)] = 2
-    to_sitk = lambda a: np.ascontiguousarray(np.transpose(a, (2, 1, 0)))  # nibabel (i,j,k) -> (k,j,i)
-    spacing = tuple(float(s) for s in t1.header.get_zooms()[:3])
-    return to_sitk(t1.get_fdata().astype(np.float32)), to_sitk(labels), spacing
+    return write_mni152_dataset(tmp_path_factory.mktemp("mni152"))

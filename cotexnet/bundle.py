@@ -21,6 +21,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -115,8 +116,13 @@ def load_backbone(name: str, image_size: int = 352, cache_dir: str | os.PathLike
     return model.eval(), load_tokenizer(directory)
 
 
-def save_bundle(model, directory: str | os.PathLike, training_info: dict | None = None) -> Path:
-    """Write ``model`` as a bundle at ``directory``, replacing any bundle there only once complete."""
+def save_bundle(model, directory: str | os.PathLike, training_info: dict | None = None,
+                extra_files: Callable[[Path], None] | None = None) -> Path:
+    """Write ``model`` as a bundle at ``directory``, replacing any bundle there only once complete.
+
+    ``extra_files(staging_dir)`` may add files (the trainer's resume state) that must land together
+    with the weights they belong to.
+    """
     from safetensors.torch import save_file
 
     directory = Path(directory)
@@ -129,6 +135,8 @@ def save_bundle(model, directory: str | os.PathLike, training_info: dict | None 
         model.tokenizer.save_pretrained(str(staging))
         if training_info is not None:
             write_json_atomic(staging / TRAINING_NAME, training_info)
+        if extra_files is not None:
+            extra_files(staging)
         _replace_directory(staging, directory)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

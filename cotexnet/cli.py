@@ -1,0 +1,345 @@
+"""The ``cotexnet`` command: train, segment, evaluate, concepts, bench, demo.
+
+Errors the user can fix (bad data, bad bundle, bad option) print one clear line and exit with code 2;
+``--json`` prints a machine-readable result on stdout for scripts.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import sys
+from pathlib import Path
+
+from .errors import CoTexNetError
+
+
+def _json_default(value):
+    return value.tolist() if hasattr(value, "tolist") else str(value)
+
+
+def _print_json(data) -> None:
+    print(json.dumps(_finite(data), indent=2, default=_json_default))
+
+
+def _finite(value):
+    """NaN/inf (e.g. HD95 with an empty mask) become null so the output is strict JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+# --------------------------------------------------------------------------------------------- train
+def _add_train(sub) -> None:
+    p = sub.add_parser("train", help="train a CoTexNet model on a labelled dataset",
+                       description="Train CoTexNet (paper defaults: Adam, cosine, lr 3e-4, batch 8, <=500 epochs, "
+                                   "early stop after 50). DATA: images/+masks/ folder, nnU-Net v2 raw or MSD dataset.")
+    p.add_argument("data", help="dataset folder")
+    p.add_argument("--out", required=True, help="output folder (best/ and last/ bundles, metrics.csv)")
+    p.add_argument("--classes", nargs="+", help="class names in label order (default: from dataset.json)")
+    p.add_argument("--keywords", nargs="+", help="one prompt keyword per class (default: the class names)")
+    p.add_argument("--backbone", default="CIDAS/clipseg-rd64-refined", help="Hugging Face id, local folder, or 'tiny'")
+    p.add_argument("--image-size", type=int, default=352)
+    p.add_argument("--epochs", type=int, default=500)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--optimizer", choices=["adam", "adamw"], default="adam")
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--patience", type=int, default=50, help="early stop after this many epochs without improvement")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (0 disables)")
+    p.add_argument("--no-augment", action="store_true", help="no random zoom/flip")
+    p.add_argument("--empty-fraction", type=float, default=0.1, help="share of slices without labels kept")
+    p.add_argument("--slice-axis", choices=["axial", "coronal", "sagittal"], default="axial")
+    p.add_argument("--modality", help="CT, MR, US or RGB (default: from dataset.json; sets intensity normalisation)")
+    p.add_argument("--ct-window", help="CT window preset (soft_tissue, lung, bone, brain, liver) or CENTER,WIDTH")
+    p.add_argument("--variant", choices=["cotexnet", "clipseg"], default="cotexnet")
+    p.add_argument("--clipseg-prompt", default="a photo of something", help="fixed prompt of the clipseg variant")
+    for switch in ("real-text", "pseudo-text", "text-encoder", "text-module"):
+        p.add_argument(f"--no-{switch}", action="store_true", help=f"ablation: without the {switch.replace('-', ' ')}")
+    p.add_argument("--kd-mode", choices=["san", "no_noise", "no_align", "mse"], default="san")
+    p.add_argument("--kl-form", choices=["bernoulli", "softmax"], default="bernoulli")
+    p.add_argument("--kd-weight", type=float, default=1.0, help="weight of the distillation term (authors' code: 10)")
+    p.add_argument("--alpha-init", type=float, default=0.2)
+    p.add_argument("--dropout", type=float, default=0.2)
+    p.add_argument("--attributes", nargs="+", help="concept attributes kept in prompts (default: all)")
+    _add_concept_backend(p, prefix="concept-")
+    p.add_argument("--concept-cache", help="JSONL cache of concept attributes (default: OUT/concepts.jsonl)")
+    p.add_argument("--max-steps-per-epoch", type=int, help="cap steps per epoch (quick runs)")
+    p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
+    p.add_argument("--progress-file", help="append JSON-lines progress events to this file")
+    p.add_argument("--progress-json", action="store_true", help="print JSON-lines progress events on stdout")
+    p.add_argument("--stop-file", help="stop cleanly when this file appears")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.set_defaults(func=_run_train)
+
+
+def _add_concept_backend(p, prefix: str = "") -> None:
+    p.add_argument(f"--{prefix}backend", choices=["geometric", "llava", "openai"], default="geometric",
+                   help="concept attribute backend")
+    p.add_argument(f"--{prefix}model", help="LLaVA folder/Hugging Face id, or the model name on the server")
+    p.add_argument(f"--{prefix}base-url", help="OpenAI-compatible server URL (e.g. http://127.0.0.1:11434/v1)")
+    p.add_argument(f"--{prefix}api-key-env", help="environment variable holding the server's API key")
+
+
+def _backend_options(args, prefix: str = "") -> dict:
+    key = prefix.replace("-", "_")
+    options = {}
+    for name in ("model", "base_url", "api_key_env"):
+        value = getattr(args, f"{key}{name}")
+        if value is not None:
+            options[name] = value
+    return options
+
+
+def _intensity(args) -> dict | None:
+    if not args.ct_window:
+        return None
+    if "," in args.ct_window:
+        center, width = (float(v) for v in args.ct_window.split(","))
+        return {"mode": "ct", "window": "custom", "center": center, "width": width}
+    return {"mode": "ct", "window": args.ct_window}
+
+
+def _run_train(args) -> int:
+    from .train import TrainOptions, train
+
+    overrides = {"variant": args.variant, "clipseg_prompt": args.clipseg_prompt, "kd_mode": args.kd_mode,
+                 "kl_form": args.kl_form, "kd_weight": args.kd_weight, "alpha_init": args.alpha_init,
+                 "dropout": args.dropout, "use_real_text": not args.no_real_text,
+                 "use_pseudo_text": not args.no_pseudo_text, "use_text_encoder": not args.no_text_encoder,
+                 "use_text_module": not args.no_text_module}
+    options = TrainOptions(
+        data=args.data, out=args.out, classes=args.classes, keywords=args.keywords, backbone=args.backbone,
+        image_size=args.image_size, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+        optimizer=args.optimizer, weight_decay=args.weight_decay, patience=args.patience, device=args.device,
+        seed=args.seed, grad_clip=args.grad_clip, augment=not args.no_augment, empty_fraction=args.empty_fraction,
+        slice_axis=args.slice_axis, modality=args.modality, intensity=_intensity(args),
+        concept_backend=args.concept_backend, concept_options=_backend_options(args, "concept-"),
+        concept_cache=args.concept_cache or str(Path(args.out) / "concepts.jsonl"), attributes=args.attributes,
+        max_steps_per_epoch=args.max_steps_per_epoch, num_workers=args.workers,
+        progress_file=args.progress_file, progress_stdout=args.progress_json, show_progress=not args.progress_json,
+        stop_file=args.stop_file, resume=args.resume, config_overrides=overrides)
+    best = train(options)
+    if not args.progress_json:
+        print(f"best model: {best}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------- segment
+def _add_segment(sub) -> None:
+    p = sub.add_parser("segment", help="segment images or volumes with a trained model",
+                       description="Segment NIfTI, NRRD, MHA, DICOM series folders and PNG/JPG/TIFF images. Writes "
+                                   "<name>_labels.<ext> (input geometry) and <name>.seg.nrrd per input.")
+    p.add_argument("model", help="model bundle folder")
+    p.add_argument("inputs", nargs="+", help="image files or DICOM folders")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto")
+    p.add_argument("--axis", choices=["axial", "coronal", "sagittal"], help="slice axis (default: the model's)")
+    p.add_argument("--no-seg-nrrd", action="store_true", help="do not write Slicer .seg.nrrd files")
+    p.add_argument("--reference", nargs="+", help="ground-truth label maps, one per input, to report Dice")
+    p.add_argument("--json", action="store_true", help="print the results as JSON")
+    p.set_defaults(func=_run_segment)
+
+
+def _run_segment(args) -> int:
+    from .bundle import load_bundle
+    from .infer import resolve_device, segment_files
+
+    device = resolve_device(args.device)
+    model = load_bundle(args.model, device=device)
+    results = segment_files(model, args.inputs, args.out, references=args.reference, seg_nrrd=not args.no_seg_nrrd,
+                            batch_size=args.batch_size, device=device, precision=args.precision, axis=args.axis,
+                            show_progress=not args.json)
+    failed = [r for r in results if "error" in r]
+    if args.json:
+        _print_json({"model": args.model, "device": str(device), "results": results})
+    else:
+        for result in results:
+            if "error" in result:
+                print(f"FAILED  {result['error']}", file=sys.stderr)
+            else:
+                dice = "  Dice " + ", ".join(f"{k} {v:.3f}" for k, v in result["dice"].items()) if "dice" in result else ""
+                print(f"ok      {result['input']} -> {result['labels']} ({result['seconds']} s){dice}")
+        print(f"{len(results) - len(failed)} segmented, {len(failed)} failed")
+    return 1 if failed else 0
+
+
+# ------------------------------------------------------------------------------------------ evaluate
+def _add_evaluate(sub) -> None:
+    p = sub.add_parser("evaluate", help="Dice, IoU, HD95 and pixel accuracy of a model on a labelled dataset")
+    p.add_argument("model", help="model bundle folder")
+    p.add_argument("data", help="labelled dataset folder")
+    p.add_argument("--split", choices=["test", "val", "train", "all"], default="test")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--json", action="store_true", help="print per-class, mean and per-case results as JSON")
+    p.set_defaults(func=_run_evaluate)
+
+
+def _run_evaluate(args) -> int:
+    from .infer import evaluate
+
+    result = evaluate(args.model, args.data, split=args.split, device=args.device, batch_size=args.batch_size,
+                      show_progress=not args.json)
+    if args.json:
+        _print_json(result)
+    else:
+        print(f"{args.split} split, {len(result['cases'])} case(s)")
+        print(result["table"])
+    return 0
+
+
+# ------------------------------------------------------------------------------------------ concepts
+def _add_concepts(sub) -> None:
+    p = sub.add_parser("concepts", help="compute and cache concept attributes of a dataset",
+                       description="Fill the concept cache for a dataset and print how often each attribute value occurs.")
+    p.add_argument("data", help="labelled dataset folder")
+    p.add_argument("--keywords", nargs="+", help="one keyword per class (default: the class names)")
+    p.add_argument("--classes", nargs="+", help="class names (default: from dataset.json)")
+    _add_concept_backend(p)
+    p.add_argument("--attributes", nargs="+", help="attributes to keep (default: all)")
+    p.add_argument("--out", help="JSONL cache file (default: DATA/concepts.jsonl)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_run_concepts)
+
+
+def _dataset_cases(index):
+    """(case id, image, labels, spacing, direction) of every labelled case, read one at a time."""
+    from .data import read_image, read_label_map
+
+    class Cases:
+        def __len__(self):
+            return len(index.cases)
+
+        def __iter__(self):
+            for case in index.cases:
+                image = read_image(case.image_path)
+                labels = read_label_map(case.label_path, reference=image, classes=index.classes)
+                direction = image.direction if image.ndim == 3 else None
+                yield case.case_id, image.array, labels, image.spacing, direction
+
+    return Cases()
+
+
+def _run_concepts(args) -> int:
+    from .concepts import format_summary, summarize_dataset
+    from .data import load_dataset
+
+    index = load_dataset(args.data, args.classes)
+    cache = args.out or str(Path(args.data) / "concepts.jsonl")
+    summary = summarize_dataset(_dataset_cases(index), args.keywords or index.classes, index.classes,
+                                backend=args.backend, cache=cache, attributes=args.attributes,
+                                progress=not args.json, **_backend_options(args))
+    if args.json:
+        _print_json(summary)
+    else:
+        print(format_summary(summary))
+    return 0
+
+
+# -------------------------------------------------------------------------------------- bench / demo
+def _add_bench(sub) -> None:
+    p = sub.add_parser("bench", help="CoTexNet vs stock CLIPSeg inference speed and memory, same run")
+    p.add_argument("--backbone", default="full-random", help="tiny, full-random, a Hugging Face id or a folder")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--image-size", type=int, default=352)
+    p.add_argument("--classes", type=int, default=1, help="number of CoTexNet classes")
+    p.add_argument("--precision", nargs="+", choices=["fp32", "bf16", "fp16"],
+                   help="precisions to measure (default: fp32 bf16 on CPU, fp32 bf16 fp16 on CUDA)")
+    p.add_argument("--iterations", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--volume", help="also time a synthetic CT volume end to end, e.g. 300x512x512")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_run_bench)
+
+
+def _run_bench(args) -> int:
+    from .bench import bench, format_report
+
+    shape = tuple(int(v) for v in args.volume.lower().split("x")) if args.volume else None
+    if shape is not None and len(shape) != 3:
+        raise CoTexNetError(f"--volume: expected DxHxW, got {args.volume!r}")
+    report = bench(args.backbone, args.device, args.batch_size, args.image_size, args.classes, args.precision,
+                   args.iterations, args.warmup, shape)
+    if args.json:
+        _print_json(report)
+    else:
+        print(format_report(report))
+    return 0
+
+
+def _add_demo(sub) -> None:
+    p = sub.add_parser("demo", help="train a tiny model on real anatomy (MNI152, nilearn), segment, report Dice",
+                       description="With no trained model at hand: trains a 'tiny' CoTexNet on the MNI152 T1 template "
+                                   "with grey/white matter for about a minute on CPU, segments a held-out part and "
+                                   "writes the label map, a .seg.nrrd, a PNG overlay and the concept attributes.")
+    p.add_argument("--out", default="cotexnet-demo", help="output folder")
+    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--image-size", type=int, default=128)
+    p.add_argument("--max-steps-per-epoch", type=int)
+    p.add_argument("--model", help="skip training and use this bundle")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_run_demo)
+
+
+def _run_demo(args) -> int:
+    from .demo import run_demo
+
+    report = run_demo(args.out, epochs=args.epochs, image_size=args.image_size, device=args.device,
+                      max_steps_per_epoch=args.max_steps_per_epoch, show_progress=not args.json, model_path=args.model)
+    if args.json:
+        _print_json(report)
+        return 0
+    print("NOTE: the 'tiny' backbone is random-init and for demonstration only, not for clinical use.")
+    for name, metrics in zip(["grey matter", "white matter"], report["metrics"]["per_class"]):
+        print(f"Dice {name}: {metrics['dice']:.3f}")
+    print(f"mean Dice on the held-out case: {report['metrics']['mean']['dice']:.3f}")
+    for key in ("model", "labels", "segmentation", "overlay", "concepts"):
+        print(f"{key:>12}: {report[key]}")
+    for prompt in report["prompts"]:
+        print(f"      prompt: {prompt}")
+    print(f"done in {report['seconds']} s")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------ main
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = argparse.ArgumentParser(prog="cotexnet", description="CoTexNet segmentation: train, segment, evaluate.")
+    parser.add_argument("--version", action="version", version=f"cotexnet {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging and full tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in (_add_train, _add_segment, _add_evaluate, _add_concepts, _add_bench, _add_demo):
+        add(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
+    try:
+        return args.func(args)
+    except CoTexNetError as error:
+        if args.verbose:
+            raise
+        print(f"cotexnet {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"cotexnet {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,286 @@
+"""Slice-wise volume inference: exact geometry, bounded memory, progress and cancel.
+
+A volume is cut into 2D slices along the model's axis, normalised with the bundle's intensity
+settings, resized to the model size and segmented in batches; the *logits* are resized back to each
+slice's size (never nearest-neighbour on labels) and reduced to labels at once, so memory holds one
+batch of logits, never a volume's. The label map has exactly the input's shape and is written with
+exactly its geometry.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .data import (
+    IntensityNormalization,
+    VolumeImage,
+    image_suffix,
+    read_image,
+    read_label_map,
+    resize_slices,
+    slice_axis_index,
+    write_image,
+    write_segmentation_nrrd,
+)
+from .errors import Cancelled, CoTexNetError, DataError
+
+logger = logging.getLogger(__name__)
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+#: ITU-R BT.601 luma weights, to give an RGB picture to a model trained on grayscale.
+LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """``auto`` → the first CUDA GPU when there is one, else the CPU; ``cuda[:N]`` checked to exist."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise CoTexNetError(f"device {device}: CUDA is not available on this machine; use --device cpu or auto")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise CoTexNetError(f"device {device}: only {torch.cuda.device_count()} CUDA device(s) are present")
+    return device
+
+
+def autocast_dtype(device: torch.device, precision: str = "auto") -> torch.dtype | None:
+    """The autocast dtype for a precision setting; ``None`` means plain fp32.
+
+    ``auto`` is bf16 on GPUs that support it (fp16 on older ones) and fp32 on the CPU, where reduced
+    precision is rarely faster and changes results.
+    """
+    if precision not in PRECISIONS:
+        raise CoTexNetError(f"precision: expected one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if precision == "auto":
+        if device.type != "cuda":
+            return None
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def _is_cancelled(cancel) -> bool:
+    if cancel is None:
+        return False
+    if isinstance(cancel, threading.Event):
+        return cancel.is_set()
+    return bool(cancel())
+
+
+def _check_volume(array: np.ndarray, rgb: bool) -> None:
+    spatial = array.ndim - (1 if rgb else 0)
+    if array.size == 0:
+        raise DataError(f"the image is empty (shape {array.shape})")
+    if spatial == 4 or (spatial == 3 and rgb):
+        raise DataError(f"4D images are not supported (shape {array.shape}); extract one 3D volume first")
+    if spatial not in (2, 3):
+        raise DataError(f"expected a 2D or 3D image, got shape {array.shape}")
+    if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
+        raise DataError(f"the image holds {int(np.size(array) - np.isfinite(array).sum())} NaN or infinite voxel(s)")
+
+
+def segment_volume(
+    model,
+    volume: np.ndarray | VolumeImage,
+    *,
+    direction: Sequence[float] | None = None,
+    axis: str | int | None = None,
+    rgb: bool | None = None,
+    batch_size: int = 16,
+    device: str | torch.device = "auto",
+    precision: str = "auto",
+    progress: Callable[[int, int], None] | None = None,
+    cancel: Callable[[], bool] | threading.Event | None = None,
+) -> np.ndarray:
+    """Segment a 2D image or 3D volume; returns a ``uint8`` label map of the same spatial shape.
+
+    ``volume`` is a :class:`~cotexnet.data.VolumeImage` or an array in SimpleITK order (3D ``(z, y, x)``,
+    2D ``(y, x)`` or ``(y, x, 3)`` RGB). ``axis`` is a view name (default: the model's ``slice_axis``,
+    matched to the volume's ``direction``) or an array axis. ``progress(done, total)`` is called after
+    each batch; ``cancel`` (a callable or :class:`threading.Event`) is checked between batches and
+    raises :class:`~cotexnet.errors.Cancelled`. The model is moved to ``device`` and put in eval mode.
+    """
+    if isinstance(volume, VolumeImage):
+        direction = volume.direction if direction is None else direction
+        rgb = volume.is_rgb if rgb is None else rgb
+        volume = volume.array
+    array = np.asarray(volume)
+    config = model.config
+    normalization = IntensityNormalization.from_dict(config.intensity)
+    if rgb is None:
+        rgb = array.ndim == 3 and array.shape[-1] == 3 and normalization.mode == "rgb"
+    _check_volume(array, rgb)
+    if batch_size < 1:
+        raise CoTexNetError(f"batch_size: expected a positive integer, got {batch_size}")
+    if rgb and normalization.mode != "rgb":  # a photo for a grayscale model: its luminance
+        array, rgb = array.astype(np.float32) @ LUMA, False
+
+    spatial = array.ndim - (1 if rgb else 0)
+    if spatial == 2:
+        slices, slice_axis = array[None], None
+    else:
+        slice_axis = axis if isinstance(axis, int) else slice_axis_index(
+            direction if direction is not None else np.eye(3).ravel(), axis or config.slice_axis)
+        slices = np.moveaxis(array, slice_axis, 0)
+
+    device = resolve_device(device)
+    dtype = autocast_dtype(device, precision)
+    model.to(device).eval()
+    low, high = normalization.bounds(array)
+    scale = 1.0 / (high - low) if high > low else 0.0
+    height, width = slices.shape[1:3]
+    labels = np.empty(slices.shape[:3], dtype=np.uint8)
+    total = len(slices)
+    autocast = torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
+    with torch.inference_mode():
+        for start in range(0, total, batch_size):
+            if _is_cancelled(cancel):
+                raise Cancelled("segmentation cancelled")
+            chunk = torch.from_numpy(np.ascontiguousarray(slices[start : start + batch_size])).to(device)
+            chunk = ((chunk.float() - low) * scale).clamp_(0.0, 1.0) if scale else torch.zeros_like(chunk, dtype=torch.float32)
+            chunk = chunk.permute(0, 3, 1, 2) if rgb else chunk.unsqueeze(1)
+            images = resize_slices(chunk, config.image_size)
+            with autocast:
+                logits = model(images)
+            logits = resize_slices(logits.float(), (height, width))
+            labels[start : start + len(chunk)] = logits.argmax(dim=1).to(torch.uint8).cpu().numpy()
+            if progress is not None:
+                progress(min(start + batch_size, total), total)
+    return labels[0] if slice_axis is None else np.moveaxis(labels, 0, slice_axis)
+
+
+def output_paths(input_path: Path, out_dir: Path) -> tuple[Path, Path]:
+    """Where a label map and a ``.seg.nrrd`` for ``input_path`` go: same stem, format kept where possible."""
+    suffix = image_suffix(input_path) if input_path.is_file() else ""
+    stem = input_path.name[: len(input_path.name) - len(suffix)] if suffix else input_path.name
+    label_suffix = {".nii": ".nii.gz", ".nii.gz": ".nii.gz", ".mha": ".mha", ".png": ".png", ".bmp": ".png",
+                    ".jpg": ".png", ".jpeg": ".png", ".tif": ".tif", ".tiff": ".tif"}.get(suffix, ".nrrd")
+    return out_dir / f"{stem}_labels{label_suffix}", out_dir / f"{stem}.seg.nrrd"
+
+
+def segment_file(
+    model,
+    path: str | Path,
+    out_dir: str | Path,
+    *,
+    seg_nrrd: bool = True,
+    reference: str | Path | None = None,
+    **options,
+) -> dict:
+    """Segment one image file; write its label map (input geometry) and optionally a ``.seg.nrrd``.
+
+    With ``reference`` (a ground-truth label map of the same image) the Dice of each class is
+    reported too. ``options`` go to :func:`segment_volume`. Returns what was written and measured.
+    """
+    from .metrics import segmentation_metrics
+
+    path, out_dir = Path(path), Path(out_dir)
+    started = time.perf_counter()
+    image = read_image(path)
+    truth = None
+    if reference is not None:
+        truth = read_label_map(reference, reference=image, num_classes=model.config.num_classes)
+    labels = segment_volume(model, image, **options)
+    label_path, seg_path = output_paths(path, out_dir)
+    write_image(labels, image, label_path)
+    result = {"input": str(path), "labels": str(label_path), "shape": list(labels.shape),
+              "voxels": {name: int((labels == i).sum()) for i, name in enumerate(model.config.classes, start=1)}}
+    if seg_nrrd:
+        write_segmentation_nrrd(labels, image, seg_path, model.config.classes, model.config.colors)
+        result["segmentation"] = str(seg_path)
+    if truth is not None:
+        scores = segmentation_metrics(labels, truth, model.config.num_classes, spacing=image.spacing[::-1])
+        result["dice"] = {name: scores["per_class"][i]["dice"] for i, name in enumerate(model.config.classes)}
+    result["seconds"] = round(time.perf_counter() - started, 3)
+    return result
+
+
+def segment_files(
+    model,
+    paths: Sequence[str | Path],
+    out_dir: str | Path,
+    *,
+    references: Sequence[str | Path | None] | None = None,
+    show_progress: bool = True,
+    **options,
+) -> list[dict]:
+    """Segment many files; a file that fails is reported (``{"input", "error"}``) and the batch goes on.
+
+    Cancellation (``options["cancel"]``) stops the whole batch.
+    """
+    from tqdm.auto import tqdm
+
+    references = list(references) if references is not None else [None] * len(paths)
+    if len(references) != len(paths):
+        raise CoTexNetError(f"{len(references)} reference label maps given for {len(paths)} inputs")
+    results = []
+    for path, reference in tqdm(list(zip(paths, references)), desc="segmenting", unit="image", disable=not show_progress):
+        try:
+            results.append(segment_file(model, path, out_dir, reference=reference, **options))
+        except Cancelled:
+            raise
+        except (CoTexNetError, OSError, RuntimeError, ValueError) as error:
+            message = str(error) if str(path) in str(error) else f"{path}: {error}"
+            logger.error("skipped %s", message)
+            results.append({"input": str(path), "error": message})
+    return results
+
+
+def evaluate(
+    model_path: str | Path,
+    data: str | Path,
+    *,
+    split: str = "test",
+    show_progress: bool = True,
+    **options,
+) -> dict:
+    """Segment a labelled dataset's cases and score them with the paper's four metrics.
+
+    ``split`` is ``test``, ``val``, ``train`` or ``all``. The split saved in the bundle is used when the
+    bundle was trained on this dataset; otherwise the dataset's split file, else the seeded 8:1:1 split.
+    Returns per-case rows, per-class and mean metrics (Dice/IoU/accuracy as fractions, HD95 in mm)
+    and a paper-style table.
+    """
+    from tqdm.auto import tqdm
+
+    from .bundle import load_bundle, read_training_info
+    from .data import load_dataset, split_cases
+    from .metrics import aggregate, format_table, segmentation_metrics
+
+    if split not in ("test", "val", "train", "all"):
+        raise CoTexNetError(f"split: expected test, val, train or all, got {split!r}")
+    model = load_bundle(model_path)
+    index = load_dataset(data)
+    config = model.config
+    if len(index.classes) != config.num_classes:
+        raise DataError(f"the dataset has {len(index.classes)} classes {index.classes} but the model has "
+                        f"{config.num_classes} {config.classes}", index.root)
+    if [c.casefold() for c in index.classes] != [c.casefold() for c in config.classes]:
+        logger.warning("dataset classes %s are matched by position to the model's %s", index.classes, config.classes)
+    info = read_training_info(model_path)
+    if split == "all":
+        case_ids = [case.case_id for case in index.cases]
+    else:
+        same_data = info.get("data") == str(Path(data).resolve()) and "split" in info
+        case_ids = (info["split"] if same_data else split_cases(index)).get(split, [])
+    if not case_ids:
+        raise DataError(f"the '{split}' split of this dataset holds no case", index.root)
+    rows = []
+    for case_id in tqdm(case_ids, desc=f"evaluating {split}", unit="case", disable=not show_progress):
+        case = index.case(case_id)
+        image = read_image(case.image_path)
+        truth = read_label_map(case.label_path, reference=image, classes=index.classes)
+        labels = segment_volume(model, image, **options)
+        scores = segmentation_metrics(labels, truth, config.num_classes, spacing=image.spacing[::-1])
+        rows.append({"case": case_id, **scores})
+    summary = aggregate(rows)
+    return {"model": str(model_path), "data": str(index.root), "split": split, "classes": config.classes,
+            "per_class": summary["per_class"], "mean": summary["mean"], "cases": rows,
+            "table": format_table(summary, config.classes)}
