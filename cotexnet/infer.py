@@ -257,8 +257,9 @@ def evaluate(
     if split not in ("test", "val", "train", "all"):
         raise CoTexNetError(f"split: expected test, val, train or all, got {split!r}")
     model = load_bundle(model_path)
-    index = load_dataset(data)
     config = model.config
+    # A dataset.json names its classes; an images/ + masks/ folder takes the model's.
+    index = load_dataset(data, None if (Path(data) / "dataset.json").is_file() else config.classes)
     if len(index.classes) != config.num_classes:
         raise DataError(f"the dataset has {len(index.classes)} classes {index.classes} but the model has "
                         f"{config.num_classes} {config.classes}", index.root)

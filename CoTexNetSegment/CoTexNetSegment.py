@@ -1,0 +1,383 @@
+"""CoTexNetSegment: segment volumes with a trained CoTexNet model, and the "CoTexNet" Segment Editor effect.
+
+The widget only wires the .ui to ``CoTexNetSegmentLib.CoTexNetSegmentLogic``, which does the work and
+can be used from the Python console without this GUI.
+"""
+
+import os
+import pathlib
+import tempfile
+import time
+import unittest
+from typing import Annotated
+
+import qt
+import vtk
+
+import slicer
+from slicer import vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode
+from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
+from slicer.ScriptedLoadableModule import (
+    ScriptedLoadableModule,
+    ScriptedLoadableModuleTest,
+    ScriptedLoadableModuleWidget,
+)
+from slicer.util import VTKObservationMixin
+
+from CoTexNetSegmentGui import (
+    JobPoller,
+    conceptBackendOptions,
+    ensureEngineReady,
+    formatError,
+    installPyTorchExtension,
+    pytorchExtensionInstalled,
+)
+from CoTexNetSegmentLib import CoTexNetSegmentLogic, backbone, dependencies
+from CoTexNetSegmentLib.logic import CONCEPT_BACKENDS, SLICE_AXES
+
+#: Slice-axis choice that means "the plane the model was trained on".
+MODEL_DEFAULT_AXIS = "model default"
+DEVICES = ("auto", "cpu", "cuda")
+
+
+class CoTexNetSegment(ScriptedLoadableModule):
+    def __init__(self, parent):
+        ScriptedLoadableModule.__init__(self, parent)
+        self.parent.title = "CoTexNet Segment"
+        self.parent.categories = ["Segmentation"]
+        self.parent.dependencies = ["Segmentations"]
+        self.parent.contributors = ["CoTexNet for 3D Slicer contributors"]
+        self.parent.helpText = (
+            "Segment a volume or a 2D image with a trained CoTexNet model (a vision-language model that learned "
+            "from text prompts during training and needs no text to segment). Choose the input and the model "
+            "folder, then Apply. Each class of the model becomes a segment with the model's name and color; the "
+            "Concepts table describes what was found. The same model is available in the Segment Editor as the "
+            "\"CoTexNet\" effect, and from the Python console through CoTexNetSegmentLib.CoTexNetSegmentLogic."
+        )
+        self.parent.acknowledgementText = (
+            "CoTexNet follows the method of its authors' paper (CLIPSeg backbone, text used only in training, "
+            "self-adding-noise distillation). This extension is an independent implementation."
+        )
+        slicer.app.connect("startupCompleted()", registerSegmentEditorEffect)
+
+
+def registerSegmentEditorEffect():
+    """Adds the "CoTexNet" effect to the Segment Editor (once the application has started)."""
+    import qSlicerSegmentationsEditorEffectsPythonQt as effects
+
+    effect = effects.qSlicerSegmentEditorScriptedEffect(None)
+    effectPath = os.path.join(os.path.dirname(__file__), "CoTexNetSegmentGui", "SegmentEditorEffect.py")
+    effect.setPythonSource(effectPath.replace("\\", "/"))
+    effect.self().register()
+
+
+@parameterNodeWrapper
+class CoTexNetSegmentParameterNode:
+    """What the module's GUI shows, saved with the scene. ``outputSegmentation`` None creates a new node."""
+
+    inputVolume: vtkMRMLScalarVolumeNode
+    modelPath: pathlib.Path
+    outputSegmentation: vtkMRMLSegmentationNode
+    device: Annotated[str, Choice(DEVICES)] = "auto"
+    sliceAxis: Annotated[str, Choice((MODEL_DEFAULT_AXIS, *SLICE_AXES))] = MODEL_DEFAULT_AXIS
+    batchSize: Annotated[int, WithinRange(1, 512)] = 16
+    conceptBackend: Annotated[str, Choice(CONCEPT_BACKENDS)] = "geometric"
+
+
+class CoTexNetSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+    def __init__(self, parent=None):
+        ScriptedLoadableModuleWidget.__init__(self, parent)
+        VTKObservationMixin.__init__(self)
+        self.logic = None
+        self._parameterNode = None
+        self._parameterNodeGuiTag = None
+        self._segmentationPoller = None
+        self._backbonePoller = None
+        self._conceptsSegmentation = None
+
+    def setup(self):
+        ScriptedLoadableModuleWidget.setup(self)
+        uiWidget = slicer.util.loadUI(self.resourcePath("UI/CoTexNetSegment.ui"))
+        self.layout.addWidget(uiWidget)
+        self.ui = slicer.util.childWidgetVariables(uiWidget)
+        uiWidget.setMRMLScene(slicer.mrmlScene)
+        self.logic = CoTexNetSegmentLogic(slicer.mrmlScene)
+
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+
+        self.ui.applyButton.connect("clicked(bool)", self.onApply)
+        self.ui.cancelButton.connect("clicked(bool)", self.onCancel)
+        self.ui.installDependenciesButton.connect("clicked(bool)", self.onInstallDependencies)
+        self.ui.installPyTorchExtensionButton.connect("clicked()", installPyTorchExtension)
+        self.ui.modelPathLineEdit.connect("currentPathChanged(QString)", self.updateModelInfo)
+        self.ui.deviceComboBox.connect("currentIndexChanged(int)", self.updateDeviceInfo)
+        self.ui.batchSizeSpinBox.connect("valueChanged(int)", self.updateDeviceInfo)
+        self.ui.conceptsTableView.connect("clicked(QModelIndex)", self.onConceptRowClicked)
+        self.ui.backboneFolderLineEdit.currentPath = qt.QSettings().value(backbone.BACKBONE_FOLDER_SETTING, "")
+        self.ui.backboneFolderLineEdit.connect("currentPathChanged(QString)", self.onBackboneFolderChanged)
+        self.ui.downloadBackboneButton.connect("clicked(bool)", self.onDownloadBackbone)
+
+        self.initializeParameterNode()
+        self.updateDependencyPanel()
+        self.ui.backboneStatusLabel.text = cachedBackboneText(self.ui.backboneFolderLineEdit.currentPath)
+
+    def cleanup(self):
+        for poller in (self._segmentationPoller, self._backbonePoller):
+            if poller is not None:
+                poller.stop()
+        self.removeObservers()
+
+    def enter(self):
+        self.initializeParameterNode()
+        self.updateDependencyPanel()
+
+    def exit(self):
+        self.setParameterNode(None)
+
+    def onSceneStartClose(self, caller, event):
+        if self._segmentationPoller is not None:
+            self._segmentationPoller.cancel()
+        self.setParameterNode(None)
+
+    def onSceneEndClose(self, caller, event):
+        if self.parent.isEntered:
+            self.initializeParameterNode()
+
+    # ------------------------------------------------------------ parameter node
+
+    def initializeParameterNode(self):
+        self.setParameterNode(CoTexNetSegmentParameterNode(self.logic.getParameterNode()))
+        if not self._parameterNode.inputVolume:
+            firstVolume = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
+            if firstVolume:
+                self._parameterNode.inputVolume = firstVolume
+
+    def setParameterNode(self, parameterNode):
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateApplyButton)
+        self._parameterNode = parameterNode
+        if self._parameterNode:
+            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
+            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateApplyButton)
+            self.updateApplyButton()
+            self.updateModelInfo()
+            self.updateDeviceInfo()
+
+    def updateApplyButton(self, caller=None, event=None):
+        running = self._segmentationPoller is not None
+        parameters = self._parameterNode
+        ready = bool(parameters and parameters.inputVolume and str(parameters.modelPath) not in ("", "."))
+        self.ui.applyButton.enabled = ready and not running
+        self.ui.cancelButton.enabled = running
+        self.ui.applyButton.toolTip = (
+            "Segmentation is running." if running else
+            "Segment the input volume with the model." if ready else "Select an input volume and a model folder."
+        )
+
+    # ------------------------------------------------------------ information labels
+
+    def updateDependencyPanel(self):
+        report = dependencies.checkRequirements()
+        self.ui.dependenciesFrame.visible = report.needsInstall
+        self.ui.installPyTorchExtensionButton.visible = report.torchMissing and not pytorchExtensionInstalled()
+        self.ui.dependenciesLabel.text = report.describe()
+
+    def updateModelInfo(self, *unused):
+        path = self.ui.modelPathLineEdit.currentPath
+        if not path:
+            self.ui.modelInfoLabel.text = "Choose a trained model folder."
+            return
+        try:
+            config = self.logic.bundleConfig(path)
+        except ImportError:
+            self.ui.modelInfoLabel.text = "Install the dependencies to read this model."
+            return
+        except Exception as error:
+            self.ui.modelInfoLabel.text = f"<span style='color:#c0392b'>{formatError(error)}</span>"
+            return
+        tiny = " <b>Test model with a random tiny backbone: not for real use.</b>" if config.backbone == "tiny" else ""
+        self.ui.modelInfoLabel.text = (
+            f"Classes: {', '.join(config.classes)} ({config.slice_axis} slices, {config.image_size} px).{tiny}"
+        )
+
+    def updateDeviceInfo(self, *unused):
+        try:
+            info = self.logic.deviceInfo()
+        except ImportError:
+            self.ui.deviceInfoLabel.text = "PyTorch is not installed yet."
+            return
+        text = info.describe()
+        device = self.ui.deviceComboBox.currentText
+        warning = None
+        if device == "cuda" and not info.cuda:
+            warning = "No CUDA GPU is usable here: choose auto or cpu."
+        elif device != "cpu":
+            warning = info.memoryWarning(self.ui.batchSizeSpinBox.value)
+        if warning:
+            text += f"<br><span style='color:#d35400'>{warning}</span>"
+        self.ui.deviceInfoLabel.text = text
+
+    def log(self, text):
+        self.ui.logTextEdit.appendPlainText(f"{time.strftime('%H:%M:%S')} {text}")
+
+    # ------------------------------------------------------------ segmentation
+
+    def onInstallDependencies(self):
+        ensureEngineReady()
+        self.updateDependencyPanel()
+        self.updateModelInfo()
+        self.updateDeviceInfo()
+        self.ui.backboneStatusLabel.text = cachedBackboneText(self.ui.backboneFolderLineEdit.currentPath)
+
+    def onApply(self):
+        if not ensureEngineReady():
+            self.updateDependencyPanel()
+            return
+        self.updateDependencyPanel()
+        parameters = self._parameterNode
+        try:
+            job = self.logic.startSegmentation(
+                parameters.inputVolume,
+                parameters.modelPath,
+                parameters.device,
+                segmentationNode=parameters.outputSegmentation,
+                batchSize=parameters.batchSize,
+                sliceAxis=None if parameters.sliceAxis == MODEL_DEFAULT_AXIS else parameters.sliceAxis,
+                conceptBackend=parameters.conceptBackend,
+                conceptBackendOptions=conceptBackendOptions(parameters.conceptBackend),
+            )
+        except Exception as error:
+            self.log(f"Not started: {formatError(error)}")
+            slicer.util.errorDisplay(f"CoTexNet could not start:\n\n{formatError(error)}")
+            return
+        self.log(f"Segmenting {parameters.inputVolume.GetName()} with {parameters.modelPath}")
+        self.ui.progressBar.setRange(0, 0)  # busy until the first batch reports
+        self._segmentationPoller = JobPoller(job, self.onJobEvent, self.onSegmentationFinished)
+        self.updateApplyButton()
+
+    def onCancel(self):
+        for poller in (self._segmentationPoller, self._backbonePoller):
+            if poller is not None:
+                poller.cancel()
+        self.log("Cancelling…")
+
+    def onJobEvent(self, event):
+        if event.kind == "progress":
+            done, total = event.value
+            self.ui.progressBar.setRange(0, total)
+            self.ui.progressBar.setValue(done)
+        else:
+            self.log(event.value)
+
+    def onSegmentationFinished(self, job):
+        self._segmentationPoller = None
+        self.ui.progressBar.setRange(0, 1)
+        self.ui.progressBar.setValue(1 if job.state == job.DONE else 0)
+        seconds = time.monotonic() - job.started
+        if job.state == job.DONE:
+            segmentationNode = job.result
+            self.log(f"Done in {seconds:.1f} s: {segmentationNode.GetName()}")
+            self.ui.modelPathLineEdit.addCurrentPathToHistory()
+            self._parameterNode.outputSegmentation = segmentationNode
+            self.showConcepts(segmentationNode)
+        elif job.state == job.CANCELLED:
+            self.log("Cancelled: the scene was not changed.")
+        else:
+            self.log(f"Failed: {formatError(job.error)}")
+            slicer.util.errorDisplay(f"CoTexNet segmentation failed:\n\n{formatError(job.error)}")
+        self.updateApplyButton()
+
+    # ------------------------------------------------------------ concepts
+
+    def showConcepts(self, segmentationNode):
+        self._conceptsSegmentation = segmentationNode
+        table = self.logic.conceptTable(segmentationNode)
+        self.ui.conceptsTableView.setMRMLTableNode(table)
+        self.ui.conceptsCollapsibleButton.collapsed = table is None
+
+    def onConceptRowClicked(self, index):
+        if self._conceptsSegmentation is not None:
+            self.logic.showConceptRow(self._conceptsSegmentation, index.row())
+
+    # ------------------------------------------------------------ backbone
+
+    def onBackboneFolderChanged(self, path):
+        qt.QSettings().setValue(backbone.BACKBONE_FOLDER_SETTING, path)
+        self.ui.backboneStatusLabel.text = cachedBackboneText(path)
+
+    def onDownloadBackbone(self):
+        if self._backbonePoller is not None or not ensureEngineReady():
+            return
+        job = backbone.startBackboneDownload(backbone.DEFAULT_BACKBONE, self.ui.backboneFolderLineEdit.currentPath or None)
+        self._backbonePoller = JobPoller(job, self.onJobEvent, self.onBackboneFinished, intervalMs=500)
+        self.ui.downloadBackboneButton.enabled = False
+        self.ui.cancelButton.enabled = True
+        self.ui.progressBar.setRange(0, 0)
+
+    def onBackboneFinished(self, job):
+        self._backbonePoller = None
+        self.ui.downloadBackboneButton.enabled = True
+        self.ui.progressBar.setRange(0, 1)
+        self.ui.progressBar.setValue(1 if job.state == job.DONE else 0)
+        if job.state == job.DONE:
+            self.log(f"Backbone ready in {job.result}")
+        elif job.state == job.CANCELLED:
+            self.log("Backbone download cancelled; it resumes where it stopped next time.")
+        else:
+            self.log(f"Backbone download failed: {formatError(job.error)}")
+        self.ui.backboneStatusLabel.text = cachedBackboneText(self.ui.backboneFolderLineEdit.currentPath)
+        self.updateApplyButton()
+
+
+def cachedBackboneText(folder) -> str:
+    """Whether the base backbone is in the (offline) folder, for the status label."""
+    try:
+        cached = backbone.cachedBackbone(backbone.DEFAULT_BACKBONE, folder or None)
+    except ImportError:
+        return "Install the dependencies first."
+    return f"{backbone.DEFAULT_BACKBONE}: downloaded." if cached else f"{backbone.DEFAULT_BACKBONE}: not downloaded."
+
+
+class CoTexNetSegmentTest(ScriptedLoadableModuleTest):
+    """Builds a tiny model (random weights) and segments an oblique, anisotropic volume through the logic."""
+
+    def setUp(self):
+        slicer.mrmlScene.Clear()
+
+    def runTest(self):
+        self.setUp()
+        self.test_segmentVolume()
+
+    def test_segmentVolume(self):
+        import numpy as np
+
+        from cotexnet import BundleError, CoTexNet, CoTexNetConfig
+        from cotexnet.infer import segment_volume
+        from CoTexNetSegmentLib import mrml
+
+        self.delayDisplay("Building a tiny CoTexNet model")
+        classes, colors = ["organ", "lesion"], [[0.9, 0.2, 0.2], [0.2, 0.8, 0.3]]
+        modelDir = os.path.join(tempfile.mkdtemp(prefix="CoTexNetSelfTest-"), "model")
+        try:
+            model = CoTexNet(CoTexNetConfig(classes=classes, colors=colors, backbone="tiny", image_size=64))
+        except BundleError as error:  # the tiny backbone's tokenizer needs CLIP's vocabulary file
+            raise unittest.SkipTest(str(error)) from None
+        model.save_pretrained(modelDir)
+
+        volume = slicer.util.addVolumeFromArray(np.random.default_rng(0).random((5, 24, 20), dtype=np.float32),
+                                                name="CoTexNet test volume")
+        volume.SetSpacing(0.8, 0.6, 2.5)
+        volume.SetIJKToRASDirections([[0.0, 1.0, 0.0], [-1.0, 0.0, 0.0], [0.0, 0.0, 1.0]])
+
+        self.delayDisplay("Segmenting")
+        segmentation = CoTexNetSegmentLogic(slicer.mrmlScene).segment(volume, modelDir, device="cpu")
+
+        image, geometry = mrml.volumeToArray(volume)
+        expected = segment_volume(model, image, direction=geometry.direction, device="cpu")
+        segments = segmentation.GetSegmentation()
+        self.assertEqual([segments.GetNthSegment(i).GetName() for i in range(segments.GetNumberOfSegments())], classes)
+        np.testing.assert_array_equal(mrml.segmentationToLabelMap(segmentation, volume, classes), expected)
+        self.assertEqual(CoTexNetSegmentLogic.conceptTable(segmentation).GetNumberOfRows(), len(classes))
+        self.delayDisplay("Test passed")

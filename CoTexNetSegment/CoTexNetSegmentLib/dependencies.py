@@ -1,0 +1,161 @@
+"""Python packages the CoTexNet engine needs inside Slicer, and installing the missing ones.
+
+torch comes from the PyTorch extension (it picks the CUDA build that matches the driver); everything
+else comes from pip with the ranges below, which match the engine's ``pyproject.toml``. A package that
+Slicer already bundles is never downgraded and never replaced: if its version is outside a range we
+report a conflict instead of touching it, and every pip run is constrained to keep the installed
+versions of those packages.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import PurePath
+from typing import Callable, Iterable, Optional
+
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+from packaging.version import Version
+
+#: Engine requirements installed with pip (torch excluded: the PyTorch extension installs it).
+REQUIREMENTS = (
+    "transformers>=4.40,<5",
+    "safetensors>=0.4",
+    "huggingface_hub>=0.20",
+    "numpy>=1.23",
+    "scipy>=1.9",
+    "SimpleITK>=2.2",
+    "monai>=1.3",
+    "slicerio>=1.1",
+    "pillow>=9",
+    "tqdm>=4.60",
+)
+#: torch version the engine needs; passed to the PyTorch extension's installer.
+TORCH_REQUIREMENT = ">=2.1"
+#: Packages that Slicer ships and its own modules are built against: pip must leave them as they are.
+SLICER_BUNDLED = ("numpy", "scipy", "SimpleITK", "pillow", "requests", "packaging", "pydicom", "six")
+
+
+@dataclass
+class DependencyReport:
+    """What a pip run would install, and what cannot be fixed without touching Slicer's packages."""
+
+    toInstall: list[str] = field(default_factory=list)
+    conflicts: list[str] = field(default_factory=list)
+    torchMissing: bool = False
+
+    @property
+    def needsInstall(self) -> bool:
+        """Conflicts alone do not: they are reported, never fixed by replacing Slicer's packages."""
+        return self.torchMissing or bool(self.toInstall)
+
+    def describe(self) -> str:
+        """A plain-language summary for the one confirmation dialog."""
+        lines = []
+        if self.torchMissing:
+            lines.append(f"PyTorch (torch{TORCH_REQUIREMENT}), installed by the PyTorch extension")
+        lines += [f"{requirement} (pip)" for requirement in self.toInstall]
+        text = "CoTexNet needs these Python packages:\n  " + "\n  ".join(lines) if lines else "All packages are installed."
+        if self.conflicts:
+            text += "\n\nThese installed packages are outside the supported range and are left untouched:\n  "
+            text += "\n  ".join(self.conflicts)
+        return text
+
+
+def _installedVersion(name: str, versionOf: Callable[[str], str]) -> Optional[Version]:
+    try:
+        return Version(versionOf(name))
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def checkRequirements(
+    requirements: Iterable[str] = REQUIREMENTS,
+    versionOf: Callable[[str], str] = importlib.metadata.version,
+    bundled: Iterable[str] = SLICER_BUNDLED,
+    torchRequirement: str = TORCH_REQUIREMENT,
+) -> DependencyReport:
+    """Compares installed versions (``versionOf``, injectable for tests) with the requirements.
+
+    Missing packages, and installed ones outside their range that Slicer does not bundle, are to be
+    installed; a Slicer-bundled package outside its range is a conflict: we never replace what Slicer ships.
+    """
+    bundledNames = {canonicalize_name(name) for name in bundled}
+    report = DependencyReport()
+    torchVersion = _installedVersion("torch", versionOf)
+    report.torchMissing = torchVersion is None or not Requirement("torch" + torchRequirement).specifier.contains(
+        torchVersion, prereleases=True
+    )
+    for text in requirements:
+        requirement = Requirement(text)
+        version = _installedVersion(requirement.name, versionOf)
+        if version is not None and requirement.specifier.contains(version, prereleases=True):
+            continue
+        if version is not None and canonicalize_name(requirement.name) in bundledNames:
+            report.conflicts.append(f"{requirement.name} {version} (CoTexNet expects {requirement.specifier})")
+        else:
+            report.toInstall.append(text)
+    return report
+
+
+def constraintsText(
+    bundled: Iterable[str] = SLICER_BUNDLED, versionOf: Callable[[str], str] = importlib.metadata.version
+) -> str:
+    """pip constraints that pin every installed Slicer-bundled package to its current version."""
+    lines = []
+    for name in bundled:
+        version = _installedVersion(name, versionOf)
+        if version is not None:
+            lines.append(f"{name}=={version}")
+    return "\n".join(lines) + "\n"
+
+
+def installMissing(report: DependencyReport, pipInstall: Callable[[list[str]], object]) -> None:
+    """Runs one pip install of ``report.toInstall`` (``pipInstall`` is ``slicer.util.pip_install`` in Slicer)."""
+    if not report.toInstall:
+        return
+    handle, constraintsPath = tempfile.mkstemp(prefix="cotexnet-constraints-", suffix=".txt")
+    try:
+        with os.fdopen(handle, "w") as stream:
+            stream.write(constraintsText())
+        pipInstall(["-c", constraintsPath, *report.toInstall])
+    finally:
+        os.remove(constraintsPath)
+
+
+#: Outcomes of :func:`ensureDependencies`.
+READY, DECLINED, RESTART = "ready", "declined", "restart"
+
+
+def ensureDependencies(confirm: Callable[[str], bool], installTorch: Callable[[], bool], pipInstall) -> str:
+    """Checks, asks once, installs; returns READY, DECLINED or RESTART.
+
+    ``confirm(text)`` shows what will be installed and returns the user's answer; ``installTorch()``
+    runs the PyTorch extension's installer and returns whether torch is now available. RESTART means a
+    package was replaced that this process had already imported, so Slicer must restart to use it.
+    """
+    report = checkRequirements()
+    if not report.needsInstall:
+        return READY
+    if not confirm(report.describe()):
+        return DECLINED
+    if report.torchMissing and not installTorch():
+        return DECLINED
+    installMissing(report, pipInstall)
+    importlib.invalidate_caches()
+    installed = [Requirement(text).name for text in report.toInstall] + (["torch"] if report.torchMissing else [])
+    replacedLoaded = any(module in sys.modules for name in installed for module in _topLevelModules(name))
+    return RESTART if replacedLoaded or checkRequirements().needsInstall else READY
+
+
+def _topLevelModules(distribution: str) -> set[str]:
+    """Top-level import names a distribution provides (``PIL`` for ``pillow``), from its file list."""
+    try:
+        files = importlib.metadata.distribution(distribution).files or []
+    except importlib.metadata.PackageNotFoundError:
+        return set()
+    return {PurePath(f).parts[0].removesuffix(".py") for f in files if f.suffix == ".py" or len(PurePath(f).parts) > 1}

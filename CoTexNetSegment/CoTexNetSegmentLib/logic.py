@@ -1,0 +1,364 @@
+"""CoTexNetSegmentLogic: segment volumes with a trained CoTexNet bundle, from the GUI or the console.
+
+Works on any MRML scene (the application's or a ``slicer-core`` one in tests) and imports no Qt.
+Reading the input and writing the result touch MRML on the calling thread; the engine runs on a worker
+thread in between (see :mod:`.jobs`), so a cancelled or failed run leaves the scene as it was.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+
+import slicer
+
+from . import mrml
+from .jobs import Job, Reporter
+
+MODULE_NAME = "CoTexNetSegment"
+#: Node reference from a segmentation node to its concept table.
+CONCEPTS_REFERENCE_ROLE = "CoTexNetConcepts"
+#: Concept-table columns: keys of the engine's concept records, and the titles Slicer shows.
+CONCEPT_COLUMNS = (
+    ("class", "Class"),
+    ("number", "Number"),
+    ("shape", "Shape"),
+    ("size", "Size"),
+    ("color", "Color"),
+    ("location", "Location"),
+    ("prompt", "Prompt"),
+    ("sources", "Source"),
+)
+#: The engine's slice planes and concept backends (``cotexnet.config.SLICE_AXES``,
+#: ``cotexnet.concepts.BACKENDS``), repeated so the GUI can be built before the engine's dependencies exist.
+SLICE_AXES = ("axial", "coronal", "sagittal")
+CONCEPT_BACKENDS = ("geometric", "llava", "openai")
+#: Rough GPU memory in GB that inference needs at 352 px (ViT-B/16 weights, CUDA context and
+#: workspace) plus what each slice of a batch adds (activations, logits in 16-bit). An estimate for
+#: the warning in the GUI, not a measurement.
+GPU_BASE_GB, GPU_PER_SLICE_GB = 1.5, 0.05
+
+
+@dataclass
+class EngineResult:
+    """What the worker hands to the main thread: a label map in the volume's (k, j, i) grid, and its meaning."""
+
+    labels: np.ndarray
+    classes: list
+    colors: list
+    concepts: Optional[list]
+
+
+@dataclass
+class DeviceInfo:
+    """What the device chooser shows: whether a GPU is usable and how much memory it has free."""
+
+    cuda: bool
+    name: str
+    totalGB: float = 0.0
+    freeGB: float = 0.0
+
+    def describe(self) -> str:
+        if not self.cuda:
+            return "No CUDA GPU detected: CoTexNet runs on the CPU."
+        return f"{self.name}: {self.freeGB:.1f} of {self.totalGB:.1f} GB free"
+
+    def memoryWarning(self, batchSize: int, imageSize: int = 352) -> Optional[str]:
+        """A warning when the GPU's free memory looks too small for this batch size, else None."""
+        if not self.cuda:
+            return None
+        needed = GPU_BASE_GB + GPU_PER_SLICE_GB * batchSize * (imageSize / 352) ** 2
+        if self.freeGB >= needed:
+            return None
+        return (f"Only {self.freeGB:.1f} GB of GPU memory is free; about {needed:.1f} GB is needed at batch size "
+                f"{batchSize}. Lower the batch size, close other GPU programs, or use the CPU.")
+
+
+class CoTexNetSegmentLogic:
+    """Runs CoTexNet on volume nodes and writes segmentations and concept tables into a scene.
+
+    Console example::
+
+        from CoTexNetSegmentLib import CoTexNetSegmentLogic
+        segmentation = CoTexNetSegmentLogic(slicer.mrmlScene).segment(volumeNode, "/path/to/model")
+    """
+
+    def __init__(self, scene=None):
+        self.scene = scene if scene is not None else getattr(slicer, "mrmlScene", None)
+        if self.scene is None:
+            raise ValueError("CoTexNetSegmentLogic needs a MRML scene (none given and slicer.mrmlScene is unset)")
+        self._modelLock = threading.Lock()
+        self._cachedModel = None  # (key, model): reloading a bundle for every volume of a batch is slow
+
+    # ---------------------------------------------------------------- models
+
+    @staticmethod
+    def bundleConfig(modelPath):
+        """The bundle's config (classes, colors, image size) without loading weights; BundleError if unusable."""
+        from cotexnet.bundle import read_bundle_config
+
+        return read_bundle_config(_checkedModelPath(modelPath))
+
+    def loadModel(self, modelPath, device: str = "auto"):
+        """Loads a bundle once per (folder, device, weights file version); later calls reuse it."""
+        from cotexnet import CoTexNet
+        from cotexnet.bundle import WEIGHTS_NAME
+        from cotexnet.infer import resolve_device
+
+        path = _checkedModelPath(modelPath).resolve()
+        resolved = str(resolve_device(device))
+        weights = path / WEIGHTS_NAME
+        key = (str(path), resolved, weights.stat().st_mtime_ns if weights.is_file() else None)
+        with self._modelLock:
+            if self._cachedModel is None or self._cachedModel[0] != key:
+                self._cachedModel = None
+                self._cachedModel = (key, CoTexNet.from_pretrained(path, device=resolved))
+            return self._cachedModel[1]
+
+    @staticmethod
+    def deviceInfo() -> DeviceInfo:
+        import torch
+
+        if not torch.cuda.is_available():
+            return DeviceInfo(cuda=False, name="CPU")
+        free, total = torch.cuda.mem_get_info()
+        return DeviceInfo(cuda=True, name=torch.cuda.get_device_name(), totalGB=total / 2**30, freeGB=free / 2**30)
+
+    # ---------------------------------------------------------------- segmentation
+
+    def startSegmentation(
+        self,
+        volumeNode,
+        modelPath,
+        device: str = "auto",
+        *,
+        segmentationNode=None,
+        batchSize: int = 16,
+        sliceAxis: Optional[str] = None,
+        concepts: bool = True,
+        conceptBackend: str = "geometric",
+        conceptBackendOptions: Optional[dict] = None,
+        beforeApply: Optional[Callable[[], None]] = None,
+    ) -> Job:
+        """Starts segmenting ``volumeNode`` in the background; returns the running :class:`Job`.
+
+        Call ``job.poll()`` from this thread (the widget does, on a timer) to receive progress and, at the
+        end, get the result written to the scene: ``job.result`` is then the segmentation node. Segments
+        named like the bundle's classes are replaced in ``segmentationNode`` (a new node next to the volume
+        if None); other segments are untouched. ``beforeApply`` runs just before the scene is changed
+        (the Segment Editor effect saves its undo state there). ``sliceAxis`` None uses the bundle's axis.
+        ``conceptBackend`` and ``conceptBackendOptions`` choose how the concept table is computed
+        (``cotexnet.concepts.describe``); ``concepts=False`` skips the table.
+        """
+        if sliceAxis is not None and sliceAxis not in SLICE_AXES:
+            raise ValueError(f"sliceAxis: expected one of {', '.join(SLICE_AXES)} or None, got {sliceAxis!r}")
+        if batchSize < 1:
+            raise ValueError(f"batchSize: expected a positive number, got {batchSize}")
+        config = self.bundleConfig(modelPath)  # fail fast, before any thread, on a wrong folder
+        image, geometry = mrml.volumeToArray(volumeNode)
+        volumeId = volumeNode.GetID()
+        segmentationId = segmentationNode.GetID() if segmentationNode is not None else None
+
+        def work(reporter: Reporter) -> EngineResult:
+            engineImage, rgb = _engineInput(image)
+            model = self.loadModel(modelPath, device)
+            reporter.log(f"Loaded model {Path(modelPath).name}: {', '.join(config.classes)}")
+            if reporter.cancelled:
+                from cotexnet.errors import Cancelled
+
+                raise Cancelled("cancelled by the user")
+            labels = _segmentImage(model, engineImage, rgb, geometry, batchSize, device, sliceAxis, reporter)
+            records = None
+            if concepts:
+                reporter.log("Describing the segmented classes")
+                records = _describeClasses(engineImage, rgb, labels, geometry, config, conceptBackend,
+                                           conceptBackendOptions)
+            volumeLabels = labels.reshape(image.shape[:3]).astype(np.uint8, copy=False)
+            return EngineResult(volumeLabels, list(config.classes), [list(c) for c in config.colors], records)
+
+        def finish(result: EngineResult):
+            return self._apply(result, volumeId, segmentationId, beforeApply)
+
+        return Job(work, finish, name=f"CoTexNet {volumeNode.GetName()}").start()
+
+    def segment(self, volumeNode, modelPath, device: str = "auto", *, waitForCompletion: bool = True, **options):
+        """Segments ``volumeNode``; returns the segmentation node (or the running Job when not waiting).
+
+        ``options`` are those of :meth:`startSegmentation`. Raises the engine's errors (``BundleError`` for a
+        wrong or corrupt bundle) with the scene unchanged.
+        """
+        job = self.startSegmentation(volumeNode, modelPath, device, **options)
+        return job.wait() if waitForCompletion else job
+
+    def segmentVolumes(self, volumeNodes: Sequence, modelPath, device: str = "auto", **options) -> list:
+        """Segments each volume in turn with one loaded model; returns their segmentation nodes."""
+        return [self.segment(volumeNode, modelPath, device, **options) for volumeNode in volumeNodes]
+
+    def segmentFiles(self, paths: Sequence, modelPath, outDir, device: str = "auto", **options) -> list[dict]:
+        """Segments image files without loading them into the scene; returns the written paths per input.
+
+        ``options`` go to ``cotexnet.infer.segment_file`` (e.g. ``batch_size``, ``seg_nrrd``).
+        """
+        from cotexnet.infer import segment_file
+
+        model = self.loadModel(modelPath, device)
+        os.makedirs(outDir, exist_ok=True)
+        return [segment_file(model, path, outDir, device=device, **options) for path in paths]
+
+    def _apply(self, result: EngineResult, volumeId: str, segmentationId: Optional[str], beforeApply) -> object:
+        """Writes a finished result into the scene; on failure removes the nodes it created."""
+        volumeNode = self.scene.GetNodeByID(volumeId)
+        segmentationNode = self.scene.GetNodeByID(segmentationId) if segmentationId else None
+        if volumeNode is None or (segmentationId and segmentationNode is None):
+            raise RuntimeError("the input volume or the output segmentation was removed while CoTexNet was running")
+        if beforeApply is not None:
+            beforeApply()
+        created = []
+        try:
+            segmentationNode = mrml.labelMapToSegmentation(
+                self.scene, result.labels, volumeNode, result.classes, result.colors, segmentationNode
+            )
+            if segmentationId is None:
+                created.append(segmentationNode)
+            if result.concepts is not None:
+                table = segmentationNode.GetNodeReference(CONCEPTS_REFERENCE_ROLE)
+                if table is None:
+                    table = self.scene.AddNewNodeByClass(
+                        "vtkMRMLTableNode", self.scene.GenerateUniqueName(f"{segmentationNode.GetName()} concepts")
+                    )
+                    created.append(table)
+                    table.AddDefaultStorageNode()
+                    segmentationNode.SetNodeReferenceID(CONCEPTS_REFERENCE_ROLE, table.GetID())
+                    mrml.placeNextTo(table, volumeNode)
+                writeConceptTable(table, result.concepts)
+        except Exception:
+            for node in created:
+                _removeWithCompanions(self.scene, node)
+            raise
+        return segmentationNode
+
+    # ---------------------------------------------------------------- concepts
+
+    @staticmethod
+    def conceptTable(segmentationNode):
+        """The concept table written for a segmentation, or None."""
+        return segmentationNode.GetNodeReference(CONCEPTS_REFERENCE_ROLE)
+
+    def showConceptRow(self, segmentationNode, row: int) -> Optional[str]:
+        """Shows the segment of a concept-table row: makes it visible and centres the slice views on it.
+
+        Returns the segment ID, or None when the row's class has no segment (any more).
+        """
+        table = self.conceptTable(segmentationNode)
+        if table is None or not 0 <= row < table.GetNumberOfRows():
+            return None
+        segmentId = segmentationNode.GetSegmentation().GetSegmentIdBySegmentName(table.GetCellText(row, 0))
+        if not segmentId:
+            return None
+        displayNode = segmentationNode.GetDisplayNode()
+        if displayNode is not None:
+            displayNode.SetVisibility(True)
+            displayNode.SetSegmentVisibility(segmentId, True)
+        center = segmentationNode.GetSegmentCenterRAS(segmentId)
+        if center is not None:
+            slicer.vtkMRMLSliceNode.JumpAllSlices(self.scene, *center, slicer.vtkMRMLSliceNode.CenteredJumpSlice)
+        return segmentId
+
+    # ---------------------------------------------------------------- parameters
+
+    def getParameterNode(self):
+        """The module's singleton parameter node in this scene (created on first use)."""
+        node = self.scene.GetSingletonNode(MODULE_NAME, "vtkMRMLScriptedModuleNode")
+        if node is None:
+            node = slicer.vtkMRMLScriptedModuleNode()
+            node.SetSingletonTag(MODULE_NAME)
+            node.SetModuleName(MODULE_NAME)
+            node.SetName(self.scene.GenerateUniqueName(MODULE_NAME))
+            node = self.scene.AddNode(node)
+        return node
+
+
+def writeConceptTable(table, records: Sequence[dict]) -> None:
+    """Fills a table node with one row per class (records of ``cotexnet.concepts.describe``)."""
+    wasModifying = table.StartModify()
+    try:
+        table.RemoveAllColumns()
+        for key, title in CONCEPT_COLUMNS:
+            column = table.AddColumn()
+            column.SetName(key)
+            table.SetColumnTitle(key, title)
+        table.SetUseColumnTitleAsColumnHeader(True)
+        for record in records:
+            row = table.AddEmptyRow()
+            for index, (key, _) in enumerate(CONCEPT_COLUMNS):
+                value = record.get(key, "")
+                if isinstance(value, dict):  # sources: {field: backend}; the backends are what matters
+                    value = ", ".join(dict.fromkeys(str(v) for v in value.values()))
+                table.SetCellText(row, index, "" if value is None else str(value))
+    finally:
+        table.EndModify(wasModifying)
+
+
+def _removeWithCompanions(scene, node) -> None:
+    """Removes a node with its display and storage nodes (the scene does not remove those by itself)."""
+    displayNodes = [node.GetNthDisplayNode(i) for i in range(node.GetNumberOfDisplayNodes())] if node.IsA(
+        "vtkMRMLDisplayableNode") else []
+    for companion in [*displayNodes, node.GetStorageNode(), node]:
+        if companion is not None:
+            scene.RemoveNode(companion)
+
+
+def _checkedModelPath(modelPath) -> Path:
+    from cotexnet.errors import BundleError
+
+    if modelPath is None or str(modelPath).strip() in ("", "."):
+        raise BundleError("no model chosen: select a trained CoTexNet model folder (it holds config.json)")
+    return Path(modelPath).expanduser()
+
+
+def _engineInput(image: np.ndarray) -> tuple[np.ndarray, bool]:
+    """A volume array as the engine takes it, and whether it is colour.
+
+    Slicer stores a 2D image as one slice, (1, y, x[, c]); the engine wants (y, x) or (y, x, 3).
+    Multi-component volumes are single-slice colour images (e.g. a photograph); alpha is dropped.
+    """
+    from cotexnet.errors import DataError
+
+    rgb = image.ndim == 4
+    if rgb:
+        if image.shape[0] != 1 or image.shape[3] not in (3, 4):
+            raise DataError(
+                f"the volume has {image.shape[0]} slices of {image.shape[3]} components; CoTexNet takes "
+                f"grayscale volumes or single-slice RGB(A) images"
+            )
+        image = image[..., :3]
+    return (image[0] if image.shape[0] == 1 else image), rgb
+
+
+def _describeClasses(image: np.ndarray, rgb: bool, labels: np.ndarray, geometry: mrml.Geometry, config,
+                     backend: str, options: Optional[dict]) -> list:
+    """Concept records of each class; a 2D image gets its in-plane spacing and no 3D direction."""
+    from cotexnet.concepts import describe
+
+    planar = rgb or image.ndim == 2
+    spatialShape = image.shape[:2] if planar else image.shape
+    spacing, direction = (geometry.spacing[:2], None) if planar else (geometry.spacing, geometry.direction)
+    return describe(image, labels.reshape(spatialShape), config.classes, keywords=config.keywords, backend=backend,
+                    spacing=spacing, direction=direction, **(options or {}))
+
+
+def _segmentImage(model, image: np.ndarray, rgb: bool, geometry: mrml.Geometry, batchSize: int, device: str,
+                  sliceAxis: Optional[str], reporter: Reporter) -> np.ndarray:
+    """Runs the engine on an ``_engineInput`` image; the direction matrix goes along so that "axial"
+    means the patient's axial plane whatever the volume's orientation."""
+    from cotexnet.infer import segment_volume
+
+    return segment_volume(
+        model, image, direction=geometry.direction, axis=sliceAxis, rgb=rgb,
+        batch_size=batchSize, device=device, progress=reporter.progress, cancel=reporter.cancelEvent,
+    )

@@ -1,0 +1,171 @@
+"""The Slicer extension's packaging: CMake metadata, module file lists, .s4ext and the catalogue JSON.
+
+A file missing from a module's CMakeLists is silently left out of the built extension, so every .py,
+.ui and icon on disk must be listed (and every listed file must exist). The catalogue entry follows
+Slicer's schema ``slicer-extension-catalog-entry-schema-v1.0.2`` (ExtensionsIndex JSON format).
+"""
+from __future__ import annotations
+
+import ast
+import json
+import re
+import struct
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+MODULES = ("CoTexNetSegment", "CoTexNetTrain")
+ENGINE_HOST = "CoTexNetSegment"  # the module whose CMakeLists bundles the cotexnet engine
+#: Fields of the .s4ext format (Slicer ExtensionsIndex README, "extension description file").
+S4EXT_FIELDS = ("scm", "scmurl", "scmrevision", "depends", "build_subdirectory", "homepage", "contributors",
+                "category", "iconurl", "status", "description", "screenshoturls", "enabled")
+#: Properties of slicer-extension-catalog-entry-schema-v1.0.2.json ("additionalProperties": false).
+CATALOGUE_PROPERTIES = {"$schema", "category", "scm_url", "scm_revision", "scm_type", "build_dependencies",
+                        "dicom_support_rule", "build_subdirectory", "enabled", "tier"}
+CATALOGUE_REQUIRED = {"$schema", "category", "scm_url"}
+EXTENSION_FIELDS = ("HOMEPAGE", "CATEGORY", "CONTRIBUTORS", "DESCRIPTION", "ICONURL", "SCREENSHOTURLS", "DEPENDS")
+
+
+def cmake_commands(path: Path) -> list[tuple[str, list[str]]]:
+    """(command, arguments) of a CMakeLists, comments removed, quoted arguments unquoted."""
+    text = "\n".join(_strip_comment(line) for line in path.read_text().splitlines())
+    commands = []
+    for name, body in re.findall(r"(\w+)\s*\(((?:[^()\"]|\"[^\"]*\")*)\)", text):
+        arguments = [quoted if quoted or not bare else bare for quoted, bare in re.findall(r'"([^"]*)"|(\S+)', body)]
+        commands.append((name.lower(), arguments))
+    return commands
+
+
+def _strip_comment(line: str) -> str:
+    inside = False
+    for index, char in enumerate(line):
+        if char == '"':
+            inside = not inside
+        elif char == "#" and not inside:
+            return line[:index]
+    return line
+
+
+def cmake_variables(path: Path) -> dict[str, list[str]]:
+    variables = {}
+    for name, arguments in cmake_commands(path):
+        if name == "set" and arguments:
+            expanded = [re.sub(r"\$\{(\w+)\}", lambda m: " ".join(variables.get(m.group(1), [m.group(0)])), a)
+                        for a in arguments[1:]]
+            variables[arguments[0]] = [item for value in expanded for item in value.split(";") if item]
+    return variables
+
+
+@pytest.fixture(scope="module")
+def extension():
+    return cmake_variables(REPO / "CMakeLists.txt")
+
+
+def read_s4ext() -> dict[str, str]:
+    fields = {}
+    for line in (REPO / "CoTexNet.s4ext").read_text().splitlines():
+        if line.strip() and not line.lstrip().startswith("#"):
+            key, _, value = line.strip().partition(" ")
+            fields[key] = value.strip()
+    return fields
+
+
+# ------------------------------------------------------------------------------------------ top level
+
+
+def test_top_level_cmakelists_has_extension_metadata_and_every_module(extension):
+    for field in EXTENSION_FIELDS:
+        assert extension.get(f"EXTENSION_{field}"), f"EXTENSION_{field} is missing or empty"
+    assert "PyTorch" in extension["EXTENSION_DEPENDS"]
+    commands = cmake_commands(REPO / "CMakeLists.txt")
+    subdirectories = [args[0] for name, args in commands if name == "add_subdirectory"]
+    assert subdirectories == list(MODULES)
+    names = [name for name, _ in commands]
+    assert names.index("find_package") < names.index("add_subdirectory")
+    assert any(name == "include" and args == ["${Slicer_EXTENSION_CPACK}"] for name, args in commands)
+
+
+@pytest.mark.parametrize("module", MODULES)
+def test_module_lists_every_script_ui_and_icon(module):
+    directory = REPO / module
+    if not (directory / "CMakeLists.txt").is_file():
+        pytest.skip(f"{module} is not there yet")
+    variables = cmake_variables(directory / "CMakeLists.txt")
+    listed = set(variables.get("MODULE_PYTHON_SCRIPTS", [])) | set(variables.get("MODULE_PYTHON_RESOURCES", []))
+    on_disk = {
+        p.relative_to(directory).as_posix()
+        for p in directory.rglob("*")
+        if p.is_file() and "__pycache__" not in p.parts and "Testing" not in p.parts
+        and (p.suffix in (".py", ".ui") or (p.suffix in (".png", ".svg") and "Icons" in p.parts))
+    }
+    assert sorted(on_disk - listed) == [], f"{module}/CMakeLists.txt does not list these files"
+    assert sorted(p for p in listed if not (directory / p).is_file()) == [], f"{module}/CMakeLists.txt lists missing files"
+    assert f"{module}.py" in listed and f"Resources/UI/{module}.ui" in listed and f"Resources/Icons/{module}.png" in listed
+
+    commands = cmake_commands(directory / "CMakeLists.txt")
+    builds = [args for name, args in commands if name == "slicermacrobuildscriptedmodule"]
+    assert builds and "WITH_GENERIC_TESTS" in builds[0]
+    assert any(name == "slicer_add_python_unittest" for name, _ in commands), "the self-test is not registered"
+    classes = {n.name for n in ast.walk(ast.parse((directory / f"{module}.py").read_text())) if isinstance(n, ast.ClassDef)}
+    assert {module, f"{module}Widget", f"{module}Test"} <= classes
+
+
+def test_engine_is_bundled_file_by_file():
+    variables = cmake_variables(REPO / ENGINE_HOST / "CMakeLists.txt")
+    listed = set(variables["ENGINE_PYTHON_SCRIPTS"])
+    on_disk = {p.relative_to(REPO).as_posix() for p in (REPO / "cotexnet").rglob("*.py") if "__pycache__" not in p.parts}
+    assert sorted(on_disk - listed) == [], f"{ENGINE_HOST}/CMakeLists.txt does not bundle these engine files"
+    assert sorted(listed - on_disk) == [], f"{ENGINE_HOST}/CMakeLists.txt bundles engine files that do not exist"
+    compile_calls = [args for name, args in cmake_commands(REPO / ENGINE_HOST / "CMakeLists.txt")
+                     if name == "ctkmacrocompilepythonscript"]
+    assert compile_calls and "${Slicer_QTSCRIPTEDMODULES_LIB_DIR}" in " ".join(compile_calls[0])
+
+
+def test_icons_are_real_pngs_of_slicer_sizes():
+    def png_size(path):
+        header = path.read_bytes()[:24]
+        assert header[:8] == b"\x89PNG\r\n\x1a\n", f"{path} is not a PNG"
+        return struct.unpack(">II", header[16:24])
+
+    assert png_size(REPO / "CoTexNetSegment/Resources/Icons/CoTexNetSegment.png") == (128, 128)
+    assert png_size(REPO / "CoTexNetSegment/Resources/Icons/SegmentEditorCoTexNet.png") == (21, 21)
+
+
+# ------------------------------------------------------------------------------------------ .s4ext and catalogue
+
+
+def test_s4ext_has_every_field_consistent_with_cmake(extension):
+    fields = read_s4ext()
+    assert sorted(f for f in S4EXT_FIELDS if not fields.get(f)) == [], "empty or missing .s4ext fields"
+    assert fields["scm"] == "git" and fields["enabled"] in ("0", "1")
+    assert fields["category"] == " ".join(extension["EXTENSION_CATEGORY"])
+    assert fields["homepage"] == " ".join(extension["EXTENSION_HOMEPAGE"])
+    assert fields["description"] == " ".join(extension["EXTENSION_DESCRIPTION"])
+    assert fields["iconurl"] == " ".join(extension["EXTENSION_ICONURL"])
+    assert fields["depends"].split() == extension["EXTENSION_DEPENDS"]
+
+
+def test_catalogue_entry_follows_the_extensions_index_schema(extension):
+    entry = json.loads((REPO / "CoTexNet.json").read_text())
+    assert CATALOGUE_REQUIRED <= set(entry)
+    assert set(entry) <= CATALOGUE_PROPERTIES, f"not allowed by the schema: {set(entry) - CATALOGUE_PROPERTIES}"
+    assert re.fullmatch(r"https://raw\.githubusercontent\.com/Slicer/Slicer/main/Schemas/"
+                        r"slicer-extension-catalog-entry-schema-v\d+\.\d+\.\d+\.json#", entry["$schema"])
+    assert entry["category"] == " ".join(extension["EXTENSION_CATEGORY"])
+    assert entry["scm_url"] == read_s4ext()["scmurl"] and entry["scm_url"].startswith("https://")
+    assert entry["scm_revision"] == read_s4ext()["scmrevision"]
+    assert entry.get("scm_type", "git") in ("git", "local")
+    assert isinstance(entry["build_dependencies"], list) and all(isinstance(d, str) for d in entry["build_dependencies"])
+    assert entry["build_dependencies"] == extension["EXTENSION_DEPENDS"]
+    assert isinstance(entry.get("tier", 1), int) and 1 <= entry.get("tier", 1) <= 5
+    assert isinstance(entry.get("enabled", True), bool)
+
+
+def test_icon_url_points_at_the_committed_icon(extension):
+    url = " ".join(extension["EXTENSION_ICONURL"])
+    homepage = " ".join(extension["EXTENSION_HOMEPAGE"]).rstrip("/")
+    owner_repo = homepage.split("github.com/")[1]
+    prefix = f"https://raw.githubusercontent.com/{owner_repo}/{read_s4ext()['scmrevision']}/"
+    assert url.startswith(prefix)
+    assert (REPO / url[len(prefix):]).is_file()

@@ -1,0 +1,228 @@
+"""Training on real anatomy, resume, clean stops, torchrun, evaluation, and bad-data errors."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cotexnet import CoTexNet, CoTexNetConfig
+from cotexnet.cli import main
+from cotexnet.infer import evaluate
+from cotexnet.train import TRAINER_STATE, TrainOptions, train
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def shapes_dataset(root: Path, count: int = 10, size: int = 64) -> Path:
+    """A 2D folder dataset: a bright disk (class 1) and a dark square (class 2) on gray, at random places."""
+    rng = np.random.default_rng(0)
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    yy, xx = np.mgrid[:size, :size]
+    for i in range(count):
+        image = np.full((size, size), 120, np.uint8)
+        mask = np.zeros((size, size), np.uint8)
+        cy, cx = rng.integers(14, size - 14, 2)
+        disk = (yy - cy) ** 2 + (xx - cx) ** 2 < 10 ** 2
+        sy, sx = rng.integers(2, size - 14, 2)
+        square = np.zeros_like(disk)
+        square[sy : sy + 12, sx : sx + 12] = True
+        square &= ~disk
+        image[disk], mask[disk] = 220, 1
+        image[square], mask[square] = 30, 2
+        Image.fromarray(image).save(root / "images" / f"case{i:02d}.png")
+        Image.fromarray(mask).save(root / "masks" / f"case{i:02d}.png")
+    return root
+
+
+def quick(data, out, **fields) -> TrainOptions:
+    base = dict(data=str(data), out=str(out), classes=["disk", "square"], backbone="tiny", image_size=64,
+                epochs=2, batch_size=4, device="cpu", show_progress=False, lr=1e-3)
+    base.update(fields)
+    return TrainOptions(**base)
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory):
+    return shapes_dataset(tmp_path_factory.mktemp("shapes"))
+
+
+def weights(bundle: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(bundle / "model.safetensors"))
+
+
+# ---------------------------------------------------------------------------------- real anatomy
+def test_training_on_real_anatomy_beats_an_untrained_model(mni152_dataset, tmp_path):
+    """MNI152 grey/white matter: a few epochs of the tiny model clearly beat its untrained start."""
+    options = TrainOptions(data=str(mni152_dataset), out=str(tmp_path / "run"), backbone="tiny", image_size=128,
+                           epochs=14, lr=2e-3, batch_size=8, device="cpu", show_progress=False)
+    untrained = CoTexNet(CoTexNetConfig(classes=["grey matter", "white matter"], backbone="tiny", image_size=128))
+    untrained.save_pretrained(tmp_path / "untrained")
+    best = train(options)
+    before = evaluate(tmp_path / "untrained", mni152_dataset, split="test", device="cpu", show_progress=False)
+    after = evaluate(best, mni152_dataset, split="test", device="cpu", show_progress=False)
+    print(f"held-out mean Dice: untrained {before['mean']['dice']:.3f}, trained {after['mean']['dice']:.3f}")
+    assert after["cases"][0]["case"] == "mni152_04"  # the held-out case of split.json
+    assert after["mean"]["dice"] > before["mean"]["dice"] + 0.2
+    assert all(row["dice"] > 0.3 for row in after["per_class"])
+    assert (tmp_path / "run" / "metrics.csv").read_text().count("\n") == 15  # header + one row per epoch
+
+
+# -------------------------------------------------------------------------------- resume / stop
+def test_resume_continues_from_the_saved_epoch_and_repeats_an_uninterrupted_run(shapes, tmp_path):
+    train(quick(shapes, tmp_path / "straight"))
+
+    stop_file = tmp_path / "stop"
+
+    def stop_after_first_epoch(event, **values):
+        if event == "epoch" and values["epoch"] == 1:
+            stop_file.touch()
+
+    train(quick(shapes, tmp_path / "resumed", stop_file=str(stop_file)), on_event=stop_after_first_epoch)
+    saved = torch.load(tmp_path / "resumed" / "last" / TRAINER_STATE, weights_only=True)
+    assert saved["epoch"] == 1
+    stop_file.unlink()
+    events = []
+    train(quick(shapes, tmp_path / "resumed", resume=True), on_event=lambda e, **v: events.append((e, v)))
+    assert events[0][0] == "start" and events[0][1]["start_epoch"] == 2
+    final = torch.load(tmp_path / "resumed" / "last" / TRAINER_STATE, weights_only=True)
+    straight = torch.load(tmp_path / "straight" / "last" / TRAINER_STATE, weights_only=True)
+    assert final["epoch"] == straight["epoch"] == 2
+    for key, tensor in weights(tmp_path / "straight" / "last").items():
+        assert torch.equal(tensor, weights(tmp_path / "resumed" / "last")[key]), key
+    exp_avg = [s["exp_avg"] for s in final["optimizer"]["state"].values()]
+    expected = [s["exp_avg"] for s in straight["optimizer"]["state"].values()]
+    assert all(torch.equal(a, b) for a, b in zip(exp_avg, expected))
+
+
+def test_stop_mid_epoch_leaves_loadable_bundles(shapes, tmp_path):
+    stop_file = tmp_path / "stop"
+    events = []
+
+    def stop_at_first_step(event, **values):
+        events.append((event, values))
+        if event == "step":
+            stop_file.touch()
+
+    best = train(quick(shapes, tmp_path / "run", epochs=5, stop_file=str(stop_file)), on_event=stop_at_first_step)
+    assert sum(1 for e, _ in events if e == "step") == 1
+    assert events[-1][0] == "done" and events[-1][1]["stopped"] is True
+    for bundle in (best, tmp_path / "run" / "last"):
+        model = CoTexNet.from_pretrained(bundle)
+        assert model(torch.rand(1, 3, 64, 64)).shape == (1, 3, 64, 64)
+
+
+def test_progress_file_events(shapes, tmp_path):
+    progress = tmp_path / "progress.jsonl"
+    train(quick(shapes, tmp_path / "run", epochs=1, progress_file=str(progress)))
+    events = [json.loads(line) for line in progress.read_text().splitlines()]
+    kinds = [e["event"] for e in events]
+    assert kinds[0] == "start" and kinds[-1] == "done" and "epoch" in kinds
+    step = next(e for e in events if e["event"] == "step")
+    assert {"epoch", "step", "steps", "loss", "loss_seg", "loss_kd", "lr", "eta_s"} <= set(step)
+    epoch = next(e for e in events if e["event"] == "epoch")
+    assert 0.0 <= epoch["val_dice"] <= 1.0 and set(epoch["val_dice_per_class"]) == {"disk", "square"}
+    assert step["loss"] == pytest.approx(step["loss_seg"] + step["loss_kd"], rel=1e-5)
+
+
+# ------------------------------------------------------------------------------------- torchrun
+def test_torchrun_two_cpu_processes_write_one_bundle(shapes, tmp_path):
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    progress = tmp_path / "progress.jsonl"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+               "--master-port", str(port), "-m", "cotexnet.cli", "train", str(shapes), "--classes", "disk", "square",
+               "--backbone", "tiny", "--image-size", "64", "--epochs", "1", "--batch-size", "2", "--device", "cpu",
+               "--out", str(tmp_path / "run"), "--progress-file", str(progress), "--progress-json"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["best", "last", "metrics.csv", "split.json"]
+    starts = [json.loads(line) for line in progress.read_text().splitlines() if '"start"' in line]
+    assert len(starts) == 1 and starts[0]["world_size"] == 2
+    CoTexNet.from_pretrained(tmp_path / "run" / "best")
+
+
+# ------------------------------------------------------------------------------------- evaluate
+def test_evaluate_cli_reports_per_class_and_per_case(shapes, tmp_path, capsys):
+    model = CoTexNet(CoTexNetConfig(classes=["disk", "square"], backbone="tiny", image_size=64))
+    model.save_pretrained(tmp_path / "model")
+    assert main(["evaluate", str(tmp_path / "model"), str(shapes), "--split", "all", "--device", "cpu", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert len(report["cases"]) == 10 and len(report["per_class"]) == 2
+    assert {"dice", "iou", "hd95", "pixel_accuracy"} == set(report["mean"])
+    assert main(["evaluate", str(tmp_path / "model"), str(shapes), "--split", "all", "--device", "cpu"]) == 0
+    table = capsys.readouterr().out
+    assert "Dice (%)" in table and "HD95 (mm)" in table and "square" in table
+
+
+def test_evaluate_refuses_a_dataset_with_another_class_count(shapes, tmp_path, capsys):
+    CoTexNet(CoTexNetConfig(classes=["disk"], backbone="tiny", image_size=64)).save_pretrained(tmp_path / "model")
+    data = tmp_path / "data"
+    for folder in ("imagesTr", "labelsTr"):
+        (data / folder).mkdir(parents=True)
+    for i in range(3):
+        Image.open(shapes / "images" / f"case{i:02d}.png").save(data / "imagesTr" / f"c{i}_0000.png")
+        Image.open(shapes / "masks" / f"case{i:02d}.png").save(data / "labelsTr" / f"c{i}.png")
+    (data / "dataset.json").write_text(json.dumps({"labels": {"background": 0, "disk": 1, "square": 2},
+                                                   "file_ending": ".png", "numTraining": 3}))
+    assert main(["evaluate", str(tmp_path / "model"), str(data), "--split", "all", "--device", "cpu"]) == 2
+    message = capsys.readouterr().err
+    assert "2 classes" in message and "the model has 1" in message
+
+
+# ------------------------------------------------------------------------------------- bad data
+def _break(kind: str, root: Path) -> str:
+    """Damage a copy of the shapes dataset in one way; returns the file the error must name."""
+    if kind == "image without mask":
+        (root / "masks" / "case03.png").unlink()
+        return "case03.png"
+    if kind == "mask shape differs":
+        Image.fromarray(np.zeros((32, 40), np.uint8)).save(root / "masks" / "case04.png")
+        return "case04.png"
+    if kind == "labels outside classes":
+        mask = np.array(Image.open(root / "masks" / "case05.png"))
+        mask[:3, :3] = 7
+        Image.fromarray(mask).save(root / "masks" / "case05.png")
+        return "case05.png"
+    if kind == "empty dataset":
+        for folder in ("images", "masks"):
+            for path in (root / folder).iterdir():
+                path.unlink()
+        return str(root.name)
+    if kind == "unreadable file":
+        (root / "images" / "case06.png").write_bytes(b"\x89PNG broken")
+        return "case06.png"
+    raise AssertionError(kind)
+
+
+@pytest.mark.parametrize("kind, problem", [
+    ("image without mask", "no mask"),
+    ("mask shape differs", "differs"),
+    ("labels outside classes", "outside"),
+    ("empty dataset", "no cases"),
+    ("unreadable file", "cannot be read"),
+])
+def test_bad_data_errors_name_the_file_and_the_problem(shapes, tmp_path, capsys, kind, problem):
+    import shutil
+
+    root = tmp_path / "data"
+    shutil.copytree(shapes, root)
+    culprit = _break(kind, root)
+    code = main(["train", str(root), "--classes", "disk", "square", "--backbone", "tiny", "--image-size", "64",
+                 "--epochs", "1", "--device", "cpu", "--out", str(tmp_path / "run")])
+    message = capsys.readouterr().err
+    assert code == 2
+    assert culprit in message and problem in message, message
+    assert not (tmp_path / "run" / "best").exists()
