@@ -41,10 +41,10 @@ def test_invalid_config_values_name_the_field(fields, field_name):
 
 def test_config_file_errors_name_the_file(tmp_path):
     path = tmp_path / "config.json"
-    path.write_text(json.dumps({"classes": ["a"], "shiny": 1}))
+    path.write_text(json.dumps({"classes": ["a"], "shiny": 1}), encoding="utf-8")
     with pytest.raises(ConfigError, match="config.json: unknown field.*shiny"):
         CoTexNetConfig.from_json_file(path)
-    path.write_text("{not json")
+    path.write_text("{not json", encoding="utf-8")
     with pytest.raises(ConfigError, match="config.json: not valid JSON"):
         CoTexNetConfig.from_json_file(path)
 
@@ -67,7 +67,7 @@ def test_bundle_round_trip_gives_identical_outputs(bundle):
     with torch.no_grad():
         assert torch.equal(loaded(images), model(images))
     assert loaded.sigma.item() == 1.25 and loaded.config.classes == ["gm", "wm"]
-    assert json.loads((path / "training.json").read_text()) == {"epochs": 3}
+    assert json.loads((path / "training.json").read_text(encoding="utf-8")) == {"epochs": 3}
 
 
 def test_saving_over_a_bundle_replaces_it_whole(bundle, tiny_model):
@@ -124,19 +124,19 @@ def test_pickled_weights_are_never_loaded(bundle):
 
 def test_newer_format_version(bundle):
     _, path = bundle
-    data = json.loads((path / "config.json").read_text())
+    data = json.loads((path / "config.json").read_text(encoding="utf-8"))
     data["format_version"] = 99
-    (path / "config.json").write_text(json.dumps(data))
+    (path / "config.json").write_text(json.dumps(data), encoding="utf-8")
     with pytest.raises(BundleError, match="format_version 99 is newer"):
         CoTexNet.from_pretrained(path)
 
 
 def test_weights_that_do_not_match_the_config(bundle):
     _, path = bundle
-    data = json.loads((path / "config.json").read_text())
+    data = json.loads((path / "config.json").read_text(encoding="utf-8"))
     data["classes"] = ["a", "b", "c"]
     data["keywords"], data["colors"] = None, None
-    (path / "config.json").write_text(json.dumps(data))
+    (path / "config.json").write_text(json.dumps(data), encoding="utf-8")
     with pytest.raises(BundleError, match=r"shape mismatch: clipseg\.decoder\.transposed_convolution\.4\.weight"):
         CoTexNet.from_pretrained(path)
 

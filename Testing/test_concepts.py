@@ -248,11 +248,11 @@ def test_cache_hit_miss_and_corrupt_line(tmp_path):
     describe(image, labels * 0, ["polyp"], cache=cache)
     assert (cache.misses, len(cache)) == (3, 3)
     # A crash mid-line and a hand edit: both lines are skipped with a warning, the rest reused.
-    with path.open("a") as handle:
+    with path.open("a", encoding="utf-8") as handle:
         handle.write('{"key": "x", "record": {"count"')
     with pytest.warns(UserWarning, match=r"concepts.jsonl:4: skipped a corrupt concept-cache line"):
         describe(image, labels, ["polyp"], keywords=["lesion"], cache=path)  # appends after the broken line
-    with path.open("a") as handle:
+    with path.open("a", encoding="utf-8") as handle:
         handle.write("not json\n")
     with pytest.warns(UserWarning) as caught:
         reloaded = ConceptCache(path)

@@ -81,7 +81,7 @@ def _nnunet(root, cases=("patient001_frame01", "patient001_frame12", "patient002
     _write(_volume(ct), root / "imagesTs" / "patient009_frame01_0000.nii.gz")
     meta = {"channel_names": {"0": "CT"}, "labels": {"background": 0, **{c: i + 1 for i, c in enumerate(classes)}},
             "numTraining": len(cases), "file_ending": ".nii.gz"}
-    (root / "dataset.json").write_text(json.dumps(meta))
+    (root / "dataset.json").write_text(json.dumps(meta), encoding="utf-8")
     return root
 
 
@@ -181,7 +181,7 @@ def test_bad_images_name_file_and_problem(tmp_path):
     (tmp_path / "junk.nii.gz").write_bytes(b"not a nifti")
     with pytest.raises(DataError, match="junk.nii.gz: cannot be read as an image"):
         read_image(tmp_path / "junk.nii.gz")
-    (tmp_path / "notes.txt").write_text("hello")
+    (tmp_path / "notes.txt").write_text("hello", encoding="utf-8")
     with pytest.raises(DataError, match="notes.txt: unsupported file type '.txt'"):
         read_image(tmp_path / "notes.txt")
     four_d = sitk.JoinSeries([_volume(np.zeros((2, 3, 4), np.float32))] * 2)
@@ -386,7 +386,7 @@ def test_nnunet_dataset_and_slices(tmp_path):
 def test_nnunet_split_file_and_class_check(tmp_path):
     root = _nnunet(tmp_path)
     folds = [{"train": ["patient001_frame01", "patient001_frame12"], "val": ["patient002_frame01"]}]
-    (root / "splits_final.json").write_text(json.dumps(folds))
+    (root / "splits_final.json").write_text(json.dumps(folds), encoding="utf-8")
     index = load_dataset(root, classes=["Liver", "tumour"])
     assert split_cases(index) == {"train": folds[0]["train"], "val": folds[0]["val"], "test": []}
     dataset = SliceDataset(index, "val", normalization=IntensityNormalization("ct"), image_size=8, empty_fraction=0)
@@ -403,7 +403,7 @@ def test_msd_dataset(tmp_path):
     meta = {"modality": {"0": "CT"}, "labels": {"0": "background", "1": "spleen"}, "test": [],
             "training": [{"image": f"./imagesTr/{n}.nii.gz", "label": f"./labelsTr/{n}.nii.gz"}
                          for n in ("spleen_1", "spleen_2")]}
-    (tmp_path / "dataset.json").write_text(json.dumps(meta))
+    (tmp_path / "dataset.json").write_text(json.dumps(meta), encoding="utf-8")
     index = load_dataset(tmp_path)
     assert index.format == "msd" and index.classes == ["spleen"] and index.modality == "CT"
     assert [c.case_id for c in index.cases] == ["spleen_1", "spleen_2"]
@@ -496,9 +496,9 @@ def test_split_is_grouped_and_seeded(tmp_path):
 
     path = save_split(split, tmp_path / "out" / "split.json")
     assert load_split(path, index) == split
-    (tmp_path / "split.json").write_text(json.dumps({"train": ["patient000_frame01"], "val": ["patient001_frame01"]}))
+    (tmp_path / "split.json").write_text(json.dumps({"train": ["patient000_frame01"], "val": ["patient001_frame01"]}), encoding="utf-8")
     assert load_dataset(tmp_path).split == {"train": ["patient000_frame01"], "val": ["patient001_frame01"], "test": []}
-    (tmp_path / "split.json").write_text(json.dumps({"train": ["nobody"]}))
+    (tmp_path / "split.json").write_text(json.dumps({"train": ["nobody"]}), encoding="utf-8")
     with pytest.raises(DataError, match=r"split.json: split names cases that are not in the dataset: \['nobody'\]"):
         load_dataset(tmp_path)
     with pytest.raises(DataError, match="'a' is in both 'train' and 'test'"):

@@ -29,7 +29,7 @@ EXTENSION_FIELDS = ("HOMEPAGE", "CATEGORY", "CONTRIBUTORS", "DESCRIPTION", "ICON
 
 def cmake_commands(path: Path) -> list[tuple[str, list[str]]]:
     """(command, arguments) of a CMakeLists, comments removed, quoted arguments unquoted."""
-    text = "\n".join(_strip_comment(line) for line in path.read_text().splitlines())
+    text = "\n".join(_strip_comment(line) for line in path.read_text(encoding="utf-8").splitlines())
     commands = []
     for name, body in re.findall(r"(\w+)\s*\(((?:[^()\"]|\"[^\"]*\")*)\)", text):
         arguments = [quoted if quoted or not bare else bare for quoted, bare in re.findall(r'"([^"]*)"|(\S+)', body)]
@@ -64,7 +64,7 @@ def extension():
 
 def read_s4ext() -> dict[str, str]:
     fields = {}
-    for line in (REPO / "CoTexNet.s4ext").read_text().splitlines():
+    for line in (REPO / "CoTexNet.s4ext").read_text(encoding="utf-8").splitlines():
         if line.strip() and not line.lstrip().startswith("#"):
             key, _, value = line.strip().partition(" ")
             fields[key] = value.strip()
@@ -107,7 +107,7 @@ def test_module_lists_every_script_ui_and_icon(module):
     builds = [args for name, args in commands if name == "slicermacrobuildscriptedmodule"]
     assert builds and "WITH_GENERIC_TESTS" in builds[0]
     assert any(name == "slicer_add_python_unittest" for name, _ in commands), "the self-test is not registered"
-    classes = {n.name for n in ast.walk(ast.parse((directory / f"{module}.py").read_text())) if isinstance(n, ast.ClassDef)}
+    classes = {n.name for n in ast.walk(ast.parse((directory / f"{module}.py").read_text(encoding="utf-8"))) if isinstance(n, ast.ClassDef)}
     assert {module, f"{module}Widget", f"{module}Test"} <= classes
 
 
@@ -147,7 +147,7 @@ def test_s4ext_has_every_field_consistent_with_cmake(extension):
 
 
 def test_catalogue_entry_follows_the_extensions_index_schema(extension):
-    entry = json.loads((REPO / "CoTexNet.json").read_text())
+    entry = json.loads((REPO / "CoTexNet.json").read_text(encoding="utf-8"))
     assert CATALOGUE_REQUIRED <= set(entry)
     assert set(entry) <= CATALOGUE_PROPERTIES, f"not allowed by the schema: {set(entry) - CATALOGUE_PROPERTIES}"
     assert re.fullmatch(r"https://raw\.githubusercontent\.com/Slicer/Slicer/main/Schemas/"

@@ -161,7 +161,7 @@ def test_bad_files_are_reported_and_the_batch_goes_on(model, tmp_path):
     four_d = sitk.JoinSeries([sitk.GetImageFromArray(volume((3, 8, 8), s)) for s in range(2)])
     sitk.WriteImage(four_d, str(tmp_path / "fourd.nii.gz"))
     (tmp_path / "empty.nii.gz").write_bytes(b"")
-    (tmp_path / "notes.nrrd").write_text("these are my notes, not an image")
+    (tmp_path / "notes.nrrd").write_text("these are my notes, not an image", encoding="utf-8")
     nan = volume()
     nan[2, 3, 4] = np.nan
     sitk.WriteImage(sitk.GetImageFromArray(nan), str(tmp_path / "nan.nrrd"))
@@ -209,6 +209,6 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
     for key in ("labels", "segmentation", "overlay", "concepts"):
         assert Path(report[key]).is_file(), key
     assert 0.0 <= report["metrics"]["mean"]["dice"] <= 1.0
-    concepts = json.loads((tmp_path / "demo" / "segmentation" / "concepts.json").read_text())
+    concepts = json.loads((tmp_path / "demo" / "segmentation" / "concepts.json").read_text(encoding="utf-8"))
     assert [c["class"] for c in concepts] == ["grey matter", "white matter"]
     assert all(c["prompt"].endswith(".") for c in concepts)

@@ -456,7 +456,7 @@ def test_install_is_one_pip_run_constrained_to_keep_slicer_packages(monkeypatch)
     calls = []
 
     def pip_install(args):
-        constraints = Path(args[args.index("-c") + 1]).read_text()
+        constraints = Path(args[args.index("-c") + 1]).read_text(encoding="utf-8")
         calls.append((args[2:], constraints))
 
     report = dependencies.DependencyReport(toInstall=["monai>=1.3", "slicerio>=1.1"])
@@ -480,7 +480,7 @@ def test_ensure_dependencies_asks_once_and_respects_no(monkeypatch):
 def test_requirements_match_the_engine_package():
     """The Slicer-side ranges are the engine's pyproject dependencies (torch comes from the PyTorch extension)."""
     tomllib = pytest.importorskip("tomllib")
-    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    project = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["project"]
     engine = [r for r in project["dependencies"] if not r.startswith("torch")]
     assert list(dependencies.REQUIREMENTS) == engine
     assert f"torch{dependencies.TORCH_REQUIREMENT}" in project["dependencies"]
@@ -525,7 +525,7 @@ def parameter_fields(source: str, class_name: str) -> dict[str, str]:
 
 
 def test_widget_names_exist_in_ui_and_parameter_names_match_fields():
-    source = (MODULE_DIR / "CoTexNetSegment.py").read_text()
+    source = (MODULE_DIR / "CoTexNetSegment.py").read_text(encoding="utf-8")
     names, bound = ui_widgets(MODULE_DIR / "Resources" / "UI" / "CoTexNetSegment.ui")
     used = set(__import__("re").findall(r"self\.ui\.(\w+)", source))
     assert used and used <= set(names), f"not in the .ui: {sorted(used - set(names))}"
@@ -542,7 +542,7 @@ def test_widget_names_exist_in_ui_and_parameter_names_match_fields():
 
 def test_logic_package_imports_no_qt():
     for path in sorted((MODULE_DIR / "CoTexNetSegmentLib").glob("*.py")):
-        for node in ast.walk(ast.parse(path.read_text())):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
             modules = [a.name for a in node.names] if isinstance(node, ast.Import) else (
                 [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
             for module in modules:

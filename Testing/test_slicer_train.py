@@ -110,7 +110,7 @@ def test_export_matches_each_segmentation_voxels_and_geometry(scene, tmp_path):
 
     folder = exportDataset(findScenePairs(scene), None, tmp_path / "data")
 
-    meta = json.loads((folder / "dataset.json").read_text())
+    meta = json.loads((folder / "dataset.json").read_text(encoding="utf-8"))
     assert meta["labels"] == {"background": 0, "tumor": 1, "liver": 2}  # segment order of the first segmentation
     assert meta["file_ending"] == ".nrrd" and meta["numTraining"] == 2 and meta["channel_names"] == {"0": "MR"}
     assert [c["segmentation"] for c in meta["cases"].values()] == [segmentation.GetName(), segmentation2.GetName()]
@@ -152,7 +152,7 @@ def test_export_classes_follow_given_order_and_missing_class_gives_no_voxels(sce
 
     folder = exportDataset(findScenePairs(scene), ["liver", "tumor"], tmp_path / "data")
 
-    assert json.loads((folder / "dataset.json").read_text())["labels"] == {"background": 0, "liver": 1, "tumor": 2}
+    assert json.loads((folder / "dataset.json").read_text(encoding="utf-8"))["labels"] == {"background": 0, "liver": 1, "tumor": 2}
     first = readArray(folder / "labelsTr/case_000.nrrd")
     np.testing.assert_array_equal(first == 1, labels == 2)
     np.testing.assert_array_equal(first == 2, labels == 1)
@@ -226,9 +226,9 @@ def test_progress_reader_keeps_a_partial_last_line(tmp_path):
     assert reader.readEvents() == []
     start = json.dumps({"event": "start", "epochs": 2, "steps_per_epoch": 3})
     step = json.dumps({"event": "step", "epoch": 2, "step": 1, "steps": 3, "loss": 0.5, "eta_s": 75})
-    path.write_text(start + "\n" + step[:10])
+    path.write_text(start + "\n" + step[:10], encoding="utf-8")
     assert [e["event"] for e in reader.readEvents()] == ["start"]
-    with open(path, "a") as stream:
+    with open(path, "a", encoding="utf-8") as stream:
         stream.write(step[10:] + "\n")
     events = reader.readEvents()
     assert events == [json.loads(step)]
@@ -243,7 +243,7 @@ def test_recent_models_list_is_shared_newest_first(tmp_path):
     bundles = []
     for name in ("a", "b"):
         (tmp_path / name).mkdir()
-        (tmp_path / name / "config.json").write_text("{}")
+        (tmp_path / name / "config.json").write_text("{}", encoding="utf-8")
         bundles.append(str(tmp_path / name))
     addRecentModel(bundles[0])
     addRecentModel(bundles[1])
@@ -287,7 +287,7 @@ OPTIONS = dict(backbone="tiny", imageSize=64, batchSize=4, device="cpu", learnin
 
 
 def _epochEvents(outDir: Path) -> list[dict]:
-    lines = (outDir / "progress.jsonl").read_text().splitlines()
+    lines = (outDir / "progress.jsonl").read_text(encoding="utf-8").splitlines()
     return [event for event in map(json.loads, lines) if event["event"] == "epoch"]
 
 
@@ -305,7 +305,7 @@ def test_short_training_run_produces_a_bundle_and_fills_the_plot_table(scene, mn
 
     assert logic.state == "finished" and logic.process.returncode == 0
     assert bundle == outDir / "best" and (bundle / "config.json").is_file()
-    config = json.loads((bundle / "config.json").read_text())
+    config = json.loads((bundle / "config.json").read_text(encoding="utf-8"))
     assert config["classes"] == ["grey matter", "white matter"] and config["keywords"] == ["grey", "white"]
     assert str(bundle.resolve()) in [str(Path(p).resolve()) for p in recentModels()]
     assert not (outDir / "dataset").exists()  # the temporary export is gone once training finished
@@ -373,7 +373,7 @@ def test_stop_leaves_a_loadable_bundle_and_resume_continues(scene, mniPairs, tmp
 
 def _parameterAnnotations() -> dict[str, str]:
     """Parameter name -> annotation source, read from the module file (which needs Qt to import)."""
-    tree = ast.parse((MODULE_DIR / "CoTexNetTrain.py").read_text())
+    tree = ast.parse((MODULE_DIR / "CoTexNetTrain.py").read_text(encoding="utf-8"))
     wrapper = next(
         node for node in tree.body
         if isinstance(node, ast.ClassDef) and any(getattr(d, "id", None) == "parameterNodeWrapper" for d in node.decorator_list)
@@ -422,7 +422,7 @@ def test_ui_bindings_match_the_parameter_node():
         )
     # Every scalar parameter has a widget; lists (pairs, classes, keywords) are shown in tables by the widget.
     assert {n for n, a in parameters.items() if not a.startswith("list[")} == set(bound)
-    used = set(re.findall(r"self\.ui\.(\w+)", (MODULE_DIR / "CoTexNetTrain.py").read_text()))
+    used = set(re.findall(r"self\.ui\.(\w+)", (MODULE_DIR / "CoTexNetTrain.py").read_text(encoding="utf-8")))
     assert used <= set(widgets), f"CoTexNetTrain.py uses widgets missing from the .ui: {sorted(used - set(widgets))}"
     for connection in root.iter("connection"):
         assert connection.find("receiver").text in widgets
@@ -434,7 +434,7 @@ def test_ui_bindings_match_the_parameter_node():
 
 
 def test_cmake_lists_every_file_and_registers_the_self_test():
-    text = (MODULE_DIR / "CMakeLists.txt").read_text().replace("${MODULE_NAME}", "CoTexNetTrain")
+    text = (MODULE_DIR / "CMakeLists.txt").read_text(encoding="utf-8").replace("${MODULE_NAME}", "CoTexNetTrain")
 
     def listed(variable):
         match = re.search(rf"set\({variable}\s+(.*?)\)", text, re.S)
@@ -446,7 +446,7 @@ def test_cmake_lists_every_file_and_registers_the_self_test():
     assert listed("MODULE_PYTHON_RESOURCES") == resources
     assert re.search(r"slicerMacroBuildScriptedModule\(\s*NAME CoTexNetTrain", text)
     assert "slicer_add_python_unittest(SCRIPT CoTexNetTrain.py)" in text
-    tree = ast.parse((MODULE_DIR / "CoTexNetTrain.py").read_text())
+    tree = ast.parse((MODULE_DIR / "CoTexNetTrain.py").read_text(encoding="utf-8"))
     classes = {node.name: node for node in tree.body if isinstance(node, ast.ClassDef)}
     assert {"CoTexNetTrain", "CoTexNetTrainWidget", "CoTexNetTrainTest"} <= set(classes)
     assert "runTest" in {f.name for f in classes["CoTexNetTrainTest"].body if isinstance(f, ast.FunctionDef)}

@@ -64,18 +64,18 @@ def weights(bundle: Path) -> dict:
 # ---------------------------------------------------------------------------------- real anatomy
 def test_training_on_real_anatomy_beats_an_untrained_model(mni152_dataset, tmp_path):
     """MNI152 grey/white matter: a few epochs of the tiny model clearly beat its untrained start."""
-    options = TrainOptions(data=str(mni152_dataset), out=str(tmp_path / "run"), backbone="tiny", image_size=128,
-                           epochs=14, lr=2e-3, batch_size=8, device="cpu", show_progress=False)
-    untrained = CoTexNet(CoTexNetConfig(classes=["grey matter", "white matter"], backbone="tiny", image_size=128))
+    options = TrainOptions(data=str(mni152_dataset), out=str(tmp_path / "run"), backbone="tiny", image_size=96,
+                           epochs=40, lr=3e-3, batch_size=4, device="cpu", show_progress=False)
+    untrained = CoTexNet(CoTexNetConfig(classes=["grey matter", "white matter"], backbone="tiny", image_size=96))
     untrained.save_pretrained(tmp_path / "untrained")
     best = train(options)
     before = evaluate(tmp_path / "untrained", mni152_dataset, split="test", device="cpu", show_progress=False)
     after = evaluate(best, mni152_dataset, split="test", device="cpu", show_progress=False)
     print(f"held-out mean Dice: untrained {before['mean']['dice']:.3f}, trained {after['mean']['dice']:.3f}")
     assert after["cases"][0]["case"] == "mni152_04"  # the held-out case of split.json
-    assert after["mean"]["dice"] > before["mean"]["dice"] + 0.2
-    assert all(row["dice"] > 0.3 for row in after["per_class"])
-    assert (tmp_path / "run" / "metrics.csv").read_text().count("\n") == 15  # header + one row per epoch
+    assert after["mean"]["dice"] > before["mean"]["dice"] + 0.3
+    assert all(row["dice"] > 0.4 for row in after["per_class"])
+    assert (tmp_path / "run" / "metrics.csv").read_text(encoding="utf-8").count("\n") == 41  # header + one row per epoch
 
 
 # -------------------------------------------------------------------------------- resume / stop
@@ -125,7 +125,7 @@ def test_stop_mid_epoch_leaves_loadable_bundles(shapes, tmp_path):
 def test_progress_file_events(shapes, tmp_path):
     progress = tmp_path / "progress.jsonl"
     train(quick(shapes, tmp_path / "run", epochs=1, progress_file=str(progress)))
-    events = [json.loads(line) for line in progress.read_text().splitlines()]
+    events = [json.loads(line) for line in progress.read_text(encoding="utf-8").splitlines()]
     kinds = [e["event"] for e in events]
     assert kinds[0] == "start" and kinds[-1] == "done" and "epoch" in kinds
     step = next(e for e in events if e["event"] == "step")
@@ -149,7 +149,7 @@ def test_torchrun_two_cpu_processes_write_one_bundle(shapes, tmp_path):
     done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["best", "last", "metrics.csv", "split.json"]
-    starts = [json.loads(line) for line in progress.read_text().splitlines() if '"start"' in line]
+    starts = [json.loads(line) for line in progress.read_text(encoding="utf-8").splitlines() if '"start"' in line]
     assert len(starts) == 1 and starts[0]["world_size"] == 2
     CoTexNet.from_pretrained(tmp_path / "run" / "best")
 
@@ -176,7 +176,7 @@ def test_evaluate_refuses_a_dataset_with_another_class_count(shapes, tmp_path, c
         Image.open(shapes / "images" / f"case{i:02d}.png").save(data / "imagesTr" / f"c{i}_0000.png")
         Image.open(shapes / "masks" / f"case{i:02d}.png").save(data / "labelsTr" / f"c{i}.png")
     (data / "dataset.json").write_text(json.dumps({"labels": {"background": 0, "disk": 1, "square": 2},
-                                                   "file_ending": ".png", "numTraining": 3}))
+                                                   "file_ending": ".png", "numTraining": 3}), encoding="utf-8")
     assert main(["evaluate", str(tmp_path / "model"), str(data), "--split", "all", "--device", "cpu"]) == 2
     message = capsys.readouterr().err
     assert "2 classes" in message and "the model has 1" in message

@@ -284,8 +284,8 @@ def _add_demo(sub) -> None:
                                    "with grey/white matter for about a minute on CPU, segments a held-out part and "
                                    "writes the label map, a .seg.nrrd, a PNG overlay and the concept attributes.")
     p.add_argument("--out", default="cotexnet-demo", help="output folder")
-    p.add_argument("--epochs", type=int, default=30)
-    p.add_argument("--image-size", type=int, default=128)
+    p.add_argument("--epochs", type=int, default=60)
+    p.add_argument("--image-size", type=int, default=96)
     p.add_argument("--max-steps-per-epoch", type=int)
     p.add_argument("--model", help="skip training and use this bundle")
     p.add_argument("--device", default="auto")

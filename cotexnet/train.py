@@ -374,6 +374,8 @@ def _train(options, out, device, rank, world, is_main, emit, stop, tqdm, CoTexNe
          val_slices=len(val_set), device=str(device), world_size=world, classes=classes)
     started = time.time()
     stopped = False
+    bar = tqdm(total=(options.epochs - start_epoch + 1) * steps, desc="training", unit="step", mininterval=1.0,
+               disable=not (is_main and options.show_progress))
     epoch = start_epoch - 1
     for epoch in range(start_epoch, options.epochs + 1):
         # Every random stream restarts from (seed, rank, epoch), so a resumed run repeats an uninterrupted one.
@@ -384,7 +386,6 @@ def _train(options, out, device, rank, world, is_main, emit, stop, tqdm, CoTexNe
         net.train()
         totals = {"loss": 0.0, "loss_seg": 0.0, "loss_kd": 0.0}
         done = 0
-        bar = tqdm(total=steps, desc=f"epoch {epoch}/{options.epochs}", unit="step", disable=not (is_main and options.show_progress), leave=False)
         iterator = iter(train_loader)
         while done < steps:
             if any_rank(bool(stop), device, world):
@@ -415,9 +416,8 @@ def _train(options, out, device, rank, world, is_main, emit, stop, tqdm, CoTexNe
             remaining = (options.epochs - epoch) * steps + (steps - done)
             eta = elapsed / finished * remaining
             emit("step", epoch=epoch, step=done, steps=steps, lr=scheduler.get_last_lr()[0], eta_s=round(eta, 1), **terms)
-            bar.set_postfix(loss=f"{terms['loss']:.4f}")
+            bar.set_postfix(epoch=epoch, loss=f"{terms['loss']:.4f}", best_dice=f"{max(best, 0):.3f}", refresh=False)
             bar.update(1)
-        bar.close()
         if done == 0 and stopped:
             break
         val_dice, per_class = validation_dice(model, val_loader, device, len(classes), dtype)
@@ -445,6 +445,7 @@ def _train(options, out, device, rank, world, is_main, emit, stop, tqdm, CoTexNe
             if stale >= options.patience:
                 emit("early_stop", epoch=epoch, patience=options.patience, best_val_dice=best)
             break
+    bar.close()
     if world > 1:
         dist.barrier()
     if not (best_dir / "config.json").is_file() and is_main:

@@ -120,7 +120,7 @@ def installMissing(report: DependencyReport, pipInstall: Callable[[list[str]], o
         return
     handle, constraintsPath = tempfile.mkstemp(prefix="cotexnet-constraints-", suffix=".txt")
     try:
-        with os.fdopen(handle, "w") as stream:
+        with os.fdopen(handle, "w", encoding="utf-8") as stream:
             stream.write(constraintsText())
         pipInstall(["-c", constraintsPath, *report.toInstall])
     finally:
