@@ -184,6 +184,10 @@ class CoTexNetSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.installPyTorchExtensionButton.visible = report.torchMissing and not pytorchExtensionInstalled()
         self.ui.dependenciesLabel.text = report.describe()
 
+    def refreshModels(self):
+        """Re-reads the recent-models list (CoTexNetTrain calls this when a new model is ready)."""
+        self.ui.modelPathLineEdit.retrieveHistory()
+
     def updateModelInfo(self, *unused):
         path = self.ui.modelPathLineEdit.currentPath
         if not path:

@@ -44,6 +44,8 @@ def _add_train(sub) -> None:
     p.add_argument("--classes", nargs="+", help="class names in label order (default: from dataset.json)")
     p.add_argument("--keywords", nargs="+", help="one prompt keyword per class (default: the class names)")
     p.add_argument("--backbone", default="CIDAS/clipseg-rd64-refined", help="Hugging Face id, local folder, or 'tiny'")
+    p.add_argument("--cache-dir", help="where a Hugging Face backbone is downloaded once (default: the HF cache; "
+                                       "HF_HUB_OFFLINE=1 uses the cache only)")
     p.add_argument("--image-size", type=int, default=352)
     p.add_argument("--epochs", type=int, default=500)
     p.add_argument("--batch-size", type=int, default=8)
@@ -117,7 +119,7 @@ def _run_train(args) -> int:
                  "use_text_module": not args.no_text_module}
     options = TrainOptions(
         data=args.data, out=args.out, classes=args.classes, keywords=args.keywords, backbone=args.backbone,
-        image_size=args.image_size, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+        cache_dir=args.cache_dir, image_size=args.image_size, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
         optimizer=args.optimizer, weight_decay=args.weight_decay, patience=args.patience, device=args.device,
         seed=args.seed, grad_clip=args.grad_clip, augment=not args.no_augment, empty_fraction=args.empty_fraction,
         slice_axis=args.slice_axis, modality=args.modality, intensity=_intensity(args),

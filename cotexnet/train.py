@@ -53,6 +53,7 @@ class TrainOptions:
     classes: list[str] | None = None
     keywords: list[str] | None = None
     backbone: str = "CIDAS/clipseg-rd64-refined"
+    cache_dir: str | None = None
     image_size: int = 352
     epochs: int = 500
     batch_size: int = 8
@@ -318,7 +319,10 @@ def _train(options, out, device, rank, world, is_main, emit, stop, tqdm, CoTexNe
         else:
             normalization = IntensityNormalization.for_modality(options.modality or index.modality)
         config = _build_config(options, classes, normalization, options.modality or index.modality)
-        model = CoTexNet(config)
+        from .bundle import load_backbone
+
+        backbone, tokenizer = load_backbone(config.backbone, config.image_size, options.cache_dir)
+        model = CoTexNet(config, backbone=backbone, tokenizer=tokenizer)
         split = split_cases(index, options.seed)
     normalization = IntensityNormalization.from_dict(config.intensity)
     if not split["train"]:
@@ -347,6 +351,8 @@ def _train(options, out, device, rank, world, is_main, emit, stop, tqdm, CoTexNe
     prompts = PromptSource(options, config) if config.uses_text_encoder_in_training and config.use_real_text else None
     flips = options.augment and (prompts is None or not prompts.precomputed)
     dtype = autocast_dtype(device, "auto")
+    # fp16 (GPUs without bf16) needs loss scaling against gradient underflow; bf16 and fp32 do not.
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     batch_size = options.batch_size
 
     def loaders(size: int):
@@ -396,7 +402,8 @@ def _train(options, out, device, rank, world, is_main, emit, stop, tqdm, CoTexNe
             except StopIteration:
                 break
             try:
-                terms = _step(net, model, batch, device, dtype, optimizer, scheduler, options, prompts, flips, augment_rng)
+                terms = _step(net, model, batch, device, dtype, optimizer, scheduler, scaler, options, prompts, flips,
+                              augment_rng)
             except torch.cuda.OutOfMemoryError:
                 if batch_size == 1:
                     raise CoTexNetError("out of GPU memory even with batch size 1; lower --image-size or use the CPU") from None
@@ -455,7 +462,7 @@ def _train(options, out, device, rank, world, is_main, emit, stop, tqdm, CoTexNe
     return best_dir
 
 
-def _step(net, model, batch, device, dtype, optimizer, scheduler, options, prompts, flips, augment_rng) -> dict:
+def _step(net, model, batch, device, dtype, optimizer, scheduler, scaler, options, prompts, flips, augment_rng) -> dict:
     images = batch["image"].to(device, non_blocking=True)
     labels = batch["label"].to(device, non_blocking=True)
     if options.augment:
@@ -468,10 +475,12 @@ def _step(net, model, batch, device, dtype, optimizer, scheduler, options, promp
         output = net(images, masks, text_ids)
     terms = model.compute_loss(output, labels)
     optimizer.zero_grad(set_to_none=True)
-    terms.total.backward()
+    scaler.scale(terms.total).backward()
     if options.grad_clip > 0:
+        scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_(model.trainable_parameters(), options.grad_clip)
-    optimizer.step()
+    scaler.step(optimizer)
+    scaler.update()
     scheduler.step()
     return {"loss": terms.total.item(), "loss_seg": terms.segmentation.item(), "loss_kd": terms.distillation.item()}
 
