@@ -181,7 +181,7 @@ class PromptSource:
         self.backend = get_backend(options.concept_backend, **options.concept_options)
         self.attributes = options.attributes
         self.cache = options.concept_cache
-        self.precomputed = options.concept_backend != "geometric"
+        self.cached_per_slice = options.concept_backend != "geometric"
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> list[str]:
         from .concepts import describe
@@ -192,7 +192,7 @@ class PromptSource:
         for image, label in zip(images_np, labels_np):
             picture = image[0] if self.config.intensity.get("mode") != "rgb" else np.moveaxis(image, 0, -1)
             records = describe(picture, label, self.config.classes, self.config.keywords, self.backend,
-                               attributes=self.attributes, cache=self.cache if self.precomputed else None)
+                               attributes=self.attributes, cache=self.cache if self.cached_per_slice else None)
             prompts.append(" ".join(record["prompt"] for record in records))
         return prompts
 
@@ -349,7 +349,7 @@ def _train(options, out, device, rank, world, is_main, emit, stop, tqdm, CoTexNe
         net = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True)
     prompts = PromptSource(options, config) if config.uses_text_encoder_in_training and config.use_real_text else None
-    flips = options.augment and (prompts is None or not prompts.precomputed)
+    flips = options.augment and (prompts is None or not prompts.cached_per_slice)
     dtype = autocast_dtype(device, "auto")
     # fp16 (GPUs without bf16) needs loss scaling against gradient underflow; bf16 and fp32 do not.
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
@@ -465,11 +465,14 @@ def _train(options, out, device, rank, world, is_main, emit, stop, tqdm, CoTexNe
 def _step(net, model, batch, device, dtype, optimizer, scheduler, scaler, options, prompts, flips, augment_rng) -> dict:
     images = batch["image"].to(device, non_blocking=True)
     labels = batch["label"].to(device, non_blocking=True)
+    described = (images, labels)  # LMM answers are cached per original slice
     if options.augment:
         images, labels = _augment(images, labels, augment_rng, flips)
+    if prompts is not None and not prompts.cached_per_slice:
+        described = (images, labels)  # geometric attributes are exact for the augmented slice
     num_classes = model.config.num_classes
     masks = torch.stack([(labels == c).to(images.dtype) for c in range(1, num_classes + 1)], dim=1)
-    text_ids = model.encode_prompts(prompts(images, labels)) if prompts is not None else None
+    text_ids = model.encode_prompts(prompts(*described)) if prompts is not None else None
     autocast = torch.autocast(device.type, dtype=dtype) if dtype is not None else _null()
     with autocast:
         output = net(images, masks, text_ids)
