@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -157,8 +158,29 @@ def test_local_backbone_directory_loads_offline(tmp_path):
     torch.testing.assert_close(vision, clipseg.clip.vision_model.embeddings.patch_embedding.weight)
 
 
-def test_backbone_folder_without_safetensors_is_refused(tmp_path):
+def test_backbone_folder_without_weights_is_refused(tmp_path):
     (tmp_path / "clipseg").mkdir()
-    (tmp_path / "clipseg" / "pytorch_model.bin").write_bytes(b"pickle")
-    with pytest.raises(BundleError, match="only safetensors weights are loaded"):
+    with pytest.raises(BundleError, match="no model.safetensors"):
         load_backbone(str(tmp_path / "clipseg"))
+
+
+def test_pickled_backbone_loads_weights_but_never_runs_code(tmp_path):
+    """Older Hugging Face repositories hold only pytorch_model.bin: tensors load, a code-running pickle does not."""
+    clipseg, tokenizer = load_backbone("tiny", image_size=64)
+    folder = tmp_path / "clipseg"
+    clipseg.save_pretrained(folder, safe_serialization=False)
+    tokenizer.save_pretrained(folder)
+    assert not (folder / "model.safetensors").exists() and (folder / "pytorch_model.bin").is_file()
+    loaded, _ = load_backbone(str(folder), image_size=64)
+    torch.testing.assert_close(loaded.decoder.film_mul.weight, clipseg.decoder.film_mul.weight)
+
+    witness = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {witness}",))
+
+    torch.save({"clip.logit_scale": Payload()}, folder / "pytorch_model.bin")
+    with pytest.raises(BundleError, match="could not load CLIPSeg weights"):
+        load_backbone(str(folder), image_size=64)
+    assert not witness.exists()

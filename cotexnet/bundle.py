@@ -31,9 +31,11 @@ from .errors import BundleError, ConfigError
 from .prompts import load_tokenizer, offline_clip_tokenizer_dir
 
 WEIGHTS_NAME = "model.safetensors"
+#: Older Hugging Face repositories hold only this pickle; backbones may use it, bundles never do.
+PICKLED_WEIGHTS_NAME = "pytorch_model.bin"
 CONFIG_NAME = "config.json"
 TRAINING_NAME = "training.json"
-#: Files of a Hugging Face CLIPSeg repository that loading needs (never pickled ``*.bin``).
+#: Files of a Hugging Face CLIPSeg repository that loading needs (the pickle only as a fallback).
 BACKBONE_FILES = ("config.json", "model.safetensors", "vocab.json", "merges.txt", "tokenizer_config.json",
                   "special_tokens_map.json", "preprocessor_config.json")
 SYNTHETIC_BACKBONES = ("tiny", "full-random")
@@ -82,8 +84,12 @@ def download_backbone(repo_id: str, cache_dir: str | os.PathLike | None = None, 
     from huggingface_hub import snapshot_download
 
     try:
-        return Path(snapshot_download(repo_id, cache_dir=cache_dir, allow_patterns=list(BACKBONE_FILES),
+        path = Path(snapshot_download(repo_id, cache_dir=cache_dir, allow_patterns=list(BACKBONE_FILES),
                                       tqdm_class=tqdm_class))
+        if not (path / WEIGHTS_NAME).is_file():  # a repository from before safetensors: its pickle, read safely
+            path = Path(snapshot_download(repo_id, cache_dir=cache_dir, allow_patterns=[PICKLED_WEIGHTS_NAME],
+                                          tqdm_class=tqdm_class))
+        return path
     except Exception as error:  # network, auth, offline-and-not-cached: all end the same way for a user
         raise BundleError(
             f"backbone {repo_id!r} could not be downloaded or found in the cache ({type(error).__name__}: {error}). "
@@ -104,15 +110,16 @@ def load_backbone(name: str, image_size: int = 352, cache_dir: str | os.PathLike
         if name.startswith((".", "/", "~")) or os.sep in name.strip("/").replace("/", "", 1):
             raise BundleError(f"backbone {name!r}: no such directory")
         directory = download_backbone(name, cache_dir)
-    if not (directory / WEIGHTS_NAME).is_file():
-        raise BundleError(
-            f"backbone {directory}: {WEIGHTS_NAME} is missing (only safetensors weights are loaded, never pickled "
-            f"*.bin files); convert the checkpoint to safetensors or download a repository that has them"
-        )
+    safetensors = (directory / WEIGHTS_NAME).is_file()
+    if not safetensors and not (directory / PICKLED_WEIGHTS_NAME).is_file():
+        raise BundleError(f"backbone {directory}: no {WEIGHTS_NAME} (or {PICKLED_WEIGHTS_NAME}) found")
     try:
-        model = CLIPSegForImageSegmentation.from_pretrained(str(directory), local_files_only=True, use_safetensors=True)
+        # A pickle is read by torch's weights-only unpickler (transformers passes weights_only=True), which
+        # refuses anything but tensors and plain containers, so a backbone can never run code.
+        model = CLIPSegForImageSegmentation.from_pretrained(str(directory), local_files_only=True,
+                                                            use_safetensors=safetensors)
     except Exception as error:
-        raise BundleError(f"backbone {directory}: could not load CLIPSeg weights ({error})") from None
+        raise BundleError(f"backbone {directory}: could not load CLIPSeg weights ({_first_line(error)})") from None
     return model.eval(), load_tokenizer(directory)
 
 
@@ -208,6 +215,11 @@ def load_bundle(directory: str | os.PathLike, device: str | torch.device = "cpu"
         raise BundleError(f"{weights}: weights do not match {directory / CONFIG_NAME} ({details})")
     model.load_state_dict(state)
     return model.to(device).eval()
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 def read_training_info(directory: str | os.PathLike) -> dict:
