@@ -226,3 +226,60 @@ def test_bad_data_errors_name_the_file_and_the_problem(shapes, tmp_path, capsys,
     assert code == 2
     assert culprit in message and problem in message, message
     assert not (tmp_path / "run" / "best").exists()
+
+
+# ------------------------------------------------------------------------ LMM concept backend
+class _AttributeServer:
+    """An OpenAI-compatible chat endpoint on 127.0.0.1 that always answers with valid attributes."""
+
+    def __init__(self):
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        requests = self.requests = []
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                self.rfile.read(int(self.headers["Content-Length"]))
+                requests.append(self.path)
+                content = json.dumps({"number": "one", "shape": "round", "size": "small", "color": "bright",
+                                      "location": "center"})
+                body = json.dumps({"choices": [{"message": {"content": content}}]}).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+
+    def __enter__(self):
+        import threading
+
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_lmm_concepts_are_asked_once_per_original_slice_and_cached(shapes, tmp_path):
+    requests_after_epoch = []
+    with _AttributeServer() as server:
+        def count(event, **values):
+            if event == "epoch":
+                requests_after_epoch.append(len(server.requests))
+
+        options = quick(shapes, tmp_path / "run", epochs=2, concept_backend="openai",
+                        concept_options={"model": "llava", "base_url": server.url, "api_key_env": None},
+                        concept_cache=str(tmp_path / "concepts.jsonl"))
+        train(options, on_event=count)
+    train_slices = len(json.loads((tmp_path / "run" / "split.json").read_text(encoding="utf-8"))["train"])
+    assert requests_after_epoch[0] > 0
+    assert requests_after_epoch[1] == requests_after_epoch[0]  # epoch 2 reuses every cached answer
+    cached = [json.loads(line) for line in (tmp_path / "concepts.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert len(cached) == train_slices * 2  # one record per original slice and class
