@@ -184,3 +184,17 @@ def test_pickled_backbone_loads_weights_but_never_runs_code(tmp_path):
     with pytest.raises(BundleError, match="could not load CLIPSeg weights"):
         load_backbone(str(folder), image_size=64)
     assert not witness.exists()
+
+
+def test_bundle_config_reads_without_torch(bundle):
+    """Slicer shows a model's classes before its dependencies (torch) are installed."""
+    import subprocess
+    import sys
+
+    _, path = bundle
+    code = ("import sys; sys.modules['torch'] = None\n"
+            "from cotexnet.bundle import read_bundle_config\n"
+            f"print(read_bundle_config({str(path)!r}).classes)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "['gm', 'wm']"

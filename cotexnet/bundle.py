@@ -13,7 +13,8 @@ A *bundle* is a trained model directory, Hugging Face style (DESIGN.md §3)::
     training.json       data, metrics and attributes used (optional)
 
 Bundles are written to a temporary sibling directory and renamed into place, so an interrupted save
-never leaves a half-written bundle where a good one was.
+never leaves a half-written bundle where a good one was. torch loads on first use, so a bundle's config
+can be read (in Slicer, before dependencies are installed) without it.
 """
 from __future__ import annotations
 
@@ -24,7 +25,6 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-import torch
 
 from .config import FORMAT_VERSION, CoTexNetConfig, write_json_atomic
 from .errors import BundleError, ConfigError
@@ -68,6 +68,7 @@ def clipseg_architecture(name: str, image_size: int):
 
 def build_clipseg(clipseg_config, seed: int = 0):
     """A randomly initialised ``CLIPSegForImageSegmentation``, reproducible for a given seed."""
+    import torch
     from transformers import CLIPSegForImageSegmentation
 
     with torch.random.fork_rng(devices=[]):
@@ -182,7 +183,7 @@ def read_bundle_config(directory: str | os.PathLike) -> CoTexNetConfig:
     return config
 
 
-def load_bundle(directory: str | os.PathLike, device: str | torch.device = "cpu"):
+def load_bundle(directory: str | os.PathLike, device="cpu"):
     """Rebuild a bundle's model from its config and load its safetensors weights, checking every shape."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file

@@ -14,11 +14,11 @@ from __future__ import annotations
 import gzip
 import importlib.util
 import json
+import shutil
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-import torch
 
 from .errors import BundleError
 
@@ -52,6 +52,8 @@ def compose_text_inputs(
     Real text is cut from its end to fit ``context_length``; the template and slots are never cut.
     Rows are padded with ``pad_id`` to the longest row, as CLIP pads after EOS.
     """
+    import torch
+
     head = [sos_id, *template_ids] + [pad_id] * num_pseudo
     budget = context_length - len(head) - 1
     if budget < 0:
@@ -169,7 +171,7 @@ def offline_clip_tokenizer_dir() -> Path:
         try:
             staging.rename(directory)
         except OSError:  # another process built it first
-            pass
+            shutil.rmtree(staging, ignore_errors=True)
     return directory
 
 
