@@ -147,23 +147,25 @@ class CoTexNet(nn.Module):
     def encode_image(self, images: torch.Tensor, need_activations: bool = True):
         """Run the frozen image encoder once: decoder activations and the projected CLS embedding.
 
-        Layers after the last extracted one are needed only for the CLS token, so the final layer
-        computes its queries, attention output and MLP for the CLS position alone (keys and values
-        still come from every token) — same result, a twelfth less encoder work at inference.
+        Unless the decoder reads it, the final layer's output is needed only for the CLS token, so that
+        layer computes queries, attention output and MLP for the CLS position alone (keys and values
+        still come from every token): the same result for most of one layer's work less.
         """
         vision = self.vision
         hidden = vision.embeddings(self.normalize(images), interpolate_pos_encoding=True)
         hidden = vision.pre_layrnorm(hidden)
         layers = vision.encoder.layers
-        activations = []
-        last_full = len(layers) - 1 if (not need_activations or max(self.extract_layers) < len(layers) - 1) else len(layers)
+        last = len(layers) - 1
+        cls_only_last = not (need_activations and last in self.extract_layers)
+        outputs = {}
         for index, layer in enumerate(layers):
-            if index < last_full:
-                hidden = layer(hidden, None, None)[0]
-                if need_activations and index in self.extract_layers:
-                    activations.append(hidden)
-            else:
+            if cls_only_last and index == last:
                 hidden = _cls_only_layer(layer, hidden)
+                continue
+            hidden = layer(hidden, None, None)[0]
+            if need_activations and index in self.extract_layers:
+                outputs[index] = hidden
+        activations = [outputs[index] for index in self.extract_layers] if need_activations else []
         cls = vision.post_layernorm(hidden[:, 0])
         return activations, self.clipseg.clip.visual_projection(cls)
 
