@@ -35,9 +35,11 @@ def _build(side: str, backbone: str, image_size: int, num_classes: int):
     else:
         clipseg, tokenizer = load_backbone(backbone, image_size)
     if side == "clipseg":
+        from .model import CLIP_MEAN, CLIP_STD
+
         ids = tokenizer([PROMPT], return_tensors="pt")["input_ids"]
-        mean = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1)
-        std = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(1, 3, 1, 1)
+        mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
+        std = torch.tensor(CLIP_STD).view(1, 3, 1, 1)
 
         def run(images):
             pixel_values = (images - mean.to(images.device)) / std.to(images.device)
@@ -60,8 +62,8 @@ def measure(side: str, backbone: str, device: str, precision: str, batch_size: i
     model.to(device).eval()
     dtype = autocast_dtype(device, precision)
     images = torch.rand(batch_size, 3, image_size, image_size, device=device)
+    _sync(device)
     if device.type == "cuda":
-        torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
 
     def once():
@@ -70,13 +72,11 @@ def measure(side: str, backbone: str, device: str, precision: str, batch_size: i
 
     for _ in range(warmup):
         once()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    _sync(device)
     started = time.perf_counter()
     for _ in range(iterations):
         once()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    _sync(device)
     seconds = time.perf_counter() - started
     result = {"side": side, "precision": precision, "slices_per_s": batch_size * iterations / seconds,
               "seconds": seconds}

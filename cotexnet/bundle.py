@@ -108,7 +108,7 @@ def load_backbone(name: str, image_size: int = 352, cache_dir: str | os.PathLike
         return build_clipseg(clipseg_architecture(name, image_size)), load_tokenizer(offline_clip_tokenizer_dir())
     directory = Path(name).expanduser()
     if not directory.is_dir():
-        if name.startswith((".", "/", "~")) or os.sep in name.strip("/").replace("/", "", 1):
+        if name.startswith((".", "/", "~")) or name.strip("/").count("/") > 1:  # a path, not "owner/name"
             raise BundleError(f"backbone {name!r}: no such directory")
         directory = download_backbone(name, cache_dir)
     safetensors = (directory / WEIGHTS_NAME).is_file()

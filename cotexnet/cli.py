@@ -12,15 +12,12 @@ import math
 import sys
 from pathlib import Path
 
+from .config import json_default
 from .errors import CoTexNetError
 
 
-def _json_default(value):
-    return value.tolist() if hasattr(value, "tolist") else str(value)
-
-
 def _print_json(data) -> None:
-    print(json.dumps(_finite(data), indent=2, default=_json_default))
+    print(json.dumps(_finite(data), indent=2, default=json_default))
 
 
 def _finite(value):

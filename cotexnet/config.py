@@ -198,16 +198,25 @@ class CoTexNetConfig:
         return cls.from_dict(data, source=str(path))
 
 
-def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
-    """Write JSON to ``path`` through a temporary file in the same folder, so a crash never leaves half a file."""
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write UTF-8 text through a temporary file in the same folder, so a crash never leaves half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump(data, handle, indent=2)
-            handle.write("\n")
+            handle.write(text)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
+    """Write ``data`` as indented JSON, atomically (numpy values become lists or numbers)."""
+    write_text_atomic(path, json.dumps(data, indent=2, default=json_default) + "\n")
+
+
+def json_default(value):
+    """JSON fallback for numpy scalars and arrays (and anything else, as text)."""
+    return value.tolist() if hasattr(value, "tolist") else str(value)

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+from .config import write_json_atomic
 from .errors import ConfigError, DataError
 
 logger = logging.getLogger(__name__)
@@ -1009,7 +1010,7 @@ def _check_split_ids(split: Mapping[str, list[str]], index: DatasetIndex, path: 
 def save_split(split: Mapping[str, Sequence[str]], path: str | Path) -> Path:
     path = Path(path)
     data = _validated_split({k: list(v) for k, v in split.items()}, path)
-    _write_atomically(path, lambda target: target.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8"))
+    write_json_atomic(path, data)
     return path
 
 
@@ -1145,11 +1146,13 @@ def augment_batch(
     labels: torch.Tensor,
     generator: torch.Generator | None = None,
     scale: tuple[float, float] = (0.95, 1.2),
+    flips: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Random zoom (``scale``, then crop or zero-pad back), horizontal and vertical flips, per sample.
 
     The same transform is applied to ``images`` (B, C, H, W) and ``labels`` (B, H, W); labels are
-    resized nearest. Works on any device; ``generator`` is a CPU generator.
+    resized nearest. Works on any device; ``generator`` is a CPU generator. ``flips=False`` keeps the
+    zoom only (the random draws stay the same, so a seed gives the same zoom either way).
     """
     size = tuple(images.shape[-2:])
     draws = torch.rand(images.shape[0], 5, generator=generator).tolist()
@@ -1159,7 +1162,7 @@ def augment_batch(
         zoomed = (max(1, round(size[0] * factor)), max(1, round(size[1] * factor)))
         image = _crop_or_pad(resize_slices(images[b:b + 1], zoomed, "bilinear"), size, (dy, dx))
         label = _crop_or_pad(resize_slices(labels[b:b + 1], zoomed, "nearest"), size, (dy, dx))
-        dims = [d for d, draw in ((-1, flip_h), (-2, flip_v)) if draw < 0.5]
+        dims = [d for d, draw in ((-1, flip_h), (-2, flip_v)) if flips and draw < 0.5]
         if dims:
             image, label = image.flip(dims), label.flip(dims)
         out_images.append(image)

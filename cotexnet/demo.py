@@ -8,12 +8,12 @@ split file: training, validation and test cases share the anatomy but never a sl
 """
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
 import numpy as np
 
+from .config import write_json_atomic
 from .data import VolumeImage, read_image, read_label_map, save_split, write_image
 
 CLASSES = ["grey matter", "white matter"]
@@ -62,7 +62,7 @@ def write_mni152_dataset(folder: str | Path, cases: int = 5, resolution: int = 2
         ids.append(case_id)
     meta = {"channel_names": {"0": "MR"}, "labels": {"background": 0, CLASSES[0]: 1, CLASSES[1]: 2},
             "numTraining": cases, "file_ending": ".nii.gz", "name": "MNI152 grey/white matter (nilearn)"}
-    (folder / "dataset.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+    write_json_atomic(folder / "dataset.json", meta)
     save_split({"train": ids[:-2], "val": [ids[-2]], "test": [ids[-1]]}, folder / "split.json")
     return folder
 
@@ -111,7 +111,7 @@ def run_demo(out: str | Path = "cotexnet-demo", *, epochs: int = 60, image_size:
     model = load_bundle(model_path, device="cpu")
     test_image = data / "imagesTr" / "mni152_04_0000.nii.gz"
     truth_path = data / "labelsTr" / "mni152_04.nii.gz"
-    result = segment_file(model, test_image, out / "segmentation", device=device, reference=truth_path)
+    result = segment_file(model, test_image, out / "segmentation", device=device)
     image = read_image(test_image)
     labels = read_image(result["labels"]).array
     truth = read_label_map(truth_path, reference=image, num_classes=model.config.num_classes)
@@ -121,12 +121,8 @@ def run_demo(out: str | Path = "cotexnet-demo", *, epochs: int = 60, image_size:
     concepts = describe(image.array, labels, model.config.classes, model.config.keywords,
                         spacing=image.spacing, direction=image.direction)
     concepts_path = out / "segmentation" / "concepts.json"
-    concepts_path.write_text(json.dumps(concepts, indent=2, default=_plain) + "\n", encoding="utf-8")
+    write_json_atomic(concepts_path, concepts)
     return {"model": str(model_path), "labels": result["labels"], "segmentation": result["segmentation"],
             "overlay": str(overlay), "concepts": str(concepts_path), "metrics": scores,
             "prompts": [c["prompt"] for c in concepts], "seconds": round(time.perf_counter() - started, 1)}
 
-
-def _plain(value):
-    """JSON fallback for numpy scalars and arrays in concept records."""
-    return value.tolist() if hasattr(value, "tolist") else str(value)

@@ -18,9 +18,12 @@ import shutil
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-
+from typing import TYPE_CHECKING
 
 from .errors import BundleError
+
+if TYPE_CHECKING:
+    import torch
 
 CONTEXT_LENGTH = 77
 BPE_VOCAB_NAME = "bpe_simple_vocab_16e6.txt.gz"

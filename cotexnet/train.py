@@ -24,6 +24,7 @@ import random
 import signal
 import sys
 import time
+from contextlib import nullcontext
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -33,7 +34,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler
 
-from .config import CoTexNetConfig
+from .config import CoTexNetConfig, write_text_atomic
 from .data import IntensityNormalization, SliceDataset, augment_batch, load_dataset, save_split, split_cases
 from .errors import CoTexNetError, ConfigError, DataError
 from .infer import autocast_dtype, resolve_device
@@ -240,7 +241,7 @@ def validation_dice(model, loader, device, num_classes: int, dtype) -> tuple[flo
     """Dice of each class over all validation slices (empty in both prediction and truth counts as 1)."""
     model.eval()
     counts = torch.zeros(num_classes, 3, dtype=torch.float64)
-    autocast = torch.autocast(device.type, dtype=dtype) if dtype is not None else _null()
+    autocast = torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
     with torch.inference_mode(), autocast:
         for batch in loader:
             logits = model(batch["image"].to(device))
@@ -249,20 +250,12 @@ def validation_dice(model, loader, device, num_classes: int, dtype) -> tuple[flo
     return float(np.mean(per_class)), per_class
 
 
-def _null():
-    from contextlib import nullcontext
-
-    return nullcontext()
-
-
 def _write_metrics_csv(path: Path, rows: list[dict]) -> None:
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
     writer.writeheader()
     writer.writerows(rows)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(buffer.getvalue(), encoding="utf-8")
-    os.replace(tmp, path)
+    write_text_atomic(path, buffer.getvalue())
 
 
 def train(options: TrainOptions, on_event: Callable[..., None] | None = None) -> Path:
@@ -467,13 +460,13 @@ def _step(net, model, batch, device, dtype, optimizer, scheduler, scaler, option
     labels = batch["label"].to(device, non_blocking=True)
     described = (images, labels)  # LMM answers are cached per original slice
     if options.augment:
-        images, labels = _augment(images, labels, augment_rng, flips)
+        images, labels = augment_batch(images, labels, augment_rng, flips=flips)
     if prompts is not None and not prompts.cached_per_slice:
         described = (images, labels)  # geometric attributes are exact for the augmented slice
     num_classes = model.config.num_classes
     masks = torch.stack([(labels == c).to(images.dtype) for c in range(1, num_classes + 1)], dim=1)
     text_ids = model.encode_prompts(prompts(*described)) if prompts is not None else None
-    autocast = torch.autocast(device.type, dtype=dtype) if dtype is not None else _null()
+    autocast = torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
     with autocast:
         output = net(images, masks, text_ids)
     terms = model.compute_loss(output, labels)
@@ -486,21 +479,6 @@ def _step(net, model, batch, device, dtype, optimizer, scheduler, scaler, option
     scaler.update()
     scheduler.step()
     return {"loss": terms.total.item(), "loss_seg": terms.segmentation.item(), "loss_kd": terms.distillation.item()}
-
-
-def _augment(images, labels, generator, flips: bool):
-    if flips:
-        return augment_batch(images, labels, generator)
-    # Zoom only: draw the transform, then undo any flip it chose.
-    state = generator.get_state()
-    draws = torch.rand(images.shape[0], 5, generator=generator)
-    generator.set_state(state)
-    out_images, out_labels = augment_batch(images, labels, generator)
-    for b, (*_, flip_h, flip_v) in enumerate(draws.tolist()):
-        dims = [d for d, draw in ((-1, flip_h), (-2, flip_v)) if draw < 0.5]
-        if dims:
-            out_images[b], out_labels[b] = out_images[b].flip(dims), out_labels[b].flip(dims)
-    return out_images, out_labels
 
 
 def _training_info(options, index, split, history, best, epoch, config) -> dict:
