@@ -22,6 +22,7 @@ from slicer.ScriptedLoadableModule import (
 from slicer.parameterNodeWrapper import Choice, Decimals, SingleStep, WithinRange, parameterNodeWrapper
 from slicer.util import VTKObservationMixin
 
+from CoTexNetSegmentGui import ensureEngineReady  # the dependency setup both modules share
 from CoTexNetTrainLib import (
     CoTexNetTrainLogic,
     TrainingInputError,
@@ -291,6 +292,8 @@ class CoTexNetTrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         }
 
     def onStart(self):
+        if not ensureEngineReady():  # torch and the engine's packages, after one confirmation
+            return
         p = self._parameterNode
         if not p.classNames and p.dataSource != DataSource.Folder:
             self.onReadClasses()  # show the classes that will be trained (the logic checks them)
@@ -309,6 +312,8 @@ class CoTexNetTrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._started()
 
     def onResume(self):
+        if not ensureEngineReady():
+            return
         with slicer.util.tryWithErrorDisplay("Training could not resume.", waitCursor=True):
             self.logic.resume(self._outDir())
             self._started()
@@ -377,6 +382,8 @@ class CoTexNetTrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         from CoTexNetSegmentLib import CoTexNetSegmentLogic
 
         volumeNode = self._parameterNode.segmentVolume
+        if not ensureEngineReady():
+            return
         with slicer.util.tryWithErrorDisplay("Segmentation could not start.", waitCursor=True):
             self._segmentJob = CoTexNetSegmentLogic(slicer.mrmlScene).segment(
                 volumeNode, str(self.logic.bundlePath), waitForCompletion=False

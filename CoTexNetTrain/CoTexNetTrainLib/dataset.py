@@ -164,17 +164,6 @@ def folderClasses(folder: str | os.PathLike, classes: Sequence[str] | None = Non
         raise TrainingInputError(str(error)) from error
 
 
-def _writeImage(array, geometry, path: Path) -> None:
-    """Writes a (k, j, i) array with a CoTexNetSegmentLib.mrml.Geometry (SimpleITK conventions)."""
-    import SimpleITK as sitk
-
-    image = sitk.GetImageFromArray(array)
-    image.SetSpacing(geometry.spacing)
-    image.SetOrigin(geometry.origin)
-    image.SetDirection(geometry.direction)
-    sitk.WriteImage(image, str(path), useCompression=True)
-
-
 def exportDataset(
     pairs: Sequence[tuple],
     classes: Sequence[str] | None,
@@ -189,7 +178,11 @@ def exportDataset(
     """
     from CoTexNetSegmentLib import mrml  # the one MRML <-> numpy conversion, shared with CoTexNetSegment
 
+    from .engine import importEngine
+
     classes = checkPairs(pairs, classes)
+    importEngine()
+    from cotexnet.data import ImageGeometry, write_image  # the engine's writer: exact geometry, atomic
     folder = Path(folder)
     (folder / "imagesTr").mkdir(parents=True, exist_ok=True)
     (folder / "labelsTr").mkdir(parents=True, exist_ok=True)
@@ -197,8 +190,9 @@ def exportDataset(
         case = f"case_{index:03d}"
         image, geometry = mrml.volumeToArray(volumeNode)
         labels = mrml.segmentationToLabelMap(segmentationNode, volumeNode, classes)
-        _writeImage(image, geometry, folder / "imagesTr" / f"{case}_0000{FILE_ENDING}")
-        _writeImage(labels, geometry, folder / "labelsTr" / f"{case}{FILE_ENDING}")
+        grid = ImageGeometry(image.shape, geometry.spacing, geometry.origin, geometry.direction)
+        write_image(image, grid, folder / "imagesTr" / f"{case}_0000{FILE_ENDING}")
+        write_image(labels, grid, folder / "labelsTr" / f"{case}{FILE_ENDING}")
     dataset = {
         "name": "CoTexNet training data exported from 3D Slicer",
         "channel_names": {"0": modality},
