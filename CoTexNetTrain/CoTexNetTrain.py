@@ -44,7 +44,7 @@ class CoTexNetTrain(ScriptedLoadableModule):
         ScriptedLoadableModule.__init__(self, parent)
         self.parent.title = "CoTexNet Train"
         self.parent.categories = ["Segmentation"]
-        self.parent.dependencies = []
+        self.parent.dependencies = ["CoTexNetSegment"]  # its dependency setup, logic and model list
         self.parent.contributors = ["CoTexNet for 3D Slicer contributors"]
         self.parent.helpText = """
 Train a CoTexNet model on volumes you have segmented in Slicer (or on a dataset folder). Training runs
