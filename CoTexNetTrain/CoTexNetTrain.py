@@ -27,6 +27,7 @@ from CoTexNetTrainLib import (
     CoTexNetTrainLogic,
     TrainingInputError,
     TrainingRunError,
+    TrainingState,
     findScenePairs,
     folderClasses,
     formatDuration,
@@ -225,7 +226,7 @@ class CoTexNetTrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         outDir = self._outDir() if self._parameterNode.modelName.strip() else None
         resumable = outDir is not None and self.logic.resumeProblem(outDir) is None
         self.ui.startButton.enabled = not running and bool(self._parameterNode.modelName.strip())
-        self.ui.stopButton.enabled = running and self.logic.state != "stopping"
+        self.ui.stopButton.enabled = running and self.logic.state != TrainingState.STOPPING
         self.ui.resumeButton.enabled = not running and resumable
         self.ui.showPlotButton.enabled = self.logic.chartNode is not None
         bundle = self.logic.bundlePath
@@ -349,7 +350,7 @@ class CoTexNetTrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self.logic.isRunning and waited is not None and waited > STOP_GRACE_S:
             self.logic.terminate()
         if self.logic.isRunning:
-            self.ui.statusLabel.text = ("Stopping... " if self.logic.state == "stopping" else "") + progress.summary()
+            self.ui.statusLabel.text = ("Stopping... " if self.logic.state == TrainingState.STOPPING else "") + progress.summary()
         else:
             self._timer.stop()
             self._finished()
@@ -357,7 +358,7 @@ class CoTexNetTrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _finished(self):
         state = self.logic.state
-        if state == "failed":
+        if state == TrainingState.FAILED:
             self.ui.statusLabel.text = "Training failed."
             slicer.util.errorDisplay("CoTexNet training failed.", detailedText=self.logic.errorMessage)
             return

@@ -17,8 +17,12 @@ import numpy as np
 
 import slicer
 
+from cotexnet.config import CONCEPT_BACKENDS, DEVICES, SLICE_AXES  # plain Python: the GUI builds before torch exists
+
 from . import mrml
+from .editing import ModifySegment, applyPerSegment
 from .jobs import Job, Reporter
+from .settings import isChosenPath
 
 MODULE_NAME = "CoTexNetSegment"
 #: Node reference from a segmentation node to its concept table.
@@ -34,10 +38,9 @@ CONCEPT_COLUMNS = (
     ("prompt", "Prompt"),
     ("sources", "Source"),
 )
-#: The engine's slice planes and concept backends (``cotexnet.config.SLICE_AXES``,
-#: ``cotexnet.concepts.BACKENDS``), repeated so the GUI can be built before the engine's dependencies exist.
-SLICE_AXES = ("axial", "coronal", "sagittal")
-CONCEPT_BACKENDS = ("geometric", "llava", "openai")
+#: Node reference (and empty parameter) of the module's result, as ``parameterNodeWrapper`` stores a node
+#: field (Slicer's Base/Python/slicer/parameterNodeWrapper/serializers.py, ``NodeSerializer.write``).
+OUTPUT_SEGMENTATION_PARAMETER = "outputSegmentation"
 #: Rough GPU memory in GB that inference needs at 352 px (ViT-B/16 weights, CUDA context and
 #: workspace) plus what each slice of a batch adds (activations, logits in 16-bit). An estimate for
 #: the warning in the GUI, not a measurement.
@@ -88,10 +91,13 @@ class CoTexNetSegmentLogic:
         segmentation = CoTexNetSegmentLogic(slicer.mrmlScene).segment(volumeNode, "/path/to/model")
     """
 
-    def __init__(self, scene=None):
+    def __init__(self, scene=None, modifySegment: Optional[ModifySegment] = None):
+        """``modifySegment`` (the Segment Editor effect passes its ``modifySegmentByLabelmap``) writes each class
+        through the editor's masking instead of replacing segments directly (:mod:`.editing`)."""
         self.scene = scene if scene is not None else getattr(slicer, "mrmlScene", None)
         if self.scene is None:
             raise ValueError("CoTexNetSegmentLogic needs a MRML scene (none given and slicer.mrmlScene is unset)")
+        self.modifySegment = modifySegment
         self._modelLock = threading.Lock()
         self._cachedModel = None  # (key, model): reloading a bundle for every volume of a batch is slow
 
@@ -220,9 +226,17 @@ class CoTexNetSegmentLogic:
             beforeApply()
         created = []
         try:
-            segmentationNode = mrml.labelMapToSegmentation(
-                self.scene, result.labels, volumeNode, result.classes, result.colors, segmentationNode
-            )
+            if self.modifySegment is not None and segmentationNode is not None:
+                applyPerSegment(result.labels, volumeNode, result.classes, result.colors, segmentationNode,
+                                self.modifySegment)
+            else:
+                if segmentationNode is not None:
+                    # Each run's result takes its own input's grid (as TotalSegmentator does on every run);
+                    # the grid of an earlier input would resample this one.
+                    segmentationNode.SetReferenceImageGeometryParameterFromVolumeNode(volumeNode)
+                segmentationNode = mrml.labelMapToSegmentation(
+                    self.scene, result.labels, volumeNode, result.classes, result.colors, segmentationNode
+                )
             if segmentationId is None:
                 created.append(segmentationNode)
             if result.concepts is not None:
@@ -241,6 +255,14 @@ class CoTexNetSegmentLogic:
                 _removeWithCompanions(self.scene, node)
             raise
         return segmentationNode
+
+    def setOutputSegmentation(self, segmentationNode) -> None:
+        """Records a result as the module's output in the scene's parameter node, which the GUI shows when
+        the module is (re-)entered: a run that ends while another module is shown still lands."""
+        parameterNode = self.getParameterNode()
+        parameterNode.SetParameter(OUTPUT_SEGMENTATION_PARAMETER, "")
+        parameterNode.SetNodeReferenceID(OUTPUT_SEGMENTATION_PARAMETER,
+                                         segmentationNode.GetID() if segmentationNode is not None else None)
 
     # ---------------------------------------------------------------- concepts
 
@@ -316,7 +338,7 @@ def _removeWithCompanions(scene, node) -> None:
 def _checkedModelPath(modelPath) -> Path:
     from cotexnet.errors import BundleError
 
-    if modelPath is None or str(modelPath).strip() in ("", "."):
+    if not isChosenPath(modelPath):
         raise BundleError("no model chosen: select a trained CoTexNet model folder (it holds config.json)")
     return Path(modelPath).expanduser()
 

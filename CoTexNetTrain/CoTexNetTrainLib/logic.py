@@ -15,6 +15,7 @@ No Qt is used; the module widget calls :meth:`poll` from a timer, a console scri
 """
 from __future__ import annotations
 
+import enum
 import json
 import logging
 import os
@@ -30,7 +31,6 @@ import vtk
 from .dataset import TrainingInputError, checkClasses, checkPairs, exportDataset, folderClasses
 from .engine import TrainingRunError, processEnvironment, pythonExecutable
 from .progress import LogReader, ProgressEventReader, TrainingProgress
-from .settings import addRecentModel
 
 PROGRESS_FILE = "progress.jsonl"
 LOG_FILE = "train.log"
@@ -38,6 +38,27 @@ STOP_FILE = "stop-training"
 RUN_FILE = "run.json"
 DATASET_FOLDER = "dataset"
 BUNDLE_FOLDER = "best"
+
+
+
+class TrainingState(str, enum.Enum):
+    """Where a training run stands; ``RUNNING`` and ``STOPPING`` have a live process. A ``str`` enum, so
+    scripts that compare with the plain names (``logic.state == "finished"``) keep working."""
+
+    IDLE = "idle"
+    RUNNING = "running"
+    STOPPING = "stopping"
+    FINISHED = "finished"
+    STOPPED = "stopped"
+    FAILED = "failed"
+
+
+def _addRecentModel(bundlePath: Path) -> None:
+    """Lists a new bundle in CoTexNetSegment's model selectors (the setting belongs to CoTexNetSegmentLib)."""
+    from CoTexNetSegmentLib.settings import addRecentModel
+
+    addRecentModel(bundlePath)
+
 
 #: Table columns of the per-epoch curve, in order.
 CURVE_COLUMNS = ("epoch", "loss", "val_dice")
@@ -84,7 +105,7 @@ class CoTexNetTrainLogic:
         self.process: subprocess.Popen | None = None
         self.outDir: Path | None = None
         self.progress = TrainingProgress()
-        self.state = "idle"  # idle, running, stopping, finished, stopped, failed
+        self.state = TrainingState.IDLE
         self.errorMessage: str | None = None
         self.tableNode = None
         self.chartNode = None
@@ -226,7 +247,7 @@ class CoTexNetTrainLogic:
         except OSError as error:
             self._closeLogFile()
             raise TrainingRunError(f"could not start {command[0]}: {error}") from error
-        self.state, self.errorMessage, self._stopRequestedAt = "running", None, None
+        self.state, self.errorMessage, self._stopRequestedAt = TrainingState.RUNNING, None, None
 
     # ------------------------------------------------------------------ following
 
@@ -244,7 +265,7 @@ class CoTexNetTrainLogic:
             self.progress.update(event)
             if event.get("event") == "epoch":
                 self._addCurveRow(event)
-        if returnCode is not None and self.state in ("running", "stopping"):
+        if returnCode is not None and self.state in (TrainingState.RUNNING, TrainingState.STOPPING):
             self._settle(returnCode)
         return events
 
@@ -261,24 +282,24 @@ class CoTexNetTrainLogic:
             self.poll()
             time.sleep(interval)
         self.poll()
-        if self.state == "failed":
+        if self.state == TrainingState.FAILED:
             raise TrainingRunError(self.errorMessage)
         return self.bundlePath
 
     def _settle(self, returnCode: int) -> None:
         self._closeLogFile()
         if returnCode == 0 and self.progress.finished:
-            self.state = "stopped" if self.progress.stopped else "finished"
+            self.state = TrainingState.STOPPED if self.progress.stopped else TrainingState.FINISHED
             if self.bundlePath is not None:
-                addRecentModel(self.bundlePath)
-            if self.state == "finished" and self._runInfo().get("exportedDataset"):
+                _addRecentModel(self.bundlePath)
+            if self.state == TrainingState.FINISHED and self._runInfo().get("exportedDataset"):
                 shutil.rmtree(self.outDir / DATASET_FOLDER, ignore_errors=True)
             return
         if self._stopRequestedAt is not None and self.bundlePath is not None:
-            self.state = "stopped"  # terminated after a stop request; the last saved best bundle stands
-            addRecentModel(self.bundlePath)
+            self.state = TrainingState.STOPPED  # terminated after a stop request; the last saved best bundle stands
+            _addRecentModel(self.bundlePath)
             return
-        self.state = "failed"
+        self.state = TrainingState.FAILED
         reason = self.progress.error or f"the training process exited with code {returnCode}"
         self.errorMessage = f"{reason}\n{self._logTail()}".strip()
 
@@ -305,7 +326,7 @@ class CoTexNetTrainLogic:
         if not self.isRunning:
             return
         (self.outDir / STOP_FILE).touch()
-        self.state = "stopping"
+        self.state = TrainingState.STOPPING
         self._stopRequestedAt = time.monotonic()
 
     def secondsSinceStopRequest(self) -> float | None:
