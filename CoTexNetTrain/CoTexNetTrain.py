@@ -48,6 +48,8 @@ except ImportError:  # slicer-core, without the application: the source text
 
 #: How often the widget reads the training process's progress, in milliseconds.
 POLL_INTERVAL_MS = 1000
+#: Modalities written to the exported dataset.json; CT picks the engine's soft-tissue window, others percentiles.
+MODALITIES = ("MR", "CT", "US", "PET", "other")
 #: A stop request the process has not honoured after this many seconds ends it by force.
 STOP_GRACE_S = 120
 
@@ -91,7 +93,7 @@ class CoTexNetTrainParameterNode:
     pairSegmentations: list[vtkMRMLSegmentationNode]
     dataFolder: pathlib.Path = pathlib.Path.home()
     folderClassNames: str
-    modality: Annotated[str, Choice(["MR", "CT", "US", "PET", "other"])] = "MR"
+    modality: Annotated[str, Choice(MODALITIES)] = "MR"
     classNames: list[str]
     keywords: list[str]
     conceptBackend: Annotated[str, Choice(CONCEPT_BACKENDS)] = "geometric"
