@@ -120,11 +120,15 @@ def test_second_run_reuses_the_loaded_model(scene, bundle, launched_worker, tmp_
 
 
 def test_device_facts_come_from_the_worker(scene, launched_worker):
-    info = CoTexNetSegmentLogic(scene, worker=launched_worker).deviceInfo()
     import torch
 
+    logic = CoTexNetSegmentLogic(scene, worker=launched_worker)
+    info = logic.deviceInfo()
     assert info.cuda == torch.cuda.is_available()
     assert info.name == (torch.cuda.get_device_name() if info.cuda else "CPU")
+    job = logic.startDeviceInfo()  # the widget's non-blocking way
+    run(job, timeout=60)
+    assert job.state == job.DONE and (job.result.cuda, job.result.name) == (info.cuda, info.name)  # free memory varies
 
 
 def test_engine_errors_come_back_with_their_type_and_message(scene, bundle, launched_worker, tmp_path):
@@ -156,6 +160,7 @@ def test_cancel_mid_run_leaves_the_scene_unchanged_and_no_process_behind(scene, 
     job = logic.startSegmentation(volume, bundle, "cpu", batchSize=1)
     poll_until_progress(job)
     pids = tree_pids(launched_worker)
+    assert logic.deviceInfo(timeout=10).name  # answered while the segmentation runs
     job.cancel()
     run(job, timeout=10)
     assert job.state == job.CANCELLED and job.progress[0] < 400

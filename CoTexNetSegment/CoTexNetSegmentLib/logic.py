@@ -130,8 +130,12 @@ class CoTexNetSegmentLogic:
         Asked of the worker (started if needed) so that this process never imports torch or touches CUDA;
         raises ImportError when torch is not installed.
         """
-        facts = self.worker.request("device_info", timeout)
-        return DeviceInfo(cuda=facts["cuda"], name=facts["name"], totalGB=facts["total_gb"], freeGB=facts["free_gb"])
+        return _deviceInfo(self.worker.request("device_info", timeout))
+
+    def startDeviceInfo(self) -> WorkerJob:
+        """:meth:`deviceInfo` without waiting (the first call starts the worker, which takes seconds):
+        poll the job like a segmentation; ``job.result`` is then the :class:`DeviceInfo`."""
+        return WorkerJob(self.worker, "device_info", {}, _deviceInfo, lambda info: info, name="CoTexNet device check")
 
     # ---------------------------------------------------------------- segmentation
 
@@ -342,6 +346,10 @@ def _removeWithCompanions(scene, node) -> None:
     for companion in [*displayNodes, node.GetStorageNode(), node]:
         if companion is not None:
             scene.RemoveNode(companion)
+
+
+def _deviceInfo(facts: dict) -> DeviceInfo:
+    return DeviceInfo(cuda=facts["cuda"], name=facts["name"], totalGB=facts["total_gb"], freeGB=facts["free_gb"])
 
 
 def _checkedModelPath(modelPath) -> Path:
