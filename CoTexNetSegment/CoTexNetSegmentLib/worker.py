@@ -10,6 +10,7 @@ request. The protocol and lifecycle are described in docs/slicer-worker.md.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import json
 import logging
 import os
@@ -183,7 +184,8 @@ class SegmentationWorker:
             if self.process.poll() is None:
                 killProcessTree(self.process, timeout=5.0)
             for stream in (self.process.stdin, self.process.stdout):
-                stream.close()
+                with contextlib.suppress(OSError):  # a dead worker's pipe may refuse a last flush
+                    stream.close()
         if self._stderr is not None:
             self._stderr.close()
         self.process = self._reader = self._stderr = None
