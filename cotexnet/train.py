@@ -38,6 +38,7 @@ from .config import CoTexNetConfig, write_text_atomic
 from .data import IntensityNormalization, SliceDataset, augment_batch, load_dataset, save_split, split_cases
 from .errors import CoTexNetError, ConfigError, DataError
 from .infer import autocast_dtype, resolve_device
+from .runlock import RunLock
 
 logger = logging.getLogger(__name__)
 
@@ -281,7 +282,8 @@ def train(options: TrainOptions, on_event: Callable[..., None] | None = None) ->
     stop = StopRequest(options.stop_file)
     stop.install()
     try:
-        return _train(options, out, device, rank, world, is_main, emit, stop, tqdm, CoTexNet)
+        with RunLock(out) if is_main else nullcontext():  # one trainer per run folder
+            return _train(options, out, device, rank, world, is_main, emit, stop, tqdm, CoTexNet)
     except CoTexNetError as error:
         emit("error", message=str(error))
         raise

@@ -3,25 +3,23 @@
 Two kinds: the base CLIPSeg backbone (a trained bundle carries all its weights, so segmenting never needs
 it; training a new model starts from it) and the LLaVA model of the ``llava`` concept backend (several
 GB: the GUI asks first, with the size). One mechanism, parameterised by repository id and file patterns.
-The download runs in a child Python process because huggingface_hub offers no way to
-interrupt a file transfer: Cancel terminates the process (the partial file is resumed next time), and
-progress is the number of bytes that have arrived in the cache folder.
+The download runs in a child Python process because huggingface_hub offers no way to interrupt a file
+transfer: Cancel ends the process tree (PythonSlicer is a launcher, see :mod:`.processes`; the partial file
+is resumed next time), and progress is the number of bytes that have arrived in the cache folder.
 """
 
 from __future__ import annotations
 
 import fnmatch
 import json
-import os
-import shutil
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Optional, Sequence
 
 from .jobs import Job, Reporter
+from .processes import engineEnvironment, killProcessTree, pythonExecutable
 
 DEFAULT_BACKBONE = "CIDAS/clipseg-rd64-refined"
 #: Application setting holding the folder used as the Hugging Face cache (also the offline folder).
@@ -39,11 +37,6 @@ _DOWNLOAD_SCRIPT = (
     "    from cotexnet.bundle import download_backbone\n"
     "    print(download_backbone(repo, cache))\n"
 )
-
-
-def pythonExecutable() -> str:
-    """PythonSlicer inside Slicer (it sets up Slicer's environment), the current interpreter elsewhere."""
-    return shutil.which("PythonSlicer") or sys.executable
 
 
 def cacheRoot(cacheDir: Optional[str]) -> Path:
@@ -131,15 +124,12 @@ def startBackboneDownload(repoId: str = DEFAULT_BACKBONE, cacheDir: Optional[str
 
     ``patterns`` (huggingface_hub ``allow_patterns``) choose the files; None fetches a CLIPSeg backbone.
     """
-    import cotexnet
-
-    engineRoot = str(Path(cotexnet.__file__).resolve().parents[1])
     repoFolder = cacheRoot(cacheDir) / ("models--" + repoId.replace("/", "--"))
 
     def work(reporter: Reporter) -> Path:
         reporter.log(f"Downloading {repoId} into {cacheRoot(cacheDir)}")
         total = _expectedBytes(repoId, patterns) if patterns is not None else _expectedBytes(repoId)
-        environment = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [engineRoot, os.environ.get("PYTHONPATH")])))
+        environment = engineEnvironment()
         # Output goes to files, not pipes: tqdm writes enough to stderr to fill a pipe and stall the child.
         with tempfile.TemporaryFile("w+") as output, tempfile.TemporaryFile("w+") as errors:
             process = subprocess.Popen([pythonExecutable(), "-c", _DOWNLOAD_SCRIPT, repoId, cacheDir or "",
@@ -155,8 +145,7 @@ def startBackboneDownload(repoId: str = DEFAULT_BACKBONE, cacheDir: Optional[str
                     time.sleep(0.5)
             finally:
                 if process.poll() is None:
-                    process.terminate()
-                    process.wait()
+                    killProcessTree(process)
             output.seek(0)
             errors.seek(0)
             outputText, errorText = output.read(), errors.read()

@@ -33,6 +33,7 @@ REQUIREMENTS = (
     "slicerio>=1.1",
     "pillow>=9",
     "tqdm>=4.60",
+    "psutil>=5.8",
 )
 #: torch version the engine needs; passed to the PyTorch extension's installer.
 TORCH_REQUIREMENT = ">=2.1"

@@ -8,7 +8,9 @@ appends to files in the run folder:
   table node (epoch, loss, val_dice) that a plot chart displays;
 - ``train.log``: the process's output, for the log panel and for error messages;
 - ``stop-training``: created by :meth:`stop`; the engine finishes its step, saves, and exits;
-- ``run.json``: the command, so :meth:`resume` can continue a stopped run, also after a restart.
+- ``run.json``: the command, so :meth:`resume` can continue a stopped run, also after a restart;
+- ``run.lock``: held by the engine while it trains (``cotexnet.runlock``); a folder held by a live
+  trainer is refused before anything in it is touched.
 
 No Qt is used; the module widget calls :meth:`poll` from a timer, a console script can pass
 ``waitForCompletion=True``.
@@ -29,7 +31,7 @@ import slicer
 import vtk
 
 from .dataset import TrainingInputError, checkClasses, checkPairs, exportDataset, folderClasses
-from .engine import TrainingRunError, processEnvironment, pythonExecutable
+from .engine import TrainingRunError, importEngine, killProcessTree, processEnvironment, pythonExecutable
 from .progress import LogReader, ProgressEventReader, TrainingProgress
 
 PROGRESS_FILE = "progress.jsonl"
@@ -156,6 +158,7 @@ class CoTexNetTrainLogic:
         if self.isRunning:
             raise TrainingRunError(f"a training run is already in progress in {self.outDir}; stop it first")
         outDir = Path(outDir).absolute()
+        _checkUnlocked(outDir)
         if (outDir / RUN_FILE).is_file() and (outDir / "last").exists():
             raise TrainingInputError(
                 f"{outDir} already holds a training run; resume it or choose another output folder or model name"
@@ -194,6 +197,7 @@ class CoTexNetTrainLogic:
         problem = self.resumeProblem(outDir)
         if problem:
             raise TrainingInputError(problem)
+        _checkUnlocked(outDir)
         run = json.loads((outDir / RUN_FILE).read_text(encoding="utf-8"))
         (outDir / STOP_FILE).unlink(missing_ok=True)
         self._start(outDir, run, True, pythonExecutable(), processEnvironment())
@@ -333,17 +337,16 @@ class CoTexNetTrainLogic:
         return None if self._stopRequestedAt is None else time.monotonic() - self._stopRequestedAt
 
     def terminate(self, timeout: float = 10.0) -> None:
-        """Ends the process now (for one that ignores the stop request); kills it if it lingers."""
+        """Ends the process tree now (for a run that ignores the stop request); kills what lingers.
+
+        PythonSlicer is a launcher that forwards no signals, so the whole tree gets them; the engine
+        treats SIGTERM like a stop request, saving if it can within ``timeout`` s.
+        """
         if not self.isRunning:
             return
         if self._stopRequestedAt is None:
             self._stopRequestedAt = time.monotonic()
-        self.process.terminate()
-        try:
-            self.process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+        killProcessTree(self.process, timeout)
         self.poll()
 
     def stop(self, timeout: float = 120.0) -> Path | None:
@@ -402,3 +405,14 @@ class CoTexNetTrainLogic:
             table.GetColumnByName(name).SetNumberOfTuples(rows)
         table.Modified()
         self.tableNode.Modified()
+
+
+def _checkUnlocked(outDir: Path) -> None:
+    """Refuses a run folder that a live trainer holds (another Slicer, a console run), naming its pid."""
+    importEngine()
+    from cotexnet.runlock import RunLockedError, check_unlocked
+
+    try:
+        check_unlocked(outDir)
+    except RunLockedError as error:
+        raise TrainingRunError(str(error)) from None
