@@ -111,6 +111,8 @@ class CoTexNetSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNodeGuiTag = None
         self._segmentationPoller = None
         self._backbonePoller = None
+        self._devicePoller = None
+        self._deviceInfo = None  # DeviceInfo from the worker; asked once, without blocking the GUI
         self._conceptsSegmentation = None
 
     def setup(self):
@@ -144,7 +146,7 @@ class CoTexNetSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.backboneStatusLabel.text = cachedBackboneText(self.ui.backboneFolderLineEdit.currentPath)
 
     def cleanup(self):
-        for poller in (self._segmentationPoller, self._backbonePoller):
+        for poller in (self._segmentationPoller, self._backbonePoller, self._devicePoller):
             if poller is not None:
                 poller.stop()
         self.removeObservers()
@@ -229,10 +231,13 @@ class CoTexNetSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             classes=", ".join(config.classes), axis=config.slice_axis, size=config.image_size) + tiny
 
     def updateDeviceInfo(self, *unused):
-        try:
-            info = self.logic.deviceInfo()
-        except ImportError:
-            self.ui.deviceInfoLabel.text = _("PyTorch is not installed yet.")
+        """Shows the device facts; the first call asks the worker for them without waiting (starting the
+        worker takes seconds, and this module never imports torch itself)."""
+        info = self._deviceInfo
+        if info is None:
+            if self._devicePoller is None:
+                self.ui.deviceInfoLabel.text = _("Checking the available devices...")
+                self._devicePoller = JobPoller(self.logic.startDeviceInfo(), lambda event: None, self.onDeviceInfo)
             return
         text = info.describe()
         device = self.ui.deviceComboBox.currentText
@@ -244,6 +249,16 @@ class CoTexNetSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if warning:
             text += f"<br><span style='color:#d35400'>{warning}</span>"
         self.ui.deviceInfoLabel.text = text
+
+    def onDeviceInfo(self, job):
+        self._devicePoller = None
+        if job.error is not None:  # asked again after the next install or model change
+            self.ui.deviceInfoLabel.text = (
+                _("PyTorch is not installed yet.") if isinstance(job.error, ImportError) else formatError(job.error)
+            )
+            return
+        self._deviceInfo = job.result
+        self.updateDeviceInfo()
 
     def log(self, text):
         self.ui.logTextEdit.appendPlainText(f"{time.strftime('%H:%M:%S')} {text}")
@@ -288,7 +303,7 @@ class CoTexNetSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.updateApplyButton()
 
     def onCancel(self):
-        for poller in (self._segmentationPoller, self._backbonePoller):
+        for poller in (self._segmentationPoller, self._backbonePoller, self._devicePoller):
             if poller is not None:
                 poller.cancel()
         self.log(_("Cancelling…"))
