@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -198,3 +199,24 @@ def test_bundle_config_reads_without_torch(bundle):
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "['gm', 'wm']"
+
+
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+
+
+def test_bundle_saved_by_the_first_release_loads_with_identical_logits_and_saves_the_same_bytes(tmp_path):
+    """``fixtures/bundle_v1`` was written by the engine at commit c547d33 (``fixtures/make_bundle_v1.py``);
+    today's loader must give exactly the logits that code gave, and saving it again must reproduce its
+    weights file byte for byte and its config field for field."""
+    import numpy as np
+
+    reference = np.load(FIXTURES / "bundle_v1_reference.npz", allow_pickle=False)
+    model = CoTexNet.from_pretrained(FIXTURES / "bundle_v1")
+    assert model.config.slice_axis == "coronal" and model.config.intensity["window"] == "brain"
+    with torch.inference_mode():
+        logits = model(torch.from_numpy(reference["images"]))
+    assert torch.equal(logits, torch.from_numpy(reference["logits"]))
+    again = model.save_pretrained(tmp_path / "again")
+    assert (again / "model.safetensors").read_bytes() == (FIXTURES / "bundle_v1" / "model.safetensors").read_bytes()
+    assert (json.loads((again / "config.json").read_text(encoding="utf-8"))
+            == json.loads((FIXTURES / "bundle_v1" / "config.json").read_text(encoding="utf-8")))
