@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from .config import write_json_atomic
+from .config import SLICE_AXES, write_json_atomic
 from .errors import ConfigError, DataError
 
 logger = logging.getLogger(__name__)
@@ -656,8 +656,8 @@ def _finite(value, name: str) -> float:
 # Slicing and resizing
 # --------------------------------------------------------------------------------------------------
 
-#: Physical (LPS) axis each slice orientation is perpendicular to.
-SLICE_AXES = {"sagittal": 0, "coronal": 1, "axial": 2}
+#: Physical (LPS) axis each view of :data:`~cotexnet.config.SLICE_AXES` is perpendicular to.
+_NORMAL_AXIS = dict(zip(SLICE_AXES, (2, 1, 0)))
 
 
 def slice_axis_index(direction: Sequence[float], name: str) -> int:
@@ -666,11 +666,11 @@ def slice_axis_index(direction: Sequence[float], name: str) -> int:
     The three index axes are matched to the L-R, A-P and S-I directions as one assignment that
     maximises the alignment, so oblique volumes still get three distinct axes.
     """
-    if name not in SLICE_AXES:
+    if name not in _NORMAL_AXIS:
         raise ConfigError(f"slice_axis: '{name}' is not one of {sorted(SLICE_AXES)}")
     alignment = np.abs(np.reshape(np.asarray(direction, dtype=float), (3, 3)))  # [physical, index axis]
     best = max(itertools.permutations(range(3)), key=lambda perm: sum(alignment[p, perm[p]] for p in range(3)))
-    return 2 - best[SLICE_AXES[name]]
+    return 2 - best[_NORMAL_AXIS[name]]
 
 
 def _slice_axis(image: VolumeImage | ImageGeometry, axis: str | int) -> int | None:

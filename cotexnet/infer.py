@@ -29,11 +29,11 @@ from .data import (
     write_image,
     write_segmentation_nrrd,
 )
+from .config import EVALUATION_SPLITS, PRECISIONS
 from .errors import Cancelled, CoTexNetError, DataError
 
 logger = logging.getLogger(__name__)
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 #: ITU-R BT.601 luma weights, to give an RGB picture to a model trained on grayscale.
 LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 
@@ -254,8 +254,8 @@ def evaluate(
     from .data import load_dataset, split_cases
     from .metrics import aggregate, format_table, segmentation_metrics
 
-    if split not in ("test", "val", "train", "all"):
-        raise CoTexNetError(f"split: expected test, val, train or all, got {split!r}")
+    if split not in EVALUATION_SPLITS:
+        raise CoTexNetError(f"split: expected one of {', '.join(EVALUATION_SPLITS)}, got {split!r}")
     model = load_bundle(model_path)
     config = model.config
     # A dataset.json names its classes; an images/ + masks/ folder takes the model's.

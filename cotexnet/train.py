@@ -26,7 +26,7 @@ import sys
 import time
 from contextlib import nullcontext
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +34,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler
 
-from .config import CoTexNetConfig, write_text_atomic
+from .config import CoTexNetConfig, TrainOptions, write_text_atomic
 from .data import IntensityNormalization, SliceDataset, augment_batch, load_dataset, save_split, split_cases
 from .errors import CoTexNetError, ConfigError, DataError
 from .infer import autocast_dtype, resolve_device
@@ -42,56 +42,6 @@ from .infer import autocast_dtype, resolve_device
 logger = logging.getLogger(__name__)
 
 TRAINER_STATE = "trainer_state.pt"
-
-
-@dataclass
-class TrainOptions:
-    """Everything ``cotexnet train`` accepts. ``config_overrides`` sets any :class:`CoTexNetConfig` field
-    (ablation switches, ``kd_mode``, ``kd_weight``, ``variant`` …)."""
-
-    data: str
-    out: str
-    classes: list[str] | None = None
-    keywords: list[str] | None = None
-    backbone: str = "CIDAS/clipseg-rd64-refined"
-    cache_dir: str | None = None
-    image_size: int = 352
-    epochs: int = 500
-    batch_size: int = 8
-    lr: float = 3e-4
-    optimizer: str = "adam"
-    weight_decay: float = 0.0
-    patience: int = 50
-    device: str = "auto"
-    seed: int = 0
-    grad_clip: float = 1.0
-    augment: bool = True
-    empty_fraction: float = 0.1
-    slice_axis: str = "axial"
-    modality: str | None = None
-    intensity: dict | None = None
-    concept_backend: str = "geometric"
-    concept_options: dict = field(default_factory=dict)
-    concept_cache: str | None = None
-    attributes: list[str] | None = None
-    max_steps_per_epoch: int | None = None
-    num_workers: int = 0
-    progress_file: str | None = None
-    progress_stdout: bool = False
-    show_progress: bool = True
-    stop_file: str | None = None
-    resume: bool = False
-    config_overrides: dict = field(default_factory=dict)
-
-    def __post_init__(self):
-        for name in ("epochs", "batch_size", "patience", "image_size"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ConfigError(f"{name}: expected a positive integer, got {value!r}")
-        if not (isinstance(self.lr, (int, float)) and self.lr > 0):
-            raise ConfigError(f"lr: expected a positive number, got {self.lr!r}")
-        if self.optimizer not in ("adam", "adamw"):
-            raise ConfigError(f"optimizer: expected adam or adamw, got {self.optimizer!r}")
 
 
 class ProgressWriter:
