@@ -20,14 +20,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-
-from .config import FORMAT_VERSION, CoTexNetConfig, write_json_atomic
-from .errors import BundleError, ConfigError
+from .atomic import write_folder_atomic, write_json_atomic
+from .config import FORMAT_VERSION, CoTexNetConfig
+from .errors import BundleError, ConfigError, error_summary
 from .prompts import load_tokenizer, offline_clip_tokenizer_dir
 
 WEIGHTS_NAME = "model.safetensors"
@@ -120,7 +118,7 @@ def load_backbone(name: str, image_size: int = 352, cache_dir: str | os.PathLike
         model = CLIPSegForImageSegmentation.from_pretrained(str(directory), local_files_only=True,
                                                             use_safetensors=safetensors)
     except Exception as error:
-        raise BundleError(f"backbone {directory}: could not load CLIPSeg weights ({_first_line(error)})") from None
+        raise BundleError(f"backbone {directory}: could not load CLIPSeg weights ({error_summary(error)})") from None
     return model.eval(), load_tokenizer(directory)
 
 
@@ -133,10 +131,7 @@ def save_bundle(model, directory: str | os.PathLike, training_info: dict | None 
     """
     from safetensors.torch import save_file
 
-    directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".partial", dir=directory.parent))
-    try:
+    def fill(staging: Path) -> None:
         model.config.to_json_file(staging / CONFIG_NAME)
         state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
         save_file(state, str(staging / WEIGHTS_NAME), metadata={"format": "pt", "cotexnet_format": str(FORMAT_VERSION)})
@@ -145,24 +140,14 @@ def save_bundle(model, directory: str | os.PathLike, training_info: dict | None 
             write_json_atomic(staging / TRAINING_NAME, training_info)
         if extra_files is not None:
             extra_files(staging)
-        _replace_directory(staging, directory)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return directory
 
+    def may_replace(folder: Path) -> bool:
+        return (folder / CONFIG_NAME).is_file() or not any(folder.iterdir())
 
-def _replace_directory(new: Path, target: Path) -> None:
-    """Move ``new`` to ``target``; an existing ``target`` is moved aside first and removed after."""
-    if target.exists():
-        if not (target / CONFIG_NAME).is_file() and any(target.iterdir()):
-            raise BundleError(f"{target}: exists and is not a CoTexNet bundle; refusing to overwrite it")
-        old = target.with_name(f".{target.name}.old-{os.getpid()}")
-        os.replace(target, old)
-        os.replace(new, target)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(new, target)
+    try:
+        return write_folder_atomic(directory, fill, may_replace)
+    except FileExistsError:
+        raise BundleError(f"{directory}: exists and is not a CoTexNet bundle; refusing to overwrite it") from None
 
 
 def read_bundle_config(directory: str | os.PathLike) -> CoTexNetConfig:
@@ -216,11 +201,6 @@ def load_bundle(directory: str | os.PathLike, device="cpu"):
         raise BundleError(f"{weights}: weights do not match {directory / CONFIG_NAME} ({details})")
     model.load_state_dict(state)
     return model.to(device).eval()
-
-
-def _first_line(error: Exception) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
 
 
 def read_training_info(directory: str | os.PathLike) -> dict:

@@ -12,8 +12,9 @@ import math
 import sys
 from pathlib import Path
 
+from .atomic import json_default
 from .config import (CONCEPT_BACKENDS, DEFAULT_IMAGE_SIZE, DEVICES, EVALUATION_SPLITS, KD_MODES, KL_FORMS, OPTIMIZERS,
-                     PRECISIONS, SLICE_AXES, VARIANTS, CoTexNetConfig, TrainOptions, json_default)
+                     PRECISIONS, SLICE_AXES, VARIANTS, CoTexNetConfig, TrainOptions)
 from .errors import CoTexNetError
 
 

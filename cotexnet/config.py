@@ -9,11 +9,11 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from .atomic import json_default, write_json_atomic, write_text_atomic  # noqa: F401  (imported from here too)
 from .errors import ConfigError
 
 #: Version of the bundle/config format written by this code. Loading refuses newer versions.
@@ -266,27 +266,3 @@ class TrainOptions:
                               ("concept_backend", CONCEPT_BACKENDS)):
             if getattr(self, name) not in choices:
                 raise ConfigError(f"{name}: expected one of {', '.join(choices)}, got {getattr(self, name)!r}")
-
-
-def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-    """Write UTF-8 text through a temporary file in the same folder, so a crash never leaves half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
-    """Write ``data`` as indented JSON, atomically (numpy values become lists or numbers)."""
-    write_text_atomic(path, json.dumps(data, indent=2, default=json_default) + "\n")
-
-
-def json_default(value):
-    """JSON fallback for numpy scalars and arrays (and anything else, as text)."""
-    return value.tolist() if hasattr(value, "tolist") else str(value)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import write_json_atomic
+from .atomic import write_files_atomic, write_json_atomic
 from .data import VolumeImage, read_image, read_label_map, save_split, write_image
 
 CLASSES = ["grey matter", "white matter"]
@@ -79,9 +79,7 @@ def overlay_png(image: np.ndarray, labels: np.ndarray, colors, path: Path) -> Pa
         rgb[mask] = 0.55 * rgb[mask] + 0.45 * np.asarray(color)
     picture = Image.fromarray((rgb[::-1] * 255).astype(np.uint8))  # superior up for an axial LPS slice
     picture = picture.resize((picture.width * 3, picture.height * 3), Image.NEAREST)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    picture.save(tmp)
-    tmp.replace(path)
+    write_files_atomic(path, picture.save)
     return path
 
 

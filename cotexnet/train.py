@@ -34,9 +34,12 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler
 
-from .config import CoTexNetConfig, TrainOptions, write_text_atomic
-from .data import IntensityNormalization, SliceDataset, augment_batch, load_dataset, save_split, split_cases
-from .errors import CoTexNetError, ConfigError, DataError
+from .atomic import write_text_atomic
+from .config import CoTexNetConfig, TrainOptions
+from .data import IntensityNormalization, load_dataset, save_split, split_cases
+from .data.augment import augment_batch
+from .data.slice_dataset import SliceDataset
+from .errors import CoTexNetError, DataError
 from .infer import autocast_dtype, resolve_device
 
 logger = logging.getLogger(__name__)
