@@ -154,7 +154,7 @@ def test_local_backbone_directory_loads_offline(tmp_path):
     clipseg, tokenizer = load_backbone("tiny", image_size=64)
     clipseg.save_pretrained(tmp_path / "clipseg", safe_serialization=True)
     tokenizer.save_pretrained(tmp_path / "clipseg")
-    model = CoTexNet(CoTexNetConfig(classes=["a"], backbone=str(tmp_path / "clipseg"), image_size=64))
+    model = CoTexNet.from_config(CoTexNetConfig(classes=["a"], backbone=str(tmp_path / "clipseg"), image_size=64))
     vision = model.clipseg.clip.vision_model.embeddings.patch_embedding.weight
     torch.testing.assert_close(vision, clipseg.clip.vision_model.embeddings.patch_embedding.weight)
 

@@ -5,7 +5,7 @@ Hugging Face cache, honouring ``HF_HUB_OFFLINE`` and a cache directory), a local
 ``tiny`` (a small random-init CLIPSeg for tests and demos — **not for real use**) or ``full-random``
 (the real ViT-B/16 CLIPSeg architecture with random weights, for offline speed measurements).
 
-A *bundle* is a trained model directory, Hugging Face style (DESIGN.md §3)::
+A *bundle* is a trained model directory, Hugging Face style (docs/bundle-format.md)::
 
     config.json         CoTexNetConfig, including the backbone architecture and format version
     model.safetensors   every weight (safetensors: loading never unpickles or runs code)
@@ -24,7 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .atomic import write_folder_atomic, write_json_atomic
-from .config import FORMAT_VERSION, CoTexNetConfig
+from .config import DEFAULT_IMAGE_SIZE, FORMAT_VERSION, CoTexNetConfig
 from .errors import BundleError, ConfigError, error_summary
 from .prompts import load_tokenizer, offline_clip_tokenizer_dir
 
@@ -98,7 +98,7 @@ def download_backbone(repo_id: str, cache_dir: str | os.PathLike | None = None, 
         ) from None
 
 
-def load_backbone(name: str, image_size: int = 352, cache_dir: str | os.PathLike | None = None):
+def load_backbone(name: str, image_size: int = DEFAULT_IMAGE_SIZE, cache_dir: str | os.PathLike | None = None):
     """Resolve ``name`` (``tiny``, ``full-random``, a directory or a Hugging Face id) → (CLIPSeg, tokenizer)."""
     from transformers import CLIPSegForImageSegmentation
 
@@ -168,13 +168,10 @@ def read_bundle_config(directory: str | os.PathLike) -> CoTexNetConfig:
     return config
 
 
-def load_bundle(directory: str | os.PathLike, device="cpu"):
-    """Rebuild a bundle's model from its config and load its safetensors weights, checking every shape."""
+def read_bundle_weights(directory: str | os.PathLike) -> tuple[CoTexNetConfig, dict]:
+    """A bundle's config and its safetensors state dict (read without unpickling anything)."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
-    from transformers import CLIPSegConfig
-
-    from .model import CoTexNet
 
     directory = Path(directory)
     config = read_bundle_config(directory)
@@ -182,12 +179,13 @@ def load_bundle(directory: str | os.PathLike, device="cpu"):
     if not weights.is_file():
         raise BundleError(f"{weights}: weights file is missing")
     try:
-        state = load_file(str(weights))
+        return config, load_file(str(weights))
     except (SafetensorError, OSError, ValueError) as error:
         raise BundleError(f"{weights}: corrupt or unreadable weights ({error})") from None
-    backbone = build_clipseg(CLIPSegConfig.from_dict(config.backbone_config))
-    model = CoTexNet(config, backbone=backbone, tokenizer=load_tokenizer(directory))
-    expected = model.state_dict()
+
+
+def _check_state(state: dict, expected: dict, directory: Path) -> None:
+    """Refuse weights that do not fit the architecture the config describes, saying which and how."""
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     mismatched = [f"{k}: file {tuple(state[k].shape)} vs config {tuple(v.shape)}"
@@ -198,9 +196,36 @@ def load_bundle(directory: str | os.PathLike, device="cpu"):
             f"{len(unexpected)} unexpected tensor(s), e.g. {unexpected[0]}" if unexpected else "",
             f"shape mismatch: {', '.join(mismatched[:3])}" if mismatched else "",
         ]))
-        raise BundleError(f"{weights}: weights do not match {directory / CONFIG_NAME} ({details})")
-    model.load_state_dict(state)
-    return model.to(device).eval()
+        raise BundleError(f"{directory / WEIGHTS_NAME}: weights do not match {directory / CONFIG_NAME} ({details})")
+
+
+class BundleMixin:
+    """``save_pretrained`` / ``from_pretrained`` for a model class built as ``cls(config, backbone, tokenizer)``.
+
+    The bundle format lives here, outside the modeling file, as transformers keeps loading and saving in
+    ``PreTrainedModel`` rather than in ``modeling_*.py``; so the model never imports this module's callers.
+    """
+
+    def save_pretrained(self, directory: str | os.PathLike, training_info: dict | None = None) -> Path:
+        """Write a model bundle (config.json, model.safetensors, tokenizer files, training.json) atomically."""
+        return save_bundle(self, directory, training_info)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike, device="cpu"):
+        """Load a bundle written by :meth:`save_pretrained`, offline, without unpickling anything.
+
+        The architecture is rebuilt from the config's ``backbone_config`` and every tensor's presence
+        and shape is checked before the weights are loaded.
+        """
+        from transformers import CLIPSegConfig
+
+        directory = Path(directory)
+        config, state = read_bundle_weights(directory)
+        backbone = build_clipseg(CLIPSegConfig.from_dict(config.backbone_config))
+        model = cls(config, backbone=backbone, tokenizer=load_tokenizer(directory))
+        _check_state(state, model.state_dict(), directory)
+        model.load_state_dict(state)
+        return model.to(device).eval()
 
 
 def read_training_info(directory: str | os.PathLike) -> dict:

@@ -165,11 +165,11 @@ def _add_segment(sub) -> None:
 
 
 def _run_segment(args) -> int:
-    from .bundle import load_bundle
     from .infer import resolve_device, segment_files
+    from .model import CoTexNet
 
     device = resolve_device(args.device)
-    model = load_bundle(args.model, device=device)
+    model = CoTexNet.from_pretrained(args.model, device=device)
     results = segment_files(model, args.inputs, args.out, references=args.reference, seg_nrrd=not args.no_seg_nrrd,
                             batch_size=args.batch_size, device=device, precision=args.precision, axis=args.axis,
                             show_progress=not args.json)

@@ -18,10 +18,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .config import EVALUATION_SPLITS, PRECISIONS
 from .data import (IntensityNormalization, VolumeImage, image_suffix, read_image, read_label_map, write_image,
                    write_segmentation_nrrd)
 from .data.slicing import array_slice_axis, from_slices, resize_slices, to_slices
-from .config import EVALUATION_SPLITS, PRECISIONS
 from .errors import Cancelled, CoTexNetError, DataError
 
 logger = logging.getLogger(__name__)
@@ -238,13 +238,14 @@ def evaluate(
     """
     from tqdm.auto import tqdm
 
-    from .bundle import load_bundle, read_training_info
+    from .bundle import read_training_info
     from .data import load_dataset, split_cases
     from .metrics import aggregate, format_table, segmentation_metrics
+    from .model import CoTexNet
 
     if split not in EVALUATION_SPLITS:
         raise CoTexNetError(f"split: expected one of {', '.join(EVALUATION_SPLITS)}, got {split!r}")
-    model = load_bundle(model_path)
+    model = CoTexNet.from_pretrained(model_path)
     config = model.config
     # A dataset.json names its classes; an images/ + masks/ folder takes the model's.
     index = load_dataset(data, None if (Path(data) / "dataset.json").is_file() else config.classes)
