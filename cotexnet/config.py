@@ -57,7 +57,7 @@ DEFAULT_PALETTE = (
 class CoTexNetConfig:
     """Everything needed to rebuild a CoTexNet model and prepare its inputs.
 
-    Method fields follow the paper (DESIGN.md §1): ``alpha_init``/``sigma_init``/``mu_init`` are the
+    Method fields follow the paper (docs/method.md): ``alpha_init``/``sigma_init``/``mu_init`` are the
     initial values of the learnable SAN-KD scalars of Eqs. (9)–(12), ``dropout`` the rate of Eq. (11),
     and the ``use_*`` switches are the ablations of Tables 6–9.
     """
