@@ -131,7 +131,7 @@ def test_no_engine_module_imports_a_module_that_imports_it_back():
 
 
 def test_nothing_outside_docs_cites_the_design_document_that_is_not_in_the_repository():
-    """Code and docstrings cite docs/ (the project's own design documents), never an outside DESIGN.md."""
+    """Code and docstrings cite docs/ (the project's own design documents), never the outside design note."""
     repo = ENGINE.parent
     name = "DESIGN" + ".md"  # split, so this file does not cite it either
     tracked = subprocess.run(["git", "ls-files"], cwd=repo, capture_output=True, text=True, check=True).stdout.split()
