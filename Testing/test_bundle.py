@@ -227,3 +227,22 @@ def test_bundle_saved_by_the_first_release_loads_with_identical_logits_and_saves
         assert a.dtype == b.dtype and torch.equal(a, b), name
     assert (json.loads((again / "config.json").read_text(encoding="utf-8"))
             == json.loads((FIXTURES / "bundle_v1" / "config.json").read_text(encoding="utf-8")))
+
+
+def test_model_constructor_uses_the_backbone_it_is_given_and_never_loads_one(monkeypatch):
+    """Only CoTexNet.from_config resolves ``config.backbone``; the constructor never downloads or reads it."""
+    from cotexnet import bundle, model as modeling
+    from cotexnet.bundle import build_clipseg, clipseg_architecture
+    from cotexnet.prompts import load_tokenizer, offline_clip_tokenizer_dir
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the constructor tried to load a backbone")
+
+    monkeypatch.setattr(bundle, "download_backbone", refuse)
+    monkeypatch.setattr(modeling, "load_backbone", refuse)
+    backbone = build_clipseg(clipseg_architecture("tiny", 64))
+    config = CoTexNetConfig(classes=["a"], backbone="CIDAS/clipseg-rd64-refined", image_size=64)
+    model = CoTexNet(config, backbone=backbone, tokenizer=load_tokenizer(offline_clip_tokenizer_dir()))
+    assert model.clipseg is backbone and config.backbone_config == backbone.config.to_dict()
+    with pytest.raises(TypeError):
+        CoTexNet(config)
