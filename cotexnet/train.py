@@ -27,8 +27,8 @@ import random
 import signal
 import sys
 import time
-from contextlib import nullcontext
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import asdict
 from pathlib import Path
 
@@ -38,11 +38,11 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler
 
 from .atomic import write_text_atomic
+from .bundle import save_bundle
 from .config import CoTexNetConfig, TrainOptions
 from .data import IntensityNormalization, load_dataset, save_split, split_cases
 from .data.augment import augment_batch
 from .data.slice_dataset import SliceDataset
-from .bundle import save_bundle
 from .errors import CoTexNetError, DataError
 from .infer import autocast_dtype, resolve_device
 from .losses import CoTexNetLoss
@@ -239,7 +239,8 @@ class Trainer:
         options = self.options
         self.stop.install()
         try:
-            start_epoch = self.initialize()
+            self.initialize()
+            start_epoch = self.start_epoch
             self.emit("start", epochs=options.epochs, start_epoch=start_epoch, steps_per_epoch=self.steps,
                       batch_size=self.batch_size, train_cases=len(self.split["train"]),
                       val_cases=len(self.split.get("val", [])), train_slices=len(self.train_set),
@@ -251,10 +252,10 @@ class Trainer:
             self.epoch = start_epoch - 1
             for epoch in range(start_epoch, options.epochs + 1):
                 self.epoch = epoch
-                done, totals = self.train_epoch(epoch, start_epoch)
+                done, totals = self.train_epoch(epoch)
                 if done == 0 and self.stopped:
                     break
-                self.end_epoch(epoch, start_epoch, done, totals, *self.validate())
+                self.end_epoch(epoch, done, totals, *self.validate())
                 if self.stopped or self.stale >= options.patience:
                     if self.stale >= options.patience:
                         self.emit("early_stop", epoch=epoch, patience=options.patience, best_val_dice=self.best)
@@ -270,8 +271,8 @@ class Trainer:
                 dist.destroy_process_group()
 
     # ------------------------------------------------------------------------------------------- set-up
-    def initialize(self) -> int:
-        """Data, model, split, slices, optimiser, schedule and loaders (restored when resuming); the first epoch."""
+    def initialize(self) -> None:
+        """Data, model, split, slices, optimiser, schedule and loaders, restored when resuming."""
         options = self.options
         _seed_everything(options.seed + self.rank)
         self.index = load_dataset(options.data, options.classes)
@@ -316,11 +317,8 @@ class Trainer:
             self.steps = min(self.steps, options.max_steps_per_epoch)
         self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer,
                                                                     T_max=max(1, options.epochs * self.steps))
-        start_epoch = 1
-        if resume_state is not None:
-            start_epoch = self.load_checkpoint_state(resume_state) + 1
+        self.start_epoch = 1 if resume_state is None else self.load_checkpoint_state(resume_state) + 1
         self.augment_rng = torch.Generator()
-        return start_epoch
 
     def build_model(self) -> dict | None:
         """``self.model``, ``self.config`` and ``self.split``: a new model on the backbone, or the run in
@@ -358,7 +356,7 @@ class Trainer:
         return train_loader, val_loader
 
     # ------------------------------------------------------------------------------------------ training
-    def train_epoch(self, epoch: int, start_epoch: int) -> tuple[int, dict[str, float]]:
+    def train_epoch(self, epoch: int) -> tuple[int, dict[str, float]]:
         """Up to ``steps`` optimiser steps; returns (steps done, summed loss terms). Halves the batch on GPU OOM."""
         options = self.options
         if isinstance(self.train_loader.sampler, DistributedSampler):
@@ -387,7 +385,7 @@ class Trainer:
             for key in totals:
                 totals[key] += terms[key]
             elapsed = time.time() - self.started
-            finished = (epoch - start_epoch) * self.steps + done
+            finished = (epoch - self.start_epoch) * self.steps + done
             remaining = (options.epochs - epoch) * self.steps + (self.steps - done)
             eta = elapsed / finished * remaining
             self.emit("step", epoch=epoch, step=done, steps=self.steps, lr=self.scheduler.get_last_lr()[0],
@@ -444,8 +442,7 @@ class Trainer:
                 self.dice(logits.float().argmax(1).cpu(), batch["label"])
         return self.dice.aggregate()
 
-    def end_epoch(self, epoch: int, start_epoch: int, done: int, totals: dict, val_dice: float,
-                  per_class: list[float]) -> None:
+    def end_epoch(self, epoch: int, done: int, totals: dict, val_dice: float, per_class: list[float]) -> None:
         """Early-stopping bookkeeping, the metrics row, checkpoints (rank 0) and the ``epoch`` event."""
         improved = val_dice > self.best
         if improved:
@@ -459,7 +456,7 @@ class Trainer:
         self.history.append(row)
         if self.is_main:
             self.save_checkpoint(improved)
-        eta = (time.time() - self.started) / max(epoch - start_epoch + 1, 1) * (self.options.epochs - epoch)
+        eta = (time.time() - self.started) / max(epoch - self.start_epoch + 1, 1) * (self.options.epochs - epoch)
         self.emit("epoch", epoch=epoch, epochs=self.options.epochs, loss=row["loss"], loss_seg=row["loss_seg"],
                   loss_kd=row["loss_kd"], val_dice=row["val_dice"], val_dice_per_class=dict(zip(classes, per_class)),
                   best_val_dice=self.best, lr=row["lr"], eta_s=round(eta, 1), improved=improved)
