@@ -1,7 +1,7 @@
 """Train/validation/test splits by patient, and split files (``split.json``, nnU-Net ``splits_final.json``).
 
-Functions take a dataset index (:class:`~.datasets.DatasetIndex`) by duck typing: its ``root``,
-``cases`` (``case_id``, ``group``) and ``split``.
+Functions take a :class:`~.datasets.DatasetIndex`; :mod:`.datasets` imports this module (a dataset's
+own split file is read while indexing it), so the index type is imported here for annotations only.
 """
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ SPLIT_NAMES = ("train", "val", "test")
 
 
 def read_json(path: Path):
+    """A JSON file's content (dataset.json, split files), or a :class:`DataError` naming the file."""
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
