@@ -454,7 +454,7 @@ class CoTexNetSegmentTest(ScriptedLoadableModuleTest):
         classes, colors = ["organ", "lesion"], [[0.9, 0.2, 0.2], [0.2, 0.8, 0.3]]
         modelDir = os.path.join(tempfile.mkdtemp(prefix="CoTexNetSelfTest-"), "model")
         try:
-            model = CoTexNet(CoTexNetConfig(classes=classes, colors=colors, backbone="tiny", image_size=64))
+            model = CoTexNet.from_config(CoTexNetConfig(classes=classes, colors=colors, backbone="tiny", image_size=64))
         except BundleError as error:  # the tiny backbone's tokenizer needs CLIP's vocabulary file
             raise unittest.SkipTest(str(error)) from None
         model.save_pretrained(modelDir)

@@ -47,7 +47,7 @@ def bundle(tmp_path_factory):
 
     from cotexnet import CoTexNet, CoTexNetConfig
 
-    model = CoTexNet(CoTexNetConfig(classes=CLASSES, colors=COLORS, backbone="tiny", image_size=64)).eval()
+    model = CoTexNet.from_config(CoTexNetConfig(classes=CLASSES, colors=COLORS, backbone="tiny", image_size=64)).eval()
     slices = torch.from_numpy(phantom()).unsqueeze(1)
     low, high = torch.quantile(slices, 0.005), torch.quantile(slices, 0.995)
     images = F.interpolate(((slices - low) / (high - low)).clamp(0, 1), size=64).expand(-1, 3, -1, -1)
