@@ -37,15 +37,8 @@ from CoTexNetSegmentLib.errors import formatError
 from CoTexNetSegmentLib.logic import CONCEPT_BACKENDS, DEVICES, SLICE_AXES
 from CoTexNetSegmentLib.settings import RECENT_MODELS_SETTING, isChosenPath, preferredModelPath, recentModels
 
-try:
-    from slicer.i18n import tr as _
-    from slicer.i18n import translate
-except ImportError:  # slicer-core, without the application: the source text
-    def _(text):
-        return text
-
-    def translate(context, text):
-        return text
+from CoTexNetSegmentLib.i18n import tr as _
+from CoTexNetSegmentLib.i18n import translate
 
 #: Slice-axis choice that means "the plane the model was trained on".
 MODEL_DEFAULT_AXIS = "model default"

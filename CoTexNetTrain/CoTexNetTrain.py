@@ -36,15 +36,8 @@ from CoTexNetTrainLib import (
     segmentNames,
 )
 
-try:
-    from slicer.i18n import tr as _
-    from slicer.i18n import translate
-except ImportError:  # slicer-core, without the application: the source text
-    def _(text):
-        return text
-
-    def translate(context, text):
-        return text
+from CoTexNetSegmentLib.i18n import tr as _
+from CoTexNetSegmentLib.i18n import translate
 
 #: How often the widget reads the training process's progress, in milliseconds.
 POLL_INTERVAL_MS = 1000

@@ -15,10 +15,8 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import psutil
 import pytest
-from PIL import Image
 
 slicer = pytest.importorskip("slicer")
 
@@ -27,6 +25,7 @@ from CoTexNetTrainLib import CoTexNetTrainLogic, TrainingRunError  # noqa: E402
 from CoTexNetTrainLib import logic as train_logic  # noqa: E402
 
 from cotexnet.runlock import LOCK_NAME, RunLock, RunLockedError, read_holder  # noqa: E402
+from test_train import shapes_dataset  # noqa: E402
 
 LAUNCHER = """\
 import os, subprocess, sys
@@ -70,31 +69,9 @@ def interpreter_pid(pid_file: Path, timeout: float = 30.0) -> int:
     return int(pid_file.read_text())
 
 
-def shapes_dataset(root: Path, count: int = 6, size: int = 48) -> Path:
-    """A 2D folder dataset: a bright disk (class 1) and a dark square (class 2) on gray."""
-    rng = np.random.default_rng(0)
-    (root / "images").mkdir(parents=True)
-    (root / "masks").mkdir()
-    yy, xx = np.mgrid[:size, :size]
-    for i in range(count):
-        image = np.full((size, size), 120, np.uint8)
-        mask = np.zeros((size, size), np.uint8)
-        cy, cx = rng.integers(12, size - 12, 2)
-        disk = (yy - cy) ** 2 + (xx - cx) ** 2 < 8 ** 2
-        sy, sx = rng.integers(2, size - 12, 2)
-        square = np.zeros_like(disk)
-        square[sy: sy + 10, sx: sx + 10] = True
-        square &= ~disk
-        image[disk], mask[disk] = 220, 1
-        image[square], mask[square] = 30, 2
-        Image.fromarray(image).save(root / "images" / f"case{i:02d}.png")
-        Image.fromarray(mask).save(root / "masks" / f"case{i:02d}.png")
-    return root
-
-
 @pytest.fixture(scope="module")
 def shapes(tmp_path_factory):
-    return shapes_dataset(tmp_path_factory.mktemp("shapes"))
+    return shapes_dataset(tmp_path_factory.mktemp("shapes"), count=6, size=48)
 
 
 # ------------------------------------------------------------------------------------------ process tree

@@ -16,11 +16,7 @@ from CoTexNetSegmentLib import backbone, dependencies
 from CoTexNetSegmentLib.errors import formatError
 from CoTexNetSegmentLib.settings import CONCEPT_BACKEND_OPTIONS_SETTING, readSetting
 
-try:
-    from slicer.i18n import tr as _
-except ImportError:  # slicer-core, without the application: the source text
-    def _(text):
-        return text
+from CoTexNetSegmentLib.i18n import tr as _
 
 PYTORCH_EXTENSION = "PyTorch"
 

@@ -24,11 +24,7 @@ from CoTexNetSegmentLib.errors import formatError
 from CoTexNetSegmentLib.logic import DEVICES
 from CoTexNetSegmentLib.settings import RECENT_MODELS_SETTING, preferredModelPath, recentModels
 
-try:
-    from slicer.i18n import tr as _
-except ImportError:  # slicer-core, without the application: the source text
-    def _(text):
-        return text
+from CoTexNetSegmentLib.i18n import tr as _
 
 MODEL_PATH_PARAMETER = "CoTexNet.ModelPath"
 DEVICE_PARAMETER = "CoTexNet.Device"
