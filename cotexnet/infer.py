@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import COMPILE_MODES, EVALUATION_SPLITS, PRECISIONS, validate_planes
+from .config import COMPILE_MODES, EVALUATION_SPLITS, PRECISIONS, PROBABILITY_FORMATS, validate_planes
 from .data import (IntensityNormalization, VolumeImage, image_suffix, read_image, read_label_map, write_image,
                    write_segmentation_nrrd)
 from .data.slicing import array_slice_axis, resize_slices
@@ -302,6 +302,23 @@ def output_paths(input_path: Path, out_dir: Path) -> tuple[Path, Path]:
     return out_dir / f"{stem}_labels{label_suffix}", out_dir / f"{stem}.seg.nrrd"
 
 
+def probability_paths(input_path: Path, out_dir: Path, classes: Sequence[str]) -> list[Path]:
+    """Where ``segment --probabilities`` writes each class's map: ``<stem>_prob_<class>`` beside the labels."""
+    label_path, _ = output_paths(input_path, out_dir)
+    stem, suffix = label_path.name.split("_labels", 1)
+    safe = ["".join(ch if ch.isalnum() else "_" for ch in name) for name in classes]
+    return [out_dir / f"{stem}_prob_{name}{suffix}" for name in safe]
+
+
+def probability_image(probabilities: np.ndarray, kind: str) -> np.ndarray:
+    """One probability map as stored: ``uint8`` 0..255 (rounded) or ``float32`` in 0..1."""
+    if kind not in PROBABILITY_FORMATS:
+        raise CoTexNetError(f"probabilities: expected one of {', '.join(PROBABILITY_FORMATS)}, got {kind!r}")
+    if kind == "uint8":
+        return np.rint(np.clip(probabilities, 0.0, 1.0) * 255.0).astype(np.uint8)
+    return probabilities.astype(np.float32, copy=False)
+
+
 def segment_file(
     model,
     path: str | Path,
@@ -309,12 +326,15 @@ def segment_file(
     *,
     seg_nrrd: bool = True,
     reference: str | Path | None = None,
+    probabilities: str | None = None,
     **options,
 ) -> dict:
     """Segment one image file; write its label map (input geometry) and optionally a ``.seg.nrrd``.
 
     With ``reference`` (a ground-truth label map of the same image) the Dice of each class is
-    reported too. ``options`` go to :func:`segment_volume`. Returns what was written and measured.
+    reported too. ``probabilities`` (``uint8`` or ``float32``) also writes each class's probability
+    map on the input's geometry. ``options`` go to :func:`predict_volume`. Returns what was written and
+    measured.
     """
     from .metrics import segmentation_metrics
 
@@ -324,7 +344,10 @@ def segment_file(
     truth = None
     if reference is not None:
         truth = read_label_map(reference, reference=image, num_classes=model.config.num_classes)
-    labels = segment_volume(model, image, **options)
+    if probabilities is not None:
+        probability_image(np.zeros(1, np.float32), probabilities)  # a wrong format fails before the work
+    prediction = predict_volume(model, image, probabilities=probabilities is not None, **options)
+    labels = prediction.labels
     label_path, seg_path = output_paths(path, out_dir)
     write_image(labels, image, label_path)
     result = {"input": str(path), "labels": str(label_path), "shape": list(labels.shape),
@@ -332,6 +355,15 @@ def segment_file(
     if seg_nrrd:
         write_segmentation_nrrd(labels, image, seg_path, model.config.classes, model.config.colors)
         result["segmentation"] = str(seg_path)
+    if probabilities is not None:
+        written = {}
+        for index, (name, target) in enumerate(zip(model.config.classes,
+                                                   probability_paths(path, out_dir, model.config.classes)), start=1):
+            written[name] = str(write_image(probability_image(prediction.probabilities[index], probabilities), image, target))
+        result["probabilities"] = written
+        confidence = prediction.confidence
+        result["mean_confidence"] = {name: float(confidence[labels == i].mean()) if (labels == i).any() else None
+                                     for i, name in enumerate(model.config.classes, start=1)}
     if truth is not None:
         scores = segmentation_metrics(labels, truth, model.config.num_classes, spacing=image.spacing[::-1])
         result["dice"] = {name: scores["per_class"][i]["dice"] for i, name in enumerate(model.config.classes)}
@@ -411,15 +443,67 @@ def evaluate(
         case_ids = (info["split"] if same_data else split_cases(index)).get(split, [])
     if not case_ids:
         raise DataError(f"the '{split}' split of this dataset holds no case", index.root)
-    rows = []
+    rows, seconds = [], 0.0
     for case_id in tqdm(case_ids, desc=f"evaluating {split}", unit="case", disable=not show_progress):
         case = index.case(case_id)
         image = read_image(case.image_path)
         truth = read_label_map(case.label_path, reference=image, classes=index.classes)
+        started = time.perf_counter()
         labels = segment_volume(model, image, **options)
+        seconds += time.perf_counter() - started
         scores = segmentation_metrics(labels, truth, config.num_classes, spacing=image.spacing[::-1])
         rows.append({"case": case_id, **scores})
     summary = aggregate(rows)
+    planes = resolve_planes(config, options.get("planes"), options.get("axis"))
     return {"model": str(model_path), "data": str(index.root), "split": split, "classes": config.classes,
             "per_class": summary["per_class"], "mean": summary["mean"], "cases": rows,
-            "table": format_table(summary, config.classes)}
+            "table": format_table(summary, config.classes),
+            "inference": {"planes": planes, "tta": bool(options.get("tta", False)),
+                          "postprocessing": config.postprocessing if options.get("postprocess", True) else None,
+                          "segment_seconds": round(seconds, 3)}}
+
+
+def fit_postprocessing(model_path: str | Path, data: str | Path | None = None, *, case_ids: Sequence[str] | None = None,
+                       index=None, show_progress: bool = False, **options) -> dict:
+    """Choose a bundle's 3D post-processing on its validation cases and store it in its ``config.json``.
+
+    The cases are ``case_ids`` of ``index`` (the Trainer passes its own), else the ``val`` part of the
+    split the bundle was trained with on ``data``. They are segmented as the bundle will be used (its
+    planes, ``options`` of :func:`predict_volume`), without post-processing; the choice
+    (:func:`cotexnet.postprocess.choose_postprocessing`) replaces ``config.json`` atomically and its
+    validation Dice before and after goes to ``training.json``. Returns the chooser's report.
+    """
+    from tqdm.auto import tqdm
+
+    from .atomic import write_json_atomic
+    from .bundle import CONFIG_NAME, TRAINING_NAME, read_training_info
+    from .data import load_dataset, split_cases
+    from .model import CoTexNet
+    from .postprocess import choose_postprocessing
+
+    model = CoTexNet.from_pretrained(model_path)
+    config = model.config
+    if index is None:
+        if data is None:
+            raise CoTexNetError("fit_postprocessing: give the dataset folder or an index")
+        index = load_dataset(data, None if (Path(data) / "dataset.json").is_file() else config.classes)
+    if case_ids is None:
+        info = read_training_info(model_path)
+        same_data = info.get("data") == str(Path(index.root).resolve()) and "split" in info
+        case_ids = (info["split"] if same_data else split_cases(index)).get("val", [])
+    if not case_ids:
+        raise DataError("no validation case to choose post-processing on", index.root)
+    predictions, truths, spacings = [], [], []
+    for case_id in tqdm(list(case_ids), desc="post-processing", unit="case", disable=not show_progress):
+        case = index.case(case_id)
+        image = read_image(case.image_path)
+        truths.append(read_label_map(case.label_path, reference=image, classes=index.classes))
+        predictions.append(segment_volume(model, image, postprocess=False, **options))
+        spacings.append(image.spacing)
+    report = choose_postprocessing(predictions, truths, config.classes, spacings)
+    config.postprocessing = report["classes"]
+    config.to_json_file(Path(model_path) / CONFIG_NAME)
+    info = read_training_info(model_path)
+    info["postprocessing"] = {**report, "cases": list(case_ids)}
+    write_json_atomic(Path(model_path) / TRAINING_NAME, info)
+    return report
