@@ -10,6 +10,7 @@ the bundle's 3D post-processing (:mod:`cotexnet.postprocess`) follows unless swi
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 import time
@@ -24,6 +25,7 @@ import torch
 from .config import COMPILE_MODES, EVALUATION_SPLITS, PRECISIONS, PROBABILITY_FORMATS, validate_planes
 from .data import (IntensityNormalization, VolumeImage, image_suffix, read_image, read_label_map, write_image,
                    write_segmentation_nrrd)
+from .data.laterality import flip_rule, swap_channels
 from .data.slicing import array_slice_axis, resize_slices
 from .errors import Cancelled, CoTexNetError, DataError
 
@@ -100,10 +102,11 @@ class VolumePrediction:
 
 @dataclass(frozen=True)
 class AugmentedView:
-    """One pass of test-time augmentation: slice dims flipped on the way in and out, output channels reordered."""
+    """One test-time pass: slice axes flipped (0 = rows, 1 = columns) on the way in and back on the way
+    out, and the class pairs whose output channels the flip swaps (left/right partners)."""
 
     flip_dims: tuple[int, ...] = ()
-    channel_order: tuple[int, ...] | None = None
+    swapped_pairs: tuple[tuple[int, int], ...] = ()
 
 
 def resolve_planes(config, planes: str | Sequence[str] | None = None, axis: str | int | None = None) -> list:
@@ -177,7 +180,7 @@ def predict_volume(
     # there; on the CPU this is the array itself, not a copy.
     voxels = runner.upload(array)
     passes = [(slice_axis, augmented) for slice_axis in slice_axes
-              for augmented in augmented_views(config, views[slice_axes.index(slice_axis)], direction, spatial_ndim, tta)]
+              for augmented in augmented_views(config.classes, slice_axis, direction, tta)]
     spatial = tuple(array.shape[:spatial_ndim])
     total = sum(1 if a is None else spatial[a] for a, _ in passes)
     done = 0
@@ -222,11 +225,17 @@ def segment_volume(model, volume: np.ndarray | VolumeImage, **options) -> np.nda
     return predict_volume(model, volume, **options).labels
 
 
-def augmented_views(config, view: str | int, direction, spatial_ndim: int, tta: bool) -> list[AugmentedView]:
-    """The passes along one view: the identity, and with ``tta`` each in-plane flip laterality allows."""
-    if not tta:
-        return [AugmentedView()]
-    raise CoTexNetError("test-time augmentation needs cotexnet.data.laterality, which this version lacks")
+def augmented_views(classes: Sequence[str], slice_axis: int | None, direction, tta: bool) -> list[AugmentedView]:
+    """The passes along one plane: the identity and, with ``tta``, each combination of the flips that
+    :func:`cotexnet.data.laterality.flip_rule` allows (the training augmentation's rule: only the
+    left-right axis, with lateral pairs swapped, and none when a lateral class has no partner)."""
+    views = [AugmentedView()]
+    if tta:
+        rule = flip_rule(slice_axis, direction, list(classes))
+        for count in range(1, len(rule.axes) + 1):
+            for dims in itertools.combinations(rule.axes, count):
+                views.append(AugmentedView(dims, tuple(rule.pairs_for(dims))))
+    return views
 
 
 def _slice_view(volume: torch.Tensor, slice_axis: int | None, channels: bool = False) -> torch.Tensor:
@@ -280,8 +289,8 @@ class _Runner:
             logits = resize_slices(logits.float(), (height, width))
             if flip:
                 logits = logits.flip(flip)
-            if augmented.channel_order is not None:
-                logits = logits[:, list(augmented.channel_order)]
+            if augmented.swapped_pairs:
+                logits = swap_channels(logits, augmented.swapped_pairs, axis=1)
             yield start, logits
 
 
