@@ -234,3 +234,18 @@ def test_slicer_logic_fusion_tta_and_confidence_volume(bundle, model):
         text = table.GetCellText(row, column)
         assert (float(text) == pytest.approx(float(expected.confidence[inside].mean()), abs=1e-4)) if inside.any() else text == ""
     np.testing.assert_array_equal(mrml.segmentationToLabelMap(segmentation, node, LATERAL), expected.labels)
+
+
+# ------------------------------------------------------------------------------------------- bench
+def test_bench_runs_on_cpu_with_a_small_volume_and_reports_peak_memory(capsys):
+    from cotexnet.cli import main
+
+    assert main(["bench", "--backbone", "tiny", "--device", "cpu", "--precision", "fp32", "--image-size", "64",
+                 "--iterations", "1", "--warmup", "0", "--batch-size", "2", "--volume", "4x40x48", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert [(r["side"], r["precision"]) for r in report["rows"]] == [("clipseg", "fp32"), ("cotexnet", "fp32")]
+    volume = report["volume"]
+    assert volume["shape"] == [4, 40, 48] and volume["batch_size"] == 2 and volume["peak_rss_mib"] > 0
+    assert volume["slices_per_s"] == pytest.approx(4 / volume["array_to_labels_s"])
+    assert report["ratio_same_precision"]["fp32"] == pytest.approx(
+        report["rows"][1]["slices_per_s"] / report["rows"][0]["slices_per_s"])

@@ -269,8 +269,8 @@ def _run_postprocess(args) -> int:
     else:
         for name, steps in report["classes"].items():
             kept = [f"{key}={value}" if key == "min_volume_mm3" else key for key, value in steps.items() if value]
-            print(f"{name}: {', '.join(kept) or 'none'} (validation Dice {report['dice_before'][name]:.4f} -> "
-                  f"{report['dice_after'][name]:.4f})")
+            print(f"{name}: {', '.join(kept) or 'none'} (validation Dice {report['dice_before'][name]:.5f} -> "
+                  f"{report['dice_after'][name]:.5f})")
     return 0
 
 
@@ -335,6 +335,8 @@ def _add_bench(sub) -> None:
     p.add_argument("--iterations", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--volume", help="also time a synthetic CT volume end to end, e.g. 300x512x512")
+    p.add_argument("--volume-batch-size", type=int, help="slices per batch for --volume (default: 64 on CUDA, else --batch-size)")
+    p.add_argument("--compile", choices=COMPILE_MODES, help="torch.compile both sides (reduce-overhead: CUDA graphs)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_run_bench)
 
@@ -346,7 +348,7 @@ def _run_bench(args) -> int:
     if shape is not None and len(shape) != 3:
         raise CoTexNetError(f"--volume: expected DxHxW, got {args.volume!r}")
     report = bench(args.backbone, args.device, args.batch_size, args.image_size, args.classes, args.precision,
-                   args.iterations, args.warmup, shape)
+                   args.iterations, args.warmup, shape, args.volume_batch_size, args.compile)
     if args.json:
         _print_json(report)
     else:
