@@ -569,7 +569,8 @@ def test_widget_names_exist_in_ui_and_parameter_names_match_fields():
     assert set(bound.values()) == set(fields), "every field bound once, every binding a field"
     # the parameter-node wrapper needs these widget classes for these types
     expected_class = {"vtkMRMLScalarVolumeNode": "qMRMLNodeComboBox", "vtkMRMLSegmentationNode": "qMRMLNodeComboBox",
-                      "pathlib.Path": "ctkPathLineEdit", "Annotated[int": "QSpinBox", "Annotated[str": "QComboBox"}
+                      "pathlib.Path": "ctkPathLineEdit", "Annotated[int": "QSpinBox", "Annotated[str": "QComboBox",
+                      "bool": "QCheckBox"}  # QCheckBoxToBoolConnector in Slicer's parameterNodeWrapper/guiConnectors.py
     for widget, field in bound.items():
         annotation = fields[field]
         wanted = next(cls for prefix, cls in expected_class.items() if annotation.startswith(prefix))

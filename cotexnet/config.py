@@ -190,7 +190,13 @@ class CoTexNetConfig:
         return self.variant == "clipseg" or (self.use_text_module and self.use_text_encoder)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """The fields as JSON-ready values; optional fields added after the first release are left out while
+        unset, so a bundle that does not use them is written exactly as that release wrote it."""
+        data = asdict(self)
+        for name in ("planes", "postprocessing"):
+            if data[name] is None:
+                del data[name]
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "config") -> "CoTexNetConfig":
