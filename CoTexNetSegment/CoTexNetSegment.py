@@ -93,6 +93,10 @@ class CoTexNetSegmentParameterNode:
     sliceAxis: Annotated[str, Choice((MODEL_DEFAULT_AXIS, *SLICE_AXES))] = MODEL_DEFAULT_AXIS
     batchSize: Annotated[int, WithinRange(1, 512)] = 16
     conceptBackend: Annotated[str, Choice(CONCEPT_BACKENDS)] = "geometric"
+    fusePlanes: bool = False
+    tta: bool = False
+    postprocess: bool = True
+    confidence: bool = False
 
 
 class CoTexNetSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
@@ -282,7 +286,12 @@ class CoTexNetSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 parameters.device,
                 segmentationNode=parameters.outputSegmentation,
                 batchSize=parameters.batchSize,
-                sliceAxis=None if parameters.sliceAxis == MODEL_DEFAULT_AXIS else parameters.sliceAxis,
+                sliceAxis=None if parameters.sliceAxis == MODEL_DEFAULT_AXIS or parameters.fusePlanes
+                else parameters.sliceAxis,
+                planes=list(SLICE_AXES) if parameters.fusePlanes else None,
+                tta=parameters.tta,
+                postprocess=parameters.postprocess,
+                confidence=parameters.confidence,
                 conceptBackend=parameters.conceptBackend,
                 conceptBackendOptions=options,
             )
@@ -322,6 +331,7 @@ class CoTexNetSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.modelPathLineEdit.addCurrentPathToHistory()
             self.logic.setOutputSegmentation(segmentationNode)
             self.showConcepts(segmentationNode)
+            self.logic.showConfidence(segmentationNode)
         elif job.state == job.CANCELLED:
             self.log(_("Cancelled: the scene was not changed."))
         else:

@@ -281,11 +281,14 @@ def test_concept_table_columns_values_and_storage(scene, bundle, engine_model, t
     records = describe(array, engine_labels(engine_model, volume), CLASSES, spacing=geometry.spacing,
                        direction=geometry.direction)
     assert table.GetNumberOfRows() == len(CLASSES)
+    keys = [key for key, _ in CONCEPT_COLUMNS]
     for row, record in enumerate(records):
-        for column, (key, _) in enumerate(CONCEPT_COLUMNS[:-1]):
-            value = record[key]
-            assert table.GetCellText(row, column) == ("" if value is None else str(value))
-        assert table.GetCellText(row, len(CONCEPT_COLUMNS) - 1) == "geometric"
+        for column, key in enumerate(keys):
+            if key not in ("sources", "mean_confidence"):
+                value = record[key]
+                assert table.GetCellText(row, column) == ("" if value is None else str(value))
+        assert table.GetCellText(row, keys.index("sources")) == "geometric"
+        assert table.GetCellText(row, keys.index("mean_confidence")) == ""  # filled only when confidence is asked
 
     # saved with the scene: the table has a storage node that writes and reads it back
     storage = table.GetStorageNode()
@@ -566,7 +569,8 @@ def test_widget_names_exist_in_ui_and_parameter_names_match_fields():
     assert set(bound.values()) == set(fields), "every field bound once, every binding a field"
     # the parameter-node wrapper needs these widget classes for these types
     expected_class = {"vtkMRMLScalarVolumeNode": "qMRMLNodeComboBox", "vtkMRMLSegmentationNode": "qMRMLNodeComboBox",
-                      "pathlib.Path": "ctkPathLineEdit", "Annotated[int": "QSpinBox", "Annotated[str": "QComboBox"}
+                      "pathlib.Path": "ctkPathLineEdit", "Annotated[int": "QSpinBox", "Annotated[str": "QComboBox",
+                      "bool": "QCheckBox"}  # QCheckBoxToBoolConnector in Slicer's parameterNodeWrapper/guiConnectors.py
     for widget, field in bound.items():
         annotation = fields[field]
         wanted = next(cls for prefix, cls in expected_class.items() if annotation.startswith(prefix))

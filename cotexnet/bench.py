@@ -53,13 +53,18 @@ def _build(side: str, backbone: str, image_size: int, num_classes: int):
 
 
 def measure(side: str, backbone: str, device: str, precision: str, batch_size: int, image_size: int,
-            num_classes: int, iterations: int, warmup: int) -> dict:
-    """Slices per second and peak memory of one side at one precision (run in its own process)."""
+            num_classes: int, iterations: int, warmup: int, compile: str | None = None) -> dict:
+    """Slices per second and peak memory of one side at one precision (run in its own process).
+
+    ``compile`` runs the side through ``torch.compile`` in that mode (both sides alike).
+    """
     import resource
 
     device = torch.device(device)
     run, model = _build(side, backbone, image_size, num_classes)
     model.to(device).eval()
+    if compile is not None:
+        run = torch.compile(run, mode=compile)
     dtype = autocast_dtype(device, precision)
     images = torch.rand(batch_size, 3, image_size, image_size, device=device)
     _sync(device)
@@ -88,7 +93,7 @@ def measure(side: str, backbone: str, device: str, precision: str, batch_size: i
 
 def _child(queue, args):
     try:
-        queue.put(measure(*args))
+        queue.put(bench_volume(*args[1:]) if args[0] == "volume" else measure(*args))
     except BaseException as error:  # reported to the parent, which raises it with context
         queue.put({"error": f"{type(error).__name__}: {error}"})
 
@@ -107,11 +112,13 @@ def _in_fresh_process(*args) -> dict:
 
 def bench(backbone: str = "full-random", device: str = "auto", batch_size: int = 8, image_size: int = 352,
           num_classes: int = 1, precisions: list[str] | None = None, iterations: int = 5, warmup: int = 2,
-          volume_shape: tuple[int, int, int] | None = None) -> dict:
+          volume_shape: tuple[int, int, int] | None = None, volume_batch_size: int | None = None,
+          compile: str | None = None) -> dict:
     """Measure both sides at each precision; report same-precision ratios and best-vs-best.
 
     With ``volume_shape`` (e.g. 300×512×512), CoTexNet also segments a synthetic CT volume of that
-    shape end to end: array in → label map out, and file read → label map file written.
+    shape end to end: array in → label map out, and file read → label map file written, in batches of
+    ``volume_batch_size`` (default: 64 on a GPU, ``batch_size`` on the CPU), with peak memory.
     """
     device = resolve_device(device)
     if precisions is None:
@@ -120,38 +127,46 @@ def bench(backbone: str = "full-random", device: str = "auto", batch_size: int =
     for precision in precisions:
         for side in ("clipseg", "cotexnet"):
             rows.append(_in_fresh_process(side, backbone, str(device), precision, batch_size, image_size,
-                                          num_classes, iterations, warmup))
+                                          num_classes, iterations, warmup, compile))
     by = {(r["side"], r["precision"]): r for r in rows}
     same = {p: by[("cotexnet", p)]["slices_per_s"] / by[("clipseg", p)]["slices_per_s"] for p in precisions}
     best = {side: max((r for r in rows if r["side"] == side), key=lambda r: r["slices_per_s"]) for side in ("clipseg", "cotexnet")}
     report = {
         "backbone": backbone, "device": str(device), "device_name": _device_name(device), "batch_size": batch_size,
-        "image_size": image_size, "num_classes": num_classes, "iterations": iterations,
+        "image_size": image_size, "num_classes": num_classes, "iterations": iterations, "compile": compile,
         "torch": torch.__version__, "threads": torch.get_num_threads(), "rows": rows,
         "ratio_same_precision": same,
         "best": {side: {"precision": r["precision"], "slices_per_s": r["slices_per_s"]} for side, r in best.items()},
         "ratio_best": best["cotexnet"]["slices_per_s"] / best["clipseg"]["slices_per_s"],
     }
     if volume_shape is not None:
-        report["volume"] = bench_volume(backbone, device, volume_shape, batch_size, image_size, num_classes)
+        if volume_batch_size is None:
+            volume_batch_size = 64 if device.type == "cuda" else batch_size
+        report["volume"] = _in_fresh_process("volume", backbone, str(device), volume_shape, volume_batch_size,
+                                             image_size, num_classes, compile)
     return report
 
 
-def bench_volume(backbone, device, shape, batch_size, image_size, num_classes) -> dict:
-    """End-to-end timing of a synthetic CT volume (HU-like int16), from array and from file."""
+def bench_volume(backbone, device, shape, batch_size, image_size, num_classes, compile=None) -> dict:
+    """End-to-end timing of a synthetic CT volume (HU-like int16), from array and from file, and peak memory."""
+    import resource
     import tempfile
 
     from .data import VolumeImage, read_image, write_image
     from .infer import segment_volume
 
+    device = torch.device(device)
     model, _ = _build("cotexnet", backbone, image_size, num_classes)
     model.config.intensity = {"mode": "ct", "window": "soft_tissue", "center": 40.0, "width": 400.0}
     rng = np.random.default_rng(0)
     volume = rng.integers(-1000, 1000, size=shape, dtype=np.int16)
-    segment_volume(model, volume[: batch_size * 2], batch_size=batch_size, device=device)  # warm-up
+    options = dict(batch_size=batch_size, device=device, compile=compile)
+    segment_volume(model, volume[: batch_size * 2], **options)  # warm-up (and compilation)
     _sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     started = time.perf_counter()
-    segment_volume(model, volume, batch_size=batch_size, device=device)
+    segment_volume(model, volume, **options)
     _sync(device)
     array_seconds = time.perf_counter() - started
     with tempfile.TemporaryDirectory() as tmp:
@@ -159,11 +174,15 @@ def bench_volume(backbone, device, shape, batch_size, image_size, num_classes) -
         write_image(volume, VolumeImage(volume, (0.8, 0.8, 1.5), (0, 0, 0), tuple(np.eye(3).ravel())), source)
         started = time.perf_counter()
         image = read_image(source)
-        labels = segment_volume(model, image, batch_size=batch_size, device=device)
+        labels = segment_volume(model, image, **options)
         write_image(labels, image, Path(tmp) / "labels.nii.gz")
         file_seconds = time.perf_counter() - started
-    return {"shape": list(shape), "array_to_labels_s": array_seconds, "file_to_file_s": file_seconds,
-            "slices_per_s": shape[0] / array_seconds}
+    result = {"shape": list(shape), "batch_size": batch_size, "array_to_labels_s": array_seconds,
+              "file_to_file_s": file_seconds, "slices_per_s": shape[0] / array_seconds,
+              "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    if device.type == "cuda":
+        result["peak_gpu_memory_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
+    return result
 
 
 def _sync(device):
@@ -191,8 +210,11 @@ def format_report(report: dict) -> str:
                  f"CLIPSeg {best['clipseg']['slices_per_s']:.2f} ({best['clipseg']['precision']}) = {report['ratio_best']:.2f}x")
     if "volume" in report:
         v = report["volume"]
-        lines.append(f"volume {'x'.join(map(str, v['shape']))}: array→labels {v['array_to_labels_s']:.2f} s "
-                     f"({v['slices_per_s']:.1f} slices/s), file→file {v['file_to_file_s']:.2f} s")
+        memory = (f"peak GPU {v['peak_gpu_memory_mib']:.0f} MiB" if "peak_gpu_memory_mib" in v
+                  else f"peak RSS {v['peak_rss_mib']:.0f} MiB")
+        lines.append(f"volume {'x'.join(map(str, v['shape']))} (batch {v['batch_size']}): array→labels "
+                     f"{v['array_to_labels_s']:.2f} s ({v['slices_per_s']:.1f} slices/s), file→file "
+                     f"{v['file_to_file_s']:.2f} s, {memory}")
     memory_kind = "GPU max_memory_allocated" if report["device"].startswith("cuda") else "process peak RSS"
     lines.append(f"peak memory: {memory_kind}, each side in its own process")
     return "\n".join(lines)

@@ -1,4 +1,4 @@
-"""The ``cotexnet`` command: train, segment, evaluate, concepts, bench, demo.
+"""The ``cotexnet`` command: train, segment, evaluate, postprocess, concepts, bench, demo.
 
 Errors the user can fix (bad data, bad bundle, bad option) print one clear line and exit with code 2;
 ``--json`` prints a machine-readable result on stdout for scripts.
@@ -13,8 +13,9 @@ import sys
 from pathlib import Path
 
 from .atomic import json_default
-from .config import (CONCEPT_BACKENDS, DEFAULT_IMAGE_SIZE, DEVICES, EVALUATION_SPLITS, KD_MODES, KL_FORMS, OPTIMIZERS,
-                     PRECISIONS, SLICE_AXES, VARIANTS, CoTexNetConfig, TrainOptions)
+from .config import (COMPILE_MODES, CONCEPT_BACKENDS, DEFAULT_IMAGE_SIZE, DEVICES, EVALUATION_SPLITS, KD_MODES, KL_FORMS,
+                     OPTIMIZERS, PRECISIONS, PROBABILITY_FORMATS, SLICE_AXES, VARIANTS, CoTexNetConfig, TrainOptions,
+                     validate_planes)
 from .errors import CoTexNetError
 
 
@@ -94,6 +95,37 @@ def _add_device(p, default: str = "auto") -> None:
     p.add_argument("--device", default=default, help=f"{', '.join(DEVICES)} or cuda:N")
 
 
+def _planes(text: str) -> list[str]:
+    try:
+        return validate_planes(text)
+    except CoTexNetError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def _add_inference(p) -> None:
+    """Options of :func:`cotexnet.infer.predict_volume` shared by segment, evaluate and postprocess."""
+    _add_device(p)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--precision", choices=PRECISIONS, default="auto")
+    views = p.add_mutually_exclusive_group()
+    views.add_argument("--axis", choices=SLICE_AXES, help="slice axis (default: the model's)")
+    views.add_argument("--planes", type=_planes, metavar="PLANES",
+                       help="average the class probabilities of passes along these views, e.g. axial,coronal,sagittal "
+                            "(default: the bundle's recommendation, else its slice axis)")
+    p.add_argument("--tta", action="store_true",
+                   help="test-time augmentation: also the flips laterality allows (left-right, pairs swapped)")
+    p.add_argument("--compile", choices=COMPILE_MODES,
+                   help="run the model through torch.compile (reduce-overhead: CUDA graphs)")
+
+
+def _inference_options(args) -> dict:
+    options = dict(batch_size=args.batch_size, device=args.device, precision=args.precision, axis=args.axis,
+                   planes=args.planes, tta=args.tta, compile=args.compile)
+    if hasattr(args, "no_postprocess"):
+        options["postprocess"] = not args.no_postprocess
+    return options
+
+
 def _add_concept_backend(p, prefix: str = "") -> None:
     p.add_argument(f"--{prefix}backend", choices=CONCEPT_BACKENDS, default=_default(TrainOptions, "concept_backend"),
                    help="concept attribute backend")
@@ -154,10 +186,10 @@ def _add_segment(sub) -> None:
     p.add_argument("model", help="model bundle folder")
     p.add_argument("inputs", nargs="+", help="image files or DICOM folders")
     p.add_argument("--out", required=True, help="output folder")
-    _add_device(p)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--precision", choices=PRECISIONS, default="auto")
-    p.add_argument("--axis", choices=SLICE_AXES, help="slice axis (default: the model's)")
+    _add_inference(p)
+    p.add_argument("--no-postprocess", action="store_true", help="skip the bundle's 3D post-processing")
+    p.add_argument("--probabilities", nargs="?", const="uint8", choices=PROBABILITY_FORMATS,
+                   help="also write <name>_prob_<class> maps in the input geometry (uint8 0-255, the default, or float32)")
     p.add_argument("--no-seg-nrrd", action="store_true", help="do not write Slicer .seg.nrrd files")
     p.add_argument("--reference", nargs="+", help="ground-truth label maps, one per input, to report Dice")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
@@ -170,9 +202,9 @@ def _run_segment(args) -> int:
 
     device = resolve_device(args.device)
     model = CoTexNet.from_pretrained(args.model, device=device)
+    options = {**_inference_options(args), "device": device}
     results = segment_files(model, args.inputs, args.out, references=args.reference, seg_nrrd=not args.no_seg_nrrd,
-                            batch_size=args.batch_size, device=device, precision=args.precision, axis=args.axis,
-                            show_progress=not args.json)
+                            probabilities=args.probabilities, show_progress=not args.json, **options)
     failed = [r for r in results if "error" in r]
     if args.json:
         _print_json({"model": args.model, "device": str(device), "results": results})
@@ -193,8 +225,8 @@ def _add_evaluate(sub) -> None:
     p.add_argument("model", help="model bundle folder")
     p.add_argument("data", help="labelled dataset folder")
     p.add_argument("--split", choices=EVALUATION_SPLITS, default="test")
-    _add_device(p)
-    p.add_argument("--batch-size", type=int, default=16)
+    _add_inference(p)
+    p.add_argument("--no-postprocess", action="store_true", help="skip the bundle's 3D post-processing")
     p.add_argument("--json", action="store_true", help="print per-class, mean and per-case results as JSON")
     p.set_defaults(func=_run_evaluate)
 
@@ -202,13 +234,43 @@ def _add_evaluate(sub) -> None:
 def _run_evaluate(args) -> int:
     from .infer import evaluate
 
-    result = evaluate(args.model, args.data, split=args.split, device=args.device, batch_size=args.batch_size,
-                      show_progress=not args.json)
+    result = evaluate(args.model, args.data, split=args.split, show_progress=not args.json, **_inference_options(args))
     if args.json:
         _print_json(result)
     else:
-        print(f"{args.split} split, {len(result['cases'])} case(s)")
+        inference = result["inference"]
+        print(f"{args.split} split, {len(result['cases'])} case(s); planes {','.join(map(str, inference['planes']))}, "
+              f"TTA {'on' if inference['tta'] else 'off'}, post-processing "
+              f"{'on' if inference['postprocessing'] else 'off'}; segmentation {inference['segment_seconds']:.2f} s")
         print(result["table"])
+    return 0
+
+
+# --------------------------------------------------------------------------------------- postprocess
+def _add_postprocess(sub) -> None:
+    p = sub.add_parser("postprocess", help="choose a bundle's 3D post-processing on validation cases and store it",
+                       description="Segment the validation cases of the split the bundle was trained with (or of the "
+                                   "dataset's split) and keep, per class, each step (largest component, island "
+                                   "removal, hole filling) that raises its Dice; the choice goes into config.json. "
+                                   "Training does this by itself at its end.")
+    p.add_argument("model", help="model bundle folder (rewritten in place)")
+    p.add_argument("data", help="the labelled dataset it was trained on")
+    _add_inference(p)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_run_postprocess)
+
+
+def _run_postprocess(args) -> int:
+    from .infer import fit_postprocessing
+
+    report = fit_postprocessing(args.model, args.data, show_progress=not args.json, **_inference_options(args))
+    if args.json:
+        _print_json(report)
+    else:
+        for name, steps in report["classes"].items():
+            kept = [f"{key}={value}" if key == "min_volume_mm3" else key for key, value in steps.items() if value]
+            print(f"{name}: {', '.join(kept) or 'none'} (validation Dice {report['dice_before'][name]:.5f} -> "
+                  f"{report['dice_after'][name]:.5f})")
     return 0
 
 
@@ -273,6 +335,8 @@ def _add_bench(sub) -> None:
     p.add_argument("--iterations", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--volume", help="also time a synthetic CT volume end to end, e.g. 300x512x512")
+    p.add_argument("--volume-batch-size", type=int, help="slices per batch for --volume (default: 64 on CUDA, else --batch-size)")
+    p.add_argument("--compile", choices=COMPILE_MODES, help="torch.compile both sides (reduce-overhead: CUDA graphs)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_run_bench)
 
@@ -284,7 +348,7 @@ def _run_bench(args) -> int:
     if shape is not None and len(shape) != 3:
         raise CoTexNetError(f"--volume: expected DxHxW, got {args.volume!r}")
     report = bench(args.backbone, args.device, args.batch_size, args.image_size, args.classes, args.precision,
-                   args.iterations, args.warmup, shape)
+                   args.iterations, args.warmup, shape, args.volume_batch_size, args.compile)
     if args.json:
         _print_json(report)
     else:
@@ -335,7 +399,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"cotexnet {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging and full tracebacks")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_train, _add_segment, _add_evaluate, _add_concepts, _add_bench, _add_demo):
+    for add in (_add_train, _add_segment, _add_evaluate, _add_postprocess, _add_concepts, _add_bench, _add_demo):
         add(sub)
     return parser
 

@@ -39,11 +39,20 @@ ATTENTIONS = ("sdpa", "eager")
 CONCEPT_BACKENDS = ("geometric", "llava", "openai")
 #: Inference/training arithmetic: ``auto`` is bf16 (fp16 without bf16) on a GPU and fp32 on the CPU.
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+#: ``torch.compile`` modes inference may run the model under; ``reduce-overhead`` captures CUDA graphs.
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
 #: Device names; ``cuda:N`` picks the N-th GPU.
 DEVICES = ("auto", "cpu", "cuda")
 OPTIMIZERS = ("adam", "adamw")
 #: What ``cotexnet evaluate`` scores: one part of the split, or every labelled case.
 EVALUATION_SPLITS = ("test", "val", "train", "all")
+#: Island sizes (mm3) the post-processing chooser tries per class (:mod:`cotexnet.postprocess`).
+POSTPROCESSING_MIN_VOLUMES_MM3 = (10.0, 100.0, 1000.0, 10000.0)
+#: Post-processing steps of one class and their types.
+POSTPROCESSING_STEPS = {"largest_component": bool, "min_volume_mm3": float, "fill_holes": bool}
+#: How ``segment --probabilities`` stores per-class probabilities: 0..255 in 8 bits, or 32-bit floats
+#: (NIfTI, NRRD and MHA hold no 16-bit float, so half precision cannot be written as an image).
+PROBABILITY_FORMATS = ("uint8", "float32")
 
 #: Colors (RGB in 0..1) given to classes in order when a config names none; distinct on Slicer's
 #: dark and light backgrounds.
@@ -87,6 +96,11 @@ class CoTexNetConfig:
     slice_axis: str = "axial"
     modality: str = "MR"
     intensity: dict[str, Any] = field(default_factory=lambda: {"mode": "percentile", "lower": 0.5, "upper": 99.5})
+    #: Views whose class probabilities inference averages (``None``: ``slice_axis`` alone); a
+    #: recommendation that ``--planes`` overrides.
+    planes: list[str] | None = None
+    #: Per class name, the 3D post-processing steps chosen on validation (``None``: none chosen).
+    postprocessing: dict[str, dict[str, Any]] | None = None
     #: transformers ``CLIPSegConfig.to_dict()`` of the backbone, recorded so a bundle rebuilds the
     #: architecture without fetching the backbone again.
     backbone_config: dict[str, Any] | None = None
@@ -139,6 +153,10 @@ class CoTexNetConfig:
                 "use_real_text: real-text prompts need the text encoder; set use_real_text to false "
                 "when use_text_encoder is false"
             )
+        if self.planes is not None:
+            self.planes = validate_planes(self.planes)
+        if self.postprocessing is not None:
+            self.postprocessing = validate_postprocessing(self.postprocessing, self.classes)
         if not isinstance(self.intensity, dict) or "mode" not in self.intensity:
             raise ConfigError(f"intensity: expected a dict with a 'mode' key, got {self.intensity!r}")
         if not isinstance(self.format_version, int) or self.format_version < 1:
@@ -172,7 +190,13 @@ class CoTexNetConfig:
         return self.variant == "clipseg" or (self.use_text_module and self.use_text_encoder)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """The fields as JSON-ready values; optional fields added after the first release are left out while
+        unset, so a bundle that does not use them is written exactly as that release wrote it."""
+        data = asdict(self)
+        for name in ("planes", "postprocessing"):
+            if data[name] is None:
+                del data[name]
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "config") -> "CoTexNetConfig":
@@ -211,6 +235,43 @@ class CoTexNetConfig:
             raise ConfigError(f"{path}: not valid JSON ({error})") from None
         return cls.from_dict(data, source=str(path))
 
+
+def validate_planes(planes) -> list[str]:
+    """A non-empty list of distinct view names (a comma-separated string is split)."""
+    if isinstance(planes, str):
+        planes = [p.strip() for p in planes.split(",") if p.strip()]
+    if not isinstance(planes, (list, tuple)) or not planes:
+        raise ConfigError(f"planes: expected a non-empty list of {', '.join(SLICE_AXES)}, got {planes!r}")
+    unknown = [p for p in planes if p not in SLICE_AXES]
+    if unknown:
+        raise ConfigError(f"planes: {unknown[0]!r} is not one of {', '.join(SLICE_AXES)}")
+    if len(set(planes)) != len(planes):
+        raise ConfigError(f"planes: each view at most once, got {list(planes)}")
+    return list(planes)
+
+
+def validate_postprocessing(choice, classes) -> dict[str, dict[str, Any]]:
+    """``{class name: {largest_component, min_volume_mm3, fill_holes}}`` for known classes, types checked."""
+    if not isinstance(choice, dict):
+        raise ConfigError(f"postprocessing: expected an object keyed by class name, got {type(choice).__name__}")
+    checked = {}
+    for name, steps in choice.items():
+        if name not in classes:
+            raise ConfigError(f"postprocessing: {name!r} is not one of the classes {list(classes)}")
+        if not isinstance(steps, dict) or set(steps) - set(POSTPROCESSING_STEPS):
+            raise ConfigError(f"postprocessing[{name!r}]: expected keys among {', '.join(POSTPROCESSING_STEPS)}, "
+                              f"got {steps!r}")
+        out = {"largest_component": False, "min_volume_mm3": 0.0, "fill_holes": False}
+        for key, value in steps.items():
+            if POSTPROCESSING_STEPS[key] is bool and not isinstance(value, bool):
+                raise ConfigError(f"postprocessing[{name!r}].{key}: expected true or false, got {value!r}")
+            if POSTPROCESSING_STEPS[key] is float:
+                if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+                    raise ConfigError(f"postprocessing[{name!r}].{key}: expected a volume >= 0 in mm3, got {value!r}")
+                value = float(value)
+            out[key] = value
+        checked[name] = out
+    return checked
 
 
 @dataclass

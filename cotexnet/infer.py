@@ -1,27 +1,32 @@
 """Slice-wise volume inference: exact geometry, bounded memory, progress and cancel.
 
-A volume is cut into 2D slices along the model's axis, normalised with the bundle's intensity
-settings, resized to the model size and segmented in batches; the *logits* are resized back to each
-slice's size (never nearest-neighbour on labels) and reduced to labels at once, so memory holds one
-batch of logits, never a volume's. The label map has exactly the input's shape and is written with
-exactly its geometry.
+A volume goes to the device once, is cut there into 2D slices along the model's axis, normalised with
+the bundle's intensity settings, resized to the model size and segmented in batches; the *logits* are
+resized back to each slice's size (never nearest-neighbour on labels). With one pass they are reduced
+to labels at once, so memory holds one batch of logits, never a volume's; several passes (planes,
+test-time flips) or a request for probabilities average softmax probabilities in one ``(n+1, *spatial)``
+volume first. The label map has exactly the input's shape and is written with exactly its geometry;
+the bundle's 3D post-processing (:mod:`cotexnet.postprocess`) follows unless switched off.
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .config import EVALUATION_SPLITS, PRECISIONS
+from .config import COMPILE_MODES, EVALUATION_SPLITS, PRECISIONS, PROBABILITY_FORMATS, validate_planes
 from .data import (IntensityNormalization, VolumeImage, image_suffix, read_image, read_label_map, write_image,
                    write_segmentation_nrrd)
-from .data.slicing import array_slice_axis, from_slices, resize_slices, to_slices
+from .data.laterality import flip_rule, swap_channels
+from .data.slicing import array_slice_axis, resize_slices
 from .errors import Cancelled, CoTexNetError, DataError
 
 logger = logging.getLogger(__name__)
@@ -78,29 +83,76 @@ def _check_volume(array: np.ndarray, rgb: bool) -> None:
         raise DataError(f"the image holds {int(np.size(array) - np.isfinite(array).sum())} NaN or infinite voxel(s)")
 
 
-def segment_volume(
+@dataclass
+class VolumePrediction:
+    """What :func:`predict_volume` returns: the label map and, when asked, the class probabilities.
+
+    ``probabilities`` is ``float32`` ``(n+1, *spatial)`` (channel 0 = background), the average over
+    every plane and test-time view; ``labels`` is its arg-max, post-processed when the bundle says so.
+    """
+
+    labels: np.ndarray
+    probabilities: np.ndarray | None = None
+
+    @property
+    def confidence(self) -> np.ndarray | None:
+        """Per voxel, the probability of the most likely class (``None`` without probabilities)."""
+        return None if self.probabilities is None else self.probabilities.max(axis=0)
+
+
+@dataclass(frozen=True)
+class AugmentedView:
+    """One test-time pass: slice axes flipped (0 = rows, 1 = columns) on the way in and back on the way
+    out, and the class pairs whose output channels the flip swaps (left/right partners)."""
+
+    flip_dims: tuple[int, ...] = ()
+    swapped_pairs: tuple[tuple[int, int], ...] = ()
+
+
+def resolve_planes(config, planes: str | Sequence[str] | None = None, axis: str | int | None = None) -> list:
+    """The views to average: ``planes`` if given, else ``axis``, else the bundle's ``planes``, else its ``slice_axis``."""
+    if planes is not None and axis is not None:
+        raise CoTexNetError("give either planes or axis, not both")
+    if planes is not None:
+        return validate_planes(planes)
+    if axis is not None:
+        return [axis]
+    return list(config.planes or [config.slice_axis])
+
+
+def predict_volume(
     model,
     volume: np.ndarray | VolumeImage,
     *,
     direction: Sequence[float] | None = None,
+    spacing: Sequence[float] | None = None,
     axis: str | int | None = None,
+    planes: str | Sequence[str] | None = None,
+    tta: bool = False,
+    postprocess: bool = True,
+    probabilities: bool = False,
     rgb: bool | None = None,
     batch_size: int = 16,
     device: str | torch.device = "auto",
     precision: str = "auto",
+    compile: str | None = None,
     progress: Callable[[int, int], None] | None = None,
     cancel: Callable[[], bool] | threading.Event | None = None,
-) -> np.ndarray:
-    """Segment a 2D image or 3D volume; returns a ``uint8`` label map of the same spatial shape.
+) -> VolumePrediction:
+    """Segment a 2D image or 3D volume: labels of the same spatial shape, and probabilities if asked.
 
     ``volume`` is a :class:`~cotexnet.data.VolumeImage` or an array in SimpleITK order (3D ``(z, y, x)``,
-    2D ``(y, x)`` or ``(y, x, 3)`` RGB). ``axis`` is a view name (default: the model's ``slice_axis``,
-    matched to the volume's ``direction``) or an array axis. ``progress(done, total)`` is called after
-    each batch; ``cancel`` (a callable or :class:`threading.Event`) is checked between batches and
-    raises :class:`~cotexnet.errors.Cancelled`. The model is moved to ``device`` and put in eval mode.
+    2D ``(y, x)`` or ``(y, x, 3)`` RGB); ``spacing`` (x, y, z mm) sizes post-processing islands. One pass
+    per view in ``planes`` (see :func:`resolve_planes`; ``axis`` may also be an array axis) and, with
+    ``tta``, per flip that laterality allows; their softmax probabilities are averaged on the input grid
+    before the arg-max. ``postprocess`` applies the bundle's stored 3D post-processing. ``compile``
+    (``default``, ``reduce-overhead`` = CUDA graphs, ``max-autotune``) runs the model through
+    ``torch.compile``. ``progress(done, total)`` is called after each batch; ``cancel`` (a callable or
+    :class:`threading.Event`) is checked between batches and raises :class:`~cotexnet.errors.Cancelled`.
     """
     if isinstance(volume, VolumeImage):
         direction = volume.direction if direction is None else direction
+        spacing = volume.spacing if spacing is None else spacing
         rgb = volume.is_rgb if rgb is None else rgb
         volume = volume.array
     array = np.asarray(volume)
@@ -111,37 +163,143 @@ def segment_volume(
     _check_volume(array, rgb)
     if batch_size < 1:
         raise CoTexNetError(f"batch_size: expected a positive integer, got {batch_size}")
+    if compile is not None and compile not in COMPILE_MODES:
+        raise CoTexNetError(f"compile: expected one of {', '.join(COMPILE_MODES)}, got {compile!r}")
     if rgb and normalization.mode != "rgb":  # a photo for a grayscale model: its luminance
         array, rgb = array.astype(np.float32) @ LUMA, False
-
-    view = axis if isinstance(axis, int) else (axis or config.slice_axis)
-    slice_axis = array_slice_axis(array.ndim - (1 if rgb else 0), direction, view)
-    slices = to_slices(array, slice_axis)
+    spatial_ndim = array.ndim - (1 if rgb else 0)
+    views = resolve_planes(config, planes, axis)
+    slice_axes = [array_slice_axis(spatial_ndim, direction, view) for view in views]
+    if spatial_ndim == 2:
+        slice_axes = slice_axes[:1]  # a 2D image has one plane
 
     device = resolve_device(device)
-    dtype = autocast_dtype(device, precision)
-    model.to(device).eval()
     low, high = normalization.bounds(array)
-    scale = 1.0 / (high - low) if high > low else 0.0
-    height, width = slices.shape[1:3]
-    labels = np.empty(slices.shape[:3], dtype=np.uint8)
-    total = len(slices)
-    autocast = torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
+    runner = _Runner(model, device, precision, batch_size, compile)
+    # The whole volume goes to the device once (pinned and asynchronous on a GPU) and is normalised
+    # there; on the CPU this is the array itself, not a copy.
+    voxels = runner.upload(array)
+    passes = [(slice_axis, augmented) for slice_axis in slice_axes
+              for augmented in augmented_views(config.classes, slice_axis, direction, tta)]
+    spatial = tuple(array.shape[:spatial_ndim])
+    total = sum(1 if a is None else spatial[a] for a, _ in passes)
+    done = 0
+
+    def step(count: int) -> None:
+        nonlocal done
+        done += count
+        if progress is not None:
+            progress(done, total)
+
     with torch.inference_mode():
-        for start in range(0, total, batch_size):
+        if len(passes) == 1 and not probabilities:  # one pass: labels batch by batch, no probability volume
+            slice_axis, augmented = passes[0]
+            labels = torch.empty(spatial, dtype=torch.uint8, device=device)
+            target = _slice_view(labels, slice_axis)
+            for start, logits in runner.logits(voxels, slice_axis, rgb, low, high, augmented, cancel):
+                target[start : start + len(logits)] = logits.argmax(dim=1).to(torch.uint8)
+                step(len(logits))
+            probs = None
+        else:
+            probs = torch.zeros((config.num_classes + 1, *spatial), dtype=torch.float32, device=device)
+            for slice_axis, augmented in passes:
+                target = _slice_view(probs, slice_axis, channels=True)
+                for start, logits in runner.logits(voxels, slice_axis, rgb, low, high, augmented, cancel):
+                    target[:, start : start + len(logits)] += logits.softmax(dim=1).transpose(0, 1)
+                    step(len(logits))
+            probs /= len(passes)
+            labels = probs.argmax(dim=0).to(torch.uint8)
+    labels = labels.cpu().numpy()
+    if postprocess and config.postprocessing:
+        from .postprocess import apply_postprocessing
+
+        labels = apply_postprocessing(labels, config.postprocessing, config.classes, spacing)
+    return VolumePrediction(labels, None if probs is None else probs.cpu().numpy())
+
+
+def segment_volume(model, volume: np.ndarray | VolumeImage, **options) -> np.ndarray:
+    """Segment a 2D image or 3D volume; returns a ``uint8`` label map of the same spatial shape.
+
+    The options are those of :func:`predict_volume` (``probabilities`` aside).
+    """
+    return predict_volume(model, volume, **options).labels
+
+
+def augmented_views(classes: Sequence[str], slice_axis: int | None, direction, tta: bool) -> list[AugmentedView]:
+    """The passes along one plane: the identity and, with ``tta``, each combination of the flips that
+    :func:`cotexnet.data.laterality.flip_rule` allows (the training augmentation's rule: only the
+    left-right axis, with lateral pairs swapped, and none when a lateral class has no partner)."""
+    views = [AugmentedView()]
+    if tta:
+        rule = flip_rule(slice_axis, direction, list(classes))
+        for count in range(1, len(rule.axes) + 1):
+            for dims in itertools.combinations(rule.axes, count):
+                views.append(AugmentedView(dims, tuple(rule.pairs_for(dims))))
+    return views
+
+
+def _slice_view(volume: torch.Tensor, slice_axis: int | None, channels: bool = False) -> torch.Tensor:
+    """A view of ``volume`` (``(C, *spatial)`` with ``channels``) with the slices first (after the channels)."""
+    offset = 1 if channels else 0
+    if slice_axis is None:
+        return volume.unsqueeze(offset)
+    return volume.movedim(slice_axis + offset, offset)
+
+
+class _Runner:
+    """Batches of slices through the model on one device: normalisation and resizing on the device,
+    reduced precision by autocast, an optional compiled model with fixed batch shapes."""
+
+    def __init__(self, model, device: torch.device, precision: str, batch_size: int, compile: str | None):
+        self.device, self.batch_size = device, batch_size
+        self.dtype = autocast_dtype(device, precision)
+        self.image_size = model.config.image_size
+        model.to(device).eval()
+        self.forward = _compiled(model, compile) if compile else model
+        self.pad = compile is not None  # compiled graphs (and CUDA graphs) want one batch shape
+
+    def upload(self, array: np.ndarray) -> torch.Tensor:
+        tensor = torch.from_numpy(np.ascontiguousarray(array))
+        if self.device.type == "cuda":
+            return tensor.pin_memory().to(self.device, non_blocking=True)
+        return tensor
+
+    def logits(self, voxels: torch.Tensor, slice_axis, rgb: bool, low: float, high: float, augmented: AugmentedView,
+               cancel) -> Iterator[tuple[int, torch.Tensor]]:
+        """(first slice index, float32 logits ``(B, n+1, H, W)`` at the slices' own size) per batch."""
+        slices = _slice_view(voxels, slice_axis)
+        scale = 1.0 / (high - low) if high > low else 0.0
+        height, width = slices.shape[1:3]
+        autocast = torch.autocast(self.device.type, dtype=self.dtype) if self.dtype is not None else nullcontext()
+        flip = tuple(d + 2 for d in augmented.flip_dims)  # slice dims (H=0, W=1) -> batch dims
+        for start in range(0, len(slices), self.batch_size):
             if _is_cancelled(cancel):
                 raise Cancelled("segmentation cancelled")
-            chunk = torch.from_numpy(np.ascontiguousarray(slices[start : start + batch_size])).to(device)
-            chunk = ((chunk.float() - low) * scale).clamp_(0.0, 1.0) if scale else torch.zeros_like(chunk, dtype=torch.float32)
+            chunk = slices[start : start + self.batch_size]
+            count = len(chunk)
+            chunk = ((chunk.float() - low) * scale).clamp_(0.0, 1.0) if scale else torch.zeros(chunk.shape, device=chunk.device)
             chunk = chunk.permute(0, 3, 1, 2) if rgb else chunk.unsqueeze(1)
-            images = resize_slices(chunk, config.image_size)
+            if flip:
+                chunk = chunk.flip(flip)
+            images = resize_slices(chunk, self.image_size)
+            if self.pad and count < self.batch_size:
+                images = torch.cat([images, images.new_zeros((self.batch_size - count, *images.shape[1:]))])
             with autocast:
-                logits = model(images)
+                logits = self.forward(images)[:count]
             logits = resize_slices(logits.float(), (height, width))
-            labels[start : start + len(chunk)] = logits.argmax(dim=1).to(torch.uint8).cpu().numpy()
-            if progress is not None:
-                progress(min(start + batch_size, total), total)
-    return from_slices(labels, slice_axis)
+            if flip:
+                logits = logits.flip(flip)
+            if augmented.swapped_pairs:
+                logits = swap_channels(logits, augmented.swapped_pairs, axis=1)
+            yield start, logits
+
+
+def _compiled(model, mode: str):
+    """``torch.compile(model, mode=...)``, built once per model and mode and kept on the model."""
+    cache = model.__dict__.setdefault("_cotexnet_compiled", {})
+    if mode not in cache:
+        cache[mode] = torch.compile(model, mode=mode)
+    return cache[mode]
 
 
 def output_paths(input_path: Path, out_dir: Path) -> tuple[Path, Path]:
@@ -153,6 +311,23 @@ def output_paths(input_path: Path, out_dir: Path) -> tuple[Path, Path]:
     return out_dir / f"{stem}_labels{label_suffix}", out_dir / f"{stem}.seg.nrrd"
 
 
+def probability_paths(input_path: Path, out_dir: Path, classes: Sequence[str]) -> list[Path]:
+    """Where ``segment --probabilities`` writes each class's map: ``<stem>_prob_<class>`` beside the labels."""
+    label_path, _ = output_paths(input_path, out_dir)
+    stem, suffix = label_path.name.split("_labels", 1)
+    safe = ["".join(ch if ch.isalnum() else "_" for ch in name) for name in classes]
+    return [out_dir / f"{stem}_prob_{name}{suffix}" for name in safe]
+
+
+def probability_image(probabilities: np.ndarray, kind: str) -> np.ndarray:
+    """One probability map as stored: ``uint8`` 0..255 (rounded) or ``float32`` in 0..1."""
+    if kind not in PROBABILITY_FORMATS:
+        raise CoTexNetError(f"probabilities: expected one of {', '.join(PROBABILITY_FORMATS)}, got {kind!r}")
+    if kind == "uint8":
+        return np.rint(np.clip(probabilities, 0.0, 1.0) * 255.0).astype(np.uint8)
+    return probabilities.astype(np.float32, copy=False)
+
+
 def segment_file(
     model,
     path: str | Path,
@@ -160,12 +335,15 @@ def segment_file(
     *,
     seg_nrrd: bool = True,
     reference: str | Path | None = None,
+    probabilities: str | None = None,
     **options,
 ) -> dict:
     """Segment one image file; write its label map (input geometry) and optionally a ``.seg.nrrd``.
 
     With ``reference`` (a ground-truth label map of the same image) the Dice of each class is
-    reported too. ``options`` go to :func:`segment_volume`. Returns what was written and measured.
+    reported too. ``probabilities`` (``uint8`` or ``float32``) also writes each class's probability
+    map on the input's geometry. ``options`` go to :func:`predict_volume`. Returns what was written and
+    measured.
     """
     from .metrics import segmentation_metrics
 
@@ -175,7 +353,10 @@ def segment_file(
     truth = None
     if reference is not None:
         truth = read_label_map(reference, reference=image, num_classes=model.config.num_classes)
-    labels = segment_volume(model, image, **options)
+    if probabilities is not None:
+        probability_image(np.zeros(1, np.float32), probabilities)  # a wrong format fails before the work
+    prediction = predict_volume(model, image, probabilities=probabilities is not None, **options)
+    labels = prediction.labels
     label_path, seg_path = output_paths(path, out_dir)
     write_image(labels, image, label_path)
     result = {"input": str(path), "labels": str(label_path), "shape": list(labels.shape),
@@ -183,6 +364,15 @@ def segment_file(
     if seg_nrrd:
         write_segmentation_nrrd(labels, image, seg_path, model.config.classes, model.config.colors)
         result["segmentation"] = str(seg_path)
+    if probabilities is not None:
+        written = {}
+        for index, (name, target) in enumerate(zip(model.config.classes,
+                                                   probability_paths(path, out_dir, model.config.classes)), start=1):
+            written[name] = str(write_image(probability_image(prediction.probabilities[index], probabilities), image, target))
+        result["probabilities"] = written
+        confidence = prediction.confidence
+        result["mean_confidence"] = {name: float(confidence[labels == i].mean()) if (labels == i).any() else None
+                                     for i, name in enumerate(model.config.classes, start=1)}
     if truth is not None:
         scores = segmentation_metrics(labels, truth, model.config.num_classes, spacing=image.spacing[::-1])
         result["dice"] = {name: scores["per_class"][i]["dice"] for i, name in enumerate(model.config.classes)}
@@ -262,15 +452,67 @@ def evaluate(
         case_ids = (info["split"] if same_data else split_cases(index)).get(split, [])
     if not case_ids:
         raise DataError(f"the '{split}' split of this dataset holds no case", index.root)
-    rows = []
+    rows, seconds = [], 0.0
     for case_id in tqdm(case_ids, desc=f"evaluating {split}", unit="case", disable=not show_progress):
         case = index.case(case_id)
         image = read_image(case.image_path)
         truth = read_label_map(case.label_path, reference=image, classes=index.classes)
+        started = time.perf_counter()
         labels = segment_volume(model, image, **options)
+        seconds += time.perf_counter() - started
         scores = segmentation_metrics(labels, truth, config.num_classes, spacing=image.spacing[::-1])
         rows.append({"case": case_id, **scores})
     summary = aggregate(rows)
+    planes = resolve_planes(config, options.get("planes"), options.get("axis"))
     return {"model": str(model_path), "data": str(index.root), "split": split, "classes": config.classes,
             "per_class": summary["per_class"], "mean": summary["mean"], "cases": rows,
-            "table": format_table(summary, config.classes)}
+            "table": format_table(summary, config.classes),
+            "inference": {"planes": planes, "tta": bool(options.get("tta", False)),
+                          "postprocessing": config.postprocessing if options.get("postprocess", True) else None,
+                          "segment_seconds": round(seconds, 3)}}
+
+
+def fit_postprocessing(model_path: str | Path, data: str | Path | None = None, *, case_ids: Sequence[str] | None = None,
+                       index=None, show_progress: bool = False, **options) -> dict:
+    """Choose a bundle's 3D post-processing on its validation cases and store it in its ``config.json``.
+
+    The cases are ``case_ids`` of ``index`` (the Trainer passes its own), else the ``val`` part of the
+    split the bundle was trained with on ``data``. They are segmented as the bundle will be used (its
+    planes, ``options`` of :func:`predict_volume`), without post-processing; the choice
+    (:func:`cotexnet.postprocess.choose_postprocessing`) replaces ``config.json`` atomically and its
+    validation Dice before and after goes to ``training.json``. Returns the chooser's report.
+    """
+    from tqdm.auto import tqdm
+
+    from .atomic import write_json_atomic
+    from .bundle import CONFIG_NAME, TRAINING_NAME, read_training_info
+    from .data import load_dataset, split_cases
+    from .model import CoTexNet
+    from .postprocess import choose_postprocessing
+
+    model = CoTexNet.from_pretrained(model_path)
+    config = model.config
+    if index is None:
+        if data is None:
+            raise CoTexNetError("fit_postprocessing: give the dataset folder or an index")
+        index = load_dataset(data, None if (Path(data) / "dataset.json").is_file() else config.classes)
+    if case_ids is None:
+        info = read_training_info(model_path)
+        same_data = info.get("data") == str(Path(index.root).resolve()) and "split" in info
+        case_ids = (info["split"] if same_data else split_cases(index)).get("val", [])
+    if not case_ids:
+        raise DataError("no validation case to choose post-processing on", index.root)
+    predictions, truths, spacings = [], [], []
+    for case_id in tqdm(list(case_ids), desc="post-processing", unit="case", disable=not show_progress):
+        case = index.case(case_id)
+        image = read_image(case.image_path)
+        truths.append(read_label_map(case.label_path, reference=image, classes=index.classes))
+        predictions.append(segment_volume(model, image, postprocess=False, **options))
+        spacings.append(image.spacing)
+    report = choose_postprocessing(predictions, truths, config.classes, spacings)
+    config.postprocessing = report["classes"]
+    config.to_json_file(Path(model_path) / CONFIG_NAME)
+    info = read_training_info(model_path)
+    info["postprocessing"] = {**report, "cases": list(case_ids)}
+    write_json_atomic(Path(model_path) / TRAINING_NAME, info)
+    return report

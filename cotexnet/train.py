@@ -44,7 +44,7 @@ from .data import IntensityNormalization, load_dataset, save_split, split_cases
 from .data.augment import augment_batch
 from .data.slice_dataset import SliceDataset
 from .errors import CoTexNetError, DataError
-from .infer import autocast_dtype, resolve_device
+from .infer import autocast_dtype, fit_postprocessing, resolve_device
 from .losses import CoTexNetLoss
 from .metrics import DatasetDice
 from .model import CoTexNet
@@ -494,6 +494,8 @@ class Trainer:
         if not (self.best_dir / "config.json").is_file() and self.is_main:
             # Stopped before the first validation: the current weights are the best there are.
             self.model.save_pretrained(self.best_dir, training_info=self.training_info())
+        if self.is_main and self.split.get("val"):  # 3D post-processing chosen on validation (cotexnet.postprocess)
+            fit_postprocessing(self.best_dir, index=self.index, case_ids=self.split["val"], device=self.device)
         self.emit("done", bundle=str(self.best_dir), best_val_dice=self.best if self.best > -math.inf else None,
                   stopped=self.stopped, epoch=self.epoch)
         return self.best_dir

@@ -26,7 +26,7 @@ PROTOCOL = 1
 
 
 class ModelCache:
-    """The last loaded bundle, reused while its folder, device and weights file stay the same.
+    """The last loaded bundle, reused while its folder, device, weights and config files stay the same.
 
     ``loads`` counts real loads, so a caller can tell a reused model from a reloaded one.
     """
@@ -38,14 +38,15 @@ class ModelCache:
         self.loads = 0
 
     def get(self, directory: str | os.PathLike, device: str = "auto"):
-        from .bundle import WEIGHTS_NAME
+        from .bundle import CONFIG_NAME, WEIGHTS_NAME
         from .infer import resolve_device
         from .model import CoTexNet
 
         path = Path(directory).expanduser().resolve()
         resolved = str(resolve_device(device))
-        weights = path / WEIGHTS_NAME
-        key = (str(path), resolved, weights.stat().st_mtime_ns if weights.is_file() else None)
+        # The config changes alone when post-processing is chosen after training: it counts too.
+        versions = tuple(f.stat().st_mtime_ns if f.is_file() else None for f in (path / WEIGHTS_NAME, path / CONFIG_NAME))
+        key = (str(path), resolved, versions)
         with self._lock:
             if self._model is None or self._key != key:
                 self._key = self._model = None  # free the old model before loading the next one
@@ -83,6 +84,10 @@ def segment_array(
     direction: Sequence[float],
     *,
     axis: str | None = None,
+    planes: Sequence[str] | None = None,
+    tta: bool = False,
+    postprocess: bool = True,
+    confidence: bool = False,
     batch_size: int = 16,
     device: str = "auto",
     concepts: bool = True,
@@ -91,22 +96,27 @@ def segment_array(
     progress: Callable[[int, int], None] | None = None,
     cancel=None,
     log: Callable[[str], None] | None = None,
-) -> tuple[np.ndarray, list | None]:
+) -> tuple[np.ndarray, list | None, np.ndarray | None]:
     """Segments a (z, y, x[, c]) volume and describes its classes: the GUI's whole engine step.
 
-    Returns a ``uint8`` label map of shape ``volume.shape[:3]`` and the concept records of
-    :func:`cotexnet.concepts.describe` (None with ``concepts=False``). ``spacing``/``direction`` are in
+    Returns a ``uint8`` label map of shape ``volume.shape[:3]``, the concept records of
+    :func:`cotexnet.concepts.describe` (None with ``concepts=False``; with ``confidence`` each record
+    also holds ``mean_confidence``, the class's mean top probability) and, with ``confidence``, the
+    ``float32`` confidence map (each voxel's top class probability) of the same shape, else None.
+    ``planes``, ``tta`` and ``postprocess`` are those of :func:`cotexnet.infer.predict_volume`. ``spacing``/``direction`` are in
     SimpleITK order (x, y, z; row-major LPS 3x3); the direction goes to inference so that "axial" means
     the patient's axial plane whatever the volume's orientation. A 2D image gets its in-plane spacing and
     no 3D direction for its concepts.
     """
-    from .infer import _is_cancelled, segment_volume
+    from .infer import _is_cancelled, predict_volume
 
     image, rgb = engine_input(volume)
     if _is_cancelled(cancel):
         raise Cancelled("cancelled by the user")
-    labels = segment_volume(model, image, direction=direction, axis=axis, rgb=rgb, batch_size=batch_size,
-                            device=device, progress=progress, cancel=cancel)
+    prediction = predict_volume(model, image, direction=direction, spacing=spacing, axis=axis, planes=planes, tta=tta,
+                                postprocess=postprocess, probabilities=confidence, rgb=rgb, batch_size=batch_size,
+                                device=device, progress=progress, cancel=cancel)
+    labels, certainty = prediction.labels, prediction.confidence
     records = None
     if concepts:
         from .concepts import describe
@@ -119,7 +129,13 @@ def segment_array(
         config = model.config
         records = describe(image, labels.reshape(spatial_shape), config.classes, keywords=config.keywords,
                            backend=concept_backend, spacing=spacing3, direction=direction3, **(concept_options or {}))
-    return labels.reshape(volume.shape[:3]).astype(np.uint8, copy=False), records
+        if certainty is not None:
+            for index, record in enumerate(records, start=1):
+                inside = labels == index
+                record["mean_confidence"] = round(float(certainty[inside].mean()), 4) if inside.any() else None
+    if certainty is not None:
+        certainty = certainty.reshape(volume.shape[:3]).astype(np.float32, copy=False)
+    return labels.reshape(volume.shape[:3]).astype(np.uint8, copy=False), records, certainty
 
 
 def device_info() -> dict:
@@ -207,8 +223,10 @@ class Worker:
         model = self.models.get(request["model"], request.get("device", "auto"))
         self.send("log", request_id, text=f"Model {Path(request['model']).name} ready ({self.models.loads} load(s) "
                                            f"in this worker)")
-        labels, records = segment_array(
+        labels, records, certainty = segment_array(
             model, volume, request["spacing"], request["direction"], axis=request.get("axis"),
+            planes=request.get("planes"), tta=bool(request.get("tta", False)),
+            postprocess=bool(request.get("postprocess", True)), confidence=bool(request.get("confidence", False)),
             batch_size=int(request.get("batch_size", 16)), device=request.get("device", "auto"),
             concepts=bool(request.get("concepts", True)), concept_backend=request.get("concept_backend", "geometric"),
             concept_options=request.get("concept_options"),
@@ -216,11 +234,20 @@ class Worker:
             log=lambda text: self.send("log", request_id, text=text),
         )
         output = Path(request["output"])
-        partial = output.with_name(output.name + ".partial.npy")
-        np.save(partial, labels)
-        os.replace(partial, output)
-        return {"output": str(output), "shape": list(labels.shape), "concepts": records,
-                "model_loads": self.models.loads, "model_id": id(model)}
+        _save_npy(output, labels)
+        reply = {"output": str(output), "shape": list(labels.shape), "concepts": records,
+                 "model_loads": self.models.loads, "model_id": id(model)}
+        if certainty is not None:
+            reply["confidence"] = str(_save_npy(output.with_name(output.stem + "_confidence.npy"), certainty))
+        return reply
+
+
+def _save_npy(path: Path, array: np.ndarray) -> Path:
+    """``np.save`` under a temporary name, then renamed: the client never reads half a file."""
+    partial = path.with_name(path.name + ".partial.npy")
+    np.save(partial, array)
+    os.replace(partial, path)
+    return path
 
 
 def main() -> int:

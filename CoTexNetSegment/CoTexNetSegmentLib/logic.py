@@ -19,7 +19,7 @@ import numpy as np
 
 import slicer
 
-from cotexnet.config import CONCEPT_BACKENDS, DEVICES, SLICE_AXES  # plain Python: the GUI builds before torch exists
+from cotexnet.config import CONCEPT_BACKENDS, DEVICES, SLICE_AXES, validate_planes  # plain Python: no torch needed
 
 from . import mrml
 from .editing import ModifySegment, applyPerSegment
@@ -40,7 +40,13 @@ CONCEPT_COLUMNS = (
     ("location", "Location"),
     ("prompt", "Prompt"),
     ("sources", "Source"),
+    ("mean_confidence", "Mean confidence"),
 )
+#: Node reference from a segmentation node to its confidence volume (top class probability per voxel).
+CONFIDENCE_REFERENCE_ROLE = "CoTexNetConfidence"
+#: Colour table of the confidence overlay (a Slicer built-in: blue = unsure, red = sure) and its opacity.
+CONFIDENCE_COLOR_NODE_ID = "vtkMRMLColorTableNodeFileColdToHotRainbow.txt"
+CONFIDENCE_OPACITY = 0.4
 #: Node reference (and empty parameter) of the module's result, as ``parameterNodeWrapper`` stores a node
 #: field (Slicer's Base/Python/slicer/parameterNodeWrapper/serializers.py, ``NodeSerializer.write``).
 OUTPUT_SEGMENTATION_PARAMETER = "outputSegmentation"
@@ -58,6 +64,7 @@ class EngineResult:
     classes: list
     colors: list
     concepts: Optional[list]
+    confidence: Optional[np.ndarray] = None
 
 
 @dataclass
@@ -155,6 +162,10 @@ class CoTexNetSegmentLogic:
         segmentationNode=None,
         batchSize: int = 16,
         sliceAxis: Optional[str] = None,
+        planes: Optional[Sequence[str]] = None,
+        tta: bool = False,
+        postprocess: bool = True,
+        confidence: bool = False,
         concepts: bool = True,
         conceptBackend: str = "geometric",
         conceptBackendOptions: Optional[dict] = None,
@@ -169,7 +180,11 @@ class CoTexNetSegmentLogic:
         if None); other segments are untouched. ``beforeApply`` runs just before the scene is changed
         (the Segment Editor effect saves its undo state there). ``sliceAxis`` None uses the bundle's axis.
         ``conceptBackend`` and ``conceptBackendOptions`` choose how the concept table is computed
-        (``cotexnet.concepts.describe``); ``concepts=False`` skips the table.
+        (``cotexnet.concepts.describe``); ``concepts=False`` skips the table. ``planes`` (views whose class
+        probabilities are averaged; None: the bundle's recommendation), ``tta`` (flips laterality allows) and
+        ``postprocess`` (the bundle's 3D post-processing) are ``cotexnet.infer.predict_volume``'s.
+        ``confidence`` also writes a confidence volume (top class probability), shown as a colour overlay
+        (:meth:`showConfidence`), and fills the concept table's mean-confidence column.
 
         The engine runs in the worker process (the model stays loaded for the next run; ``job.cancel()``
         ends the worker at once), or with ``inProcess=True`` on a thread of this process, which suits
@@ -177,6 +192,10 @@ class CoTexNetSegmentLogic:
         """
         if sliceAxis is not None and sliceAxis not in SLICE_AXES:
             raise ValueError(f"sliceAxis: expected one of {', '.join(SLICE_AXES)} or None, got {sliceAxis!r}")
+        if planes is not None:
+            if sliceAxis is not None:
+                raise ValueError("give either sliceAxis or planes, not both")
+            planes = validate_planes(planes)
         if batchSize < 1:
             raise ValueError(f"batchSize: expected a positive number, got {batchSize}")
         if str(device).partition(":")[0] not in DEVICES:
@@ -189,11 +208,12 @@ class CoTexNetSegmentLogic:
         segmentationId = segmentationNode.GetID() if segmentationNode is not None else None
         name = f"CoTexNet {volumeNode.GetName()}"
         # Keywords of cotexnet.worker.segment_array, which both paths run.
-        options = dict(axis=sliceAxis, batch_size=batchSize, device=device, concepts=concepts,
-                       concept_backend=conceptBackend, concept_options=conceptBackendOptions)
+        options = dict(axis=sliceAxis, planes=planes, tta=tta, postprocess=postprocess, confidence=confidence,
+                       batch_size=batchSize, device=device, concepts=concepts, concept_backend=conceptBackend,
+                       concept_options=conceptBackendOptions)
 
-        def engineResult(labels: np.ndarray, records: Optional[list]) -> EngineResult:
-            return EngineResult(labels, list(config.classes), [list(c) for c in config.colors], records)
+        def engineResult(labels: np.ndarray, records: Optional[list], certainty: Optional[np.ndarray]) -> EngineResult:
+            return EngineResult(labels, list(config.classes), [list(c) for c in config.colors], records, certainty)
 
         def finish(result: EngineResult):
             return self._apply(result, volumeId, segmentationId, beforeApply)
@@ -206,10 +226,10 @@ class CoTexNetSegmentLogic:
 
             model = self.loadModel(modelPath, device)
             reporter.log(f"Loaded model {Path(modelPath).name}: {', '.join(config.classes)}")
-            labels, records = segment_array(model, image, geometry.spacing, geometry.direction,
-                                            progress=reporter.progress, cancel=reporter.cancelEvent,
-                                            log=reporter.log, **options)
-            return engineResult(labels, records)
+            labels, records, certainty = segment_array(model, image, geometry.spacing, geometry.direction,
+                                                       progress=reporter.progress, cancel=reporter.cancelEvent,
+                                                       log=reporter.log, **options)
+            return engineResult(labels, records, certainty)
 
         return Job(work, finish, name=name).start()
 
@@ -223,7 +243,8 @@ class CoTexNetSegmentLogic:
                            spacing=list(geometry.spacing), direction=list(geometry.direction), **options)
 
             def decode(reply: dict) -> EngineResult:
-                return engineResult(np.load(reply["output"], allow_pickle=False), reply["concepts"])
+                certainty = np.load(reply["confidence"], allow_pickle=False) if reply.get("confidence") else None
+                return engineResult(np.load(reply["output"], allow_pickle=False), reply["concepts"], certainty)
 
             return WorkerJob(self.worker, "segment", request, decode, finish, name=name, cleanup=folder.cleanup)
         except BaseException:
@@ -290,6 +311,17 @@ class CoTexNetSegmentLogic:
                     segmentationNode.SetNodeReferenceID(CONCEPTS_REFERENCE_ROLE, table.GetID())
                     mrml.placeNextTo(table, volumeNode)
                 writeConceptTable(table, result.concepts)
+            if result.confidence is not None:
+                confidenceNode = segmentationNode.GetNodeReference(CONFIDENCE_REFERENCE_ROLE)
+                if confidenceNode is None:
+                    confidenceNode = self.scene.AddNewNodeByClass(
+                        "vtkMRMLScalarVolumeNode", self.scene.GenerateUniqueName(f"{segmentationNode.GetName()} confidence")
+                    )
+                    created.append(confidenceNode)
+                    segmentationNode.SetNodeReferenceID(CONFIDENCE_REFERENCE_ROLE, confidenceNode.GetID())
+                    mrml.placeNextTo(confidenceNode, volumeNode)
+                mrml.arrayToVolume(result.confidence, volumeNode, confidenceNode)
+                _showAsColourMap(self.scene, confidenceNode)
         except Exception:
             for node in created:
                 _removeWithCompanions(self.scene, node)
@@ -303,6 +335,29 @@ class CoTexNetSegmentLogic:
         parameterNode.SetParameter(OUTPUT_SEGMENTATION_PARAMETER, "")
         parameterNode.SetNodeReferenceID(OUTPUT_SEGMENTATION_PARAMETER,
                                          segmentationNode.GetID() if segmentationNode is not None else None)
+
+    # ---------------------------------------------------------------- confidence
+
+    @staticmethod
+    def confidenceVolume(segmentationNode):
+        """The confidence volume written for a segmentation (``confidence=True``), or None."""
+        return segmentationNode.GetNodeReference(CONFIDENCE_REFERENCE_ROLE)
+
+    def showConfidence(self, segmentationNode, show: bool = True) -> bool:
+        """Shows a segmentation's confidence volume as the colour foreground of every slice view (or hides it).
+
+        Returns False when the segmentation has no confidence volume.
+        """
+        confidenceNode = self.confidenceVolume(segmentationNode)
+        if confidenceNode is None:
+            return False
+        for composite in self.scene.GetNodesByClass("vtkMRMLSliceCompositeNode"):
+            if show:
+                composite.SetForegroundVolumeID(confidenceNode.GetID())
+                composite.SetForegroundOpacity(CONFIDENCE_OPACITY)
+            elif composite.GetForegroundVolumeID() == confidenceNode.GetID():
+                composite.SetForegroundVolumeID(None)
+        return True
 
     # ---------------------------------------------------------------- concepts
 
@@ -373,6 +428,17 @@ def _removeWithCompanions(scene, node) -> None:
     for companion in [*displayNodes, node.GetStorageNode(), node]:
         if companion is not None:
             scene.RemoveNode(companion)
+
+
+def _showAsColourMap(scene, volumeNode) -> None:
+    """Display a 0..1 volume through the confidence colour table over its full range."""
+    if volumeNode.GetDisplayNode() is None:
+        volumeNode.CreateDefaultDisplayNodes()
+    display = volumeNode.GetDisplayNode()
+    if scene.GetNodeByID(CONFIDENCE_COLOR_NODE_ID) is not None:  # the application's built-in tables
+        display.SetAndObserveColorNodeID(CONFIDENCE_COLOR_NODE_ID)
+    display.AutoWindowLevelOff()
+    display.SetWindowLevelMinMax(0.0, 1.0)
 
 
 def _deviceInfo(facts: dict) -> DeviceInfo:

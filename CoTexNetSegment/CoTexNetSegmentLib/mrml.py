@@ -110,6 +110,21 @@ def _orientedImage(array: np.ndarray, volumeNode) -> slicer.vtkOrientedImageData
     return image
 
 
+def arrayToVolume(array: np.ndarray, referenceVolumeNode, volumeNode):
+    """Fills a scalar volume node with a (k, j, i) array on the reference volume's grid (geometry, parent
+    transform); returns the node."""
+    k, j, i = array.shape
+    image = vtk.vtkImageData()
+    image.SetDimensions(i, j, k)
+    image.GetPointData().SetScalars(numpy_support.numpy_to_vtk(np.ascontiguousarray(array).ravel(), deep=True))
+    ijkToRas = vtk.vtkMatrix4x4()
+    referenceVolumeNode.GetIJKToRASMatrix(ijkToRas)
+    volumeNode.SetIJKToRASMatrix(ijkToRas)
+    volumeNode.SetAndObserveImageData(image)
+    volumeNode.SetAndObserveTransformNodeID(referenceVolumeNode.GetTransformNodeID())
+    return volumeNode
+
+
 def _volumeToSegmentationTransform(volumeNode, segmentationNode) -> vtk.vtkGeneralTransform:
     transform = vtk.vtkGeneralTransform()
     slicer.vtkSlicerSegmentationsModuleLogic.GetTransformBetweenRepresentationAndSegmentation(

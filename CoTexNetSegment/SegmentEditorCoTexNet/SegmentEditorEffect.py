@@ -21,13 +21,15 @@ from SegmentEditorEffects import AbstractScriptedSegmentEditorEffect
 from CoTexNetSegmentGui import JobPoller, ensureEngineReady
 from CoTexNetSegmentLib import CoTexNetSegmentLogic
 from CoTexNetSegmentLib.errors import formatError
-from CoTexNetSegmentLib.logic import DEVICES
+from CoTexNetSegmentLib.logic import DEVICES, SLICE_AXES
 from CoTexNetSegmentLib.settings import RECENT_MODELS_SETTING, preferredModelPath, recentModels
 
 from CoTexNetSegmentLib.i18n import tr as _
 
 MODEL_PATH_PARAMETER = "CoTexNet.ModelPath"
 DEVICE_PARAMETER = "CoTexNet.Device"
+FUSE_PLANES_PARAMETER = "CoTexNet.FusePlanes"
+TTA_PARAMETER = "CoTexNet.TTA"
 
 
 class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
@@ -70,6 +72,15 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         self.deviceComboBox.toolTip = _("auto: the GPU when one is usable, else the CPU.")
         self.scriptedEffect.addLabeledOptionsWidget(_("Device:"), self.deviceComboBox)
 
+        self.fusePlanesCheckBox = qt.QCheckBox(_("Fuse axial, coronal and sagittal"))
+        self.fusePlanesCheckBox.toolTip = _("Average the class probabilities of passes along all three planes.")
+        self.ttaCheckBox = qt.QCheckBox(_("Test-time flips"))
+        self.ttaCheckBox.toolTip = _("Also segment the left-right mirrored slices (left/right classes swapped back).")
+        options = qt.QHBoxLayout()
+        options.addWidget(self.fusePlanesCheckBox)
+        options.addWidget(self.ttaCheckBox)
+        self.scriptedEffect.addOptionsWidget(options)
+
         self.applyButton = qt.QPushButton(_("Segment"))
         self.applyButton.objectName = self.__class__.__name__ + "Apply"
         self.applyButton.toolTip = _("Segment the source volume into the current segmentation.")
@@ -91,6 +102,8 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         self.cancelButton.connect("clicked()", self.onCancel)
         self.modelPathLineEdit.connect("currentPathChanged(QString)", self.updateMRMLFromGUI)
         self.deviceComboBox.connect("currentIndexChanged(int)", self.updateMRMLFromGUI)
+        self.fusePlanesCheckBox.connect("toggled(bool)", self.updateMRMLFromGUI)
+        self.ttaCheckBox.connect("toggled(bool)", self.updateMRMLFromGUI)
 
     def cleanup(self):
         if self.poller is not None:
@@ -103,6 +116,8 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
     def setMRMLDefaults(self):
         self.scriptedEffect.setParameterDefault(MODEL_PATH_PARAMETER, "")
         self.scriptedEffect.setParameterDefault(DEVICE_PARAMETER, "auto")
+        self.scriptedEffect.setParameterDefault(FUSE_PLANES_PARAMETER, 0)
+        self.scriptedEffect.setParameterDefault(TTA_PARAMETER, 0)
 
     def updateGUIFromMRML(self):
         wasBlocked = self.modelPathLineEdit.blockSignals(True)
@@ -112,11 +127,17 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         wasBlocked = self.deviceComboBox.blockSignals(True)
         self.deviceComboBox.setCurrentText(self.scriptedEffect.parameter(DEVICE_PARAMETER) or "auto")
         self.deviceComboBox.blockSignals(wasBlocked)
+        for checkBox, name in ((self.fusePlanesCheckBox, FUSE_PLANES_PARAMETER), (self.ttaCheckBox, TTA_PARAMETER)):
+            wasBlocked = checkBox.blockSignals(True)
+            checkBox.checked = self.scriptedEffect.integerParameter(name) != 0
+            checkBox.blockSignals(wasBlocked)
         self.applyButton.enabled = self.poller is None
 
     def updateMRMLFromGUI(self, *unused):
         self.scriptedEffect.setParameter(MODEL_PATH_PARAMETER, self.modelPathLineEdit.currentPath)
         self.scriptedEffect.setParameter(DEVICE_PARAMETER, self.deviceComboBox.currentText)
+        self.scriptedEffect.setParameter(FUSE_PLANES_PARAMETER, int(self.fusePlanesCheckBox.checked))
+        self.scriptedEffect.setParameter(TTA_PARAMETER, int(self.ttaCheckBox.checked))
 
     def onApply(self):
         parameterSetNode = self.scriptedEffect.parameterSetNode()
@@ -135,6 +156,8 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
                 self.modelPathLineEdit.currentPath,
                 self.deviceComboBox.currentText,
                 segmentationNode=segmentationNode,
+                planes=list(SLICE_AXES) if self.fusePlanesCheckBox.checked else None,
+                tta=self.ttaCheckBox.checked,
                 concepts=False,
                 beforeApply=self.scriptedEffect.saveStateForUndo,
             )
