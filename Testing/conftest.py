@@ -18,7 +18,8 @@ def tiny_model():
     from cotexnet import CoTexNet, CoTexNetConfig
 
     def make(classes=("gm", "wm"), image_size=64, **fields):
-        return CoTexNet(CoTexNetConfig(classes=list(classes), backbone="tiny", image_size=image_size, **fields))
+        return CoTexNet.from_config(CoTexNetConfig(classes=list(classes), backbone="tiny", image_size=image_size,
+                                                   **fields))
 
     return make
 

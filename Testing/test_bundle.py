@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -153,7 +154,7 @@ def test_local_backbone_directory_loads_offline(tmp_path):
     clipseg, tokenizer = load_backbone("tiny", image_size=64)
     clipseg.save_pretrained(tmp_path / "clipseg", safe_serialization=True)
     tokenizer.save_pretrained(tmp_path / "clipseg")
-    model = CoTexNet(CoTexNetConfig(classes=["a"], backbone=str(tmp_path / "clipseg"), image_size=64))
+    model = CoTexNet.from_config(CoTexNetConfig(classes=["a"], backbone=str(tmp_path / "clipseg"), image_size=64))
     vision = model.clipseg.clip.vision_model.embeddings.patch_embedding.weight
     torch.testing.assert_close(vision, clipseg.clip.vision_model.embeddings.patch_embedding.weight)
 
@@ -198,3 +199,50 @@ def test_bundle_config_reads_without_torch(bundle):
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "['gm', 'wm']"
+
+
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+
+
+def test_bundle_saved_by_the_first_release_loads_with_identical_logits_and_saves_the_same_bytes(tmp_path):
+    """``fixtures/bundle_v1`` was written by the engine at commit c547d33 (``fixtures/make_bundle_v1.py``);
+    today's loader must give exactly the logits that code gave, and saving it again must reproduce every
+    weight bit for bit and its config field for field."""
+    import numpy as np
+    from safetensors import safe_open
+
+    reference = np.load(FIXTURES / "bundle_v1_reference.npz", allow_pickle=False)
+    model = CoTexNet.from_pretrained(FIXTURES / "bundle_v1")
+    assert model.config.slice_axis == "coronal" and model.config.intensity["window"] == "brain"
+    with torch.inference_mode():
+        logits = model(torch.from_numpy(reference["images"]))
+    expected = torch.from_numpy(reference["logits"])
+    assert torch.equal(logits, expected), f"max difference {(logits - expected).abs().max().item():.3g}"
+    again = model.save_pretrained(tmp_path / "again")
+    # Tensor for tensor and bit for bit (the file's header lists tensors in a per-process hash order).
+    saved, original = (safe_open(str(path / "model.safetensors"), "pt") for path in (again, FIXTURES / "bundle_v1"))
+    assert saved.metadata() == original.metadata() and sorted(saved.keys()) == sorted(original.keys())
+    for name in original.keys():
+        a, b = saved.get_tensor(name), original.get_tensor(name)
+        assert a.dtype == b.dtype and torch.equal(a, b), name
+    assert (json.loads((again / "config.json").read_text(encoding="utf-8"))
+            == json.loads((FIXTURES / "bundle_v1" / "config.json").read_text(encoding="utf-8")))
+
+
+def test_model_constructor_uses_the_backbone_it_is_given_and_never_loads_one(monkeypatch):
+    """Only CoTexNet.from_config resolves ``config.backbone``; the constructor never downloads or reads it."""
+    from cotexnet import bundle, model as modeling
+    from cotexnet.bundle import build_clipseg, clipseg_architecture
+    from cotexnet.prompts import load_tokenizer, offline_clip_tokenizer_dir
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the constructor tried to load a backbone")
+
+    monkeypatch.setattr(bundle, "download_backbone", refuse)
+    monkeypatch.setattr(modeling, "load_backbone", refuse)
+    backbone = build_clipseg(clipseg_architecture("tiny", 64))
+    config = CoTexNetConfig(classes=["a"], backbone="CIDAS/clipseg-rd64-refined", image_size=64)
+    model = CoTexNet(config, backbone=backbone, tokenizer=load_tokenizer(offline_clip_tokenizer_dir()))
+    assert model.clipseg is backbone and config.backbone_config == backbone.config.to_dict()
+    with pytest.raises(TypeError):
+        CoTexNet(config)

@@ -184,6 +184,22 @@ def test_bad_images_name_file_and_problem(tmp_path):
     (tmp_path / "notes.txt").write_text("hello", encoding="utf-8")
     with pytest.raises(DataError, match="notes.txt: unsupported file type '.txt'"):
         read_image(tmp_path / "notes.txt")
+
+
+def test_error_summary_keeps_the_line_that_says_what_went_wrong(tmp_path):
+    """SimpleITK puts a C++ source location before its message; torch and transformers start with the point."""
+    from cotexnet.errors import error_summary
+
+    (tmp_path / "junk.nrrd").write_bytes(b"garbage")
+    with pytest.raises(RuntimeError) as raised:
+        sitk.ReadImage(str(tmp_path / "junk.nrrd"))
+    assert ".cxx:" in str(raised.value).splitlines()[0]  # the header the summary must skip
+    assert error_summary(raised.value).startswith("Unable to determine ImageIO reader")
+    with pytest.raises(DataError, match=r"junk.nrrd: cannot be read as an image \(Unable to determine ImageIO"):
+        read_image(tmp_path / "junk.nrrd")
+    pickle = RuntimeError("Weights only load failed.\n\t(1) In PyTorch 2.6 ...\nCheck the documentation of torch.load")
+    assert error_summary(pickle) == "Weights only load failed."
+    assert error_summary(ValueError("  \n")) == "ValueError"
     four_d = sitk.JoinSeries([_volume(np.zeros((2, 3, 4), np.float32))] * 2)
     _write(four_d, tmp_path / "4d.nii.gz")
     for read in (read_image, read_image_geometry):

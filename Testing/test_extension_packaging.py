@@ -169,3 +169,47 @@ def test_icon_url_points_at_the_committed_icon(extension):
     prefix = f"https://raw.githubusercontent.com/{owner_repo}/{read_s4ext()['scmrevision']}/"
     assert url.startswith(prefix)
     assert (REPO / url[len(prefix):]).is_file()
+
+
+# ------------------------------------------------------------------------------------------ extensions index checks
+
+
+def test_license_is_the_full_text_of_the_license_pyproject_names():
+    """The extensions index requires a LICENSE file at the root; it is the one pyproject.toml declares."""
+    tomllib = pytest.importorskip("tomllib")
+    declared = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["project"]["license"]["text"]
+    assert declared == "Apache-2.0"
+    text = (REPO / "LICENSE").read_text(encoding="utf-8")
+    assert text.lstrip().startswith("Apache License\n") and "Version 2.0, January 2004" in text
+    sections = re.findall(r"^\s+(\d+)\. (\w[\w ]*)\.", text, re.M)
+    assert [int(number) for number, _ in sections] == list(range(1, 10))  # all nine sections, in order
+    assert "END OF TERMS AND CONDITIONS" in text and len(text) > 10000
+
+
+def test_screenshot_url_points_at_a_committed_png_of_sensible_size(extension):
+    urls = extension["EXTENSION_SCREENSHOTURLS"]
+    assert urls and " ".join(urls) == read_s4ext()["screenshoturls"]
+    owner_repo = " ".join(extension["EXTENSION_HOMEPAGE"]).split("github.com/")[1]
+    prefix = f"https://raw.githubusercontent.com/{owner_repo}/{read_s4ext()['scmrevision']}/"
+    from PIL import Image
+
+    for url in urls:
+        assert url.startswith(prefix), f"{url} is not this repository's raw path"
+        path = REPO / url[len(prefix):]
+        assert path.is_file(), f"{url} names {path}, which is not committed"
+        with Image.open(path) as image:
+            image.verify()
+        with Image.open(path) as image:
+            assert image.format == "PNG" and 800 <= image.width <= 4000 and 400 <= image.height <= 3000
+            assert len(image.convert("RGB").getcolors(maxcolors=1 << 20)) > 256  # a rendering, not a placeholder
+
+
+def test_contributors_are_in_the_index_name_organization_form(extension):
+    """ExtensionsIndex: contributors as "Name (Organization)", comma-separated, in CMake, .s4ext and modules."""
+    form = re.compile(r"[^,()]+ \([^()]+\)")
+    for text in (" ".join(extension["EXTENSION_CONTRIBUTORS"]), read_s4ext()["contributors"]):
+        assert all(form.fullmatch(part.strip()) for part in text.split(",")), text
+    for module in MODULES:
+        source = (REPO / module / f"{module}.py").read_text(encoding="utf-8")
+        [contributors] = re.findall(r"parent\.contributors = \[(.*?)\]", source)
+        assert all(form.fullmatch(ast.literal_eval(item)) for item in re.findall(r'"[^"]*"', contributors)), module

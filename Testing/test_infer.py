@@ -23,7 +23,7 @@ def bundle(tmp_path_factory):
 
     config = CoTexNetConfig(classes=["liver", "tumor"], backbone="tiny", image_size=64,
                             colors=[[0.9, 0.4, 0.3], [0.2, 0.8, 0.3]])
-    model = CoTexNet(config)
+    model = CoTexNet.from_config(config)
     head = model.clipseg.decoder.transposed_convolution[-1]
     with torch.no_grad():  # independent random channels, so every class wins somewhere in a random image
         torch.manual_seed(0)

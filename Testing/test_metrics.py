@@ -97,3 +97,28 @@ def test_rejects_mismatched_inputs():
         segmentation_metrics(np.zeros((2, 2)), np.zeros((2, 3)), 1)
     with pytest.raises(ValueError, match="one value per axis"):
         segmentation_metrics(np.zeros((2, 2)), np.zeros((2, 2)), 1, spacing=(1.0, 1.0, 1.0))
+
+
+def test_dataset_dice_pools_voxels_over_batches_and_scores_absent_classes_one():
+    """Validation Dice: confusion counts summed over every batch, then 2TP / (2TP + FP + FN) per class."""
+    from cotexnet.metrics import DatasetDice
+
+    generator = torch.Generator().manual_seed(3)
+    metric = DatasetDice(num_classes=3)
+    tp, fp, fn = np.zeros(3), np.zeros(3), np.zeros(3)
+    for size in (5, 2, 7):  # unequal batches: pooling is not a mean of batch Dice values
+        prediction = torch.randint(0, 3, (size, 12, 12), generator=generator)  # class 3 never predicted ...
+        truth = torch.randint(0, 3, (size, 12, 12), generator=generator)  # ... nor present
+        metric(prediction, truth)
+        for c in range(1, 4):
+            p, t = (prediction == c).numpy(), (truth == c).numpy()
+            tp[c - 1] += (p & t).sum()
+            fp[c - 1] += (p & ~t).sum()
+            fn[c - 1] += (~p & t).sum()
+    mean, per_class = metric.aggregate()
+    expected = [2 * tp[0] / (2 * tp[0] + fp[0] + fn[0]), 2 * tp[1] / (2 * tp[1] + fp[1] + fn[1]), 1.0]
+    np.testing.assert_allclose(per_class, expected, rtol=1e-6)
+    assert mean == pytest.approx(np.mean(expected))
+    metric.reset()
+    metric(torch.ones(1, 4, 4, dtype=torch.long), torch.zeros(1, 4, 4, dtype=torch.long))
+    assert metric.aggregate()[1] == [0.0, 1.0, 1.0]

@@ -47,7 +47,7 @@ def bundle(tmp_path_factory):
 
     from cotexnet import CoTexNet, CoTexNetConfig
 
-    model = CoTexNet(CoTexNetConfig(classes=CLASSES, colors=COLORS, backbone="tiny", image_size=64)).eval()
+    model = CoTexNet.from_config(CoTexNetConfig(classes=CLASSES, colors=COLORS, backbone="tiny", image_size=64)).eval()
     slices = torch.from_numpy(phantom()).unsqueeze(1)
     low, high = torch.quantile(slices, 0.005), torch.quantile(slices, 0.995)
     images = F.interpolate(((slices - low) / (high - low)).clamp(0, 1), size=64).expand(-1, 3, -1, -1)
@@ -493,6 +493,39 @@ def test_gui_choices_match_the_engine():
     from CoTexNetSegmentLib import logic
 
     assert logic.SLICE_AXES == SLICE_AXES and logic.CONCEPT_BACKENDS == BACKENDS
+
+
+def test_both_modules_take_choices_and_settings_from_one_place():
+    """Every Choice(...) of both modules' parameter nodes names a constant (from cotexnet.config through
+    CoTexNetSegmentLib), never a literal list; the recent-models key is spelled once, in CoTexNetSegmentLib."""
+    import cotexnet.config
+
+    from CoTexNetSegmentLib import settings
+
+    sources = {path: path.read_text(encoding="utf-8") for path in (
+        MODULE_DIR / "CoTexNetSegment.py", REPO / "CoTexNetTrain" / "CoTexNetTrain.py",
+        MODULE_DIR / "SegmentEditorCoTexNet" / "SegmentEditorEffect.py")}
+    choices = 0
+    for path, source in sources.items():
+        for field in ast.walk(ast.parse(source)):
+            if not (isinstance(field, ast.AnnAssign) and "Choice(" in ast.unparse(field.annotation)):
+                continue
+            choices += 1
+            call = next(n for n in ast.walk(field.annotation) if isinstance(n, ast.Call))
+            names = {n.id for n in ast.walk(call.args[0]) if isinstance(n, ast.Name)}
+            assert names and not any(isinstance(n, ast.Constant) and isinstance(n.value, str)
+                                     for n in ast.walk(call.args[0])), f"{path.name}: {ast.unparse(field)}"
+            if field.target.id in ("sliceAxis", "conceptBackend", "device", "precision", "kdMode", "klForm"):
+                assert names & {"SLICE_AXES", "CONCEPT_BACKENDS", "DEVICES", "PRECISIONS", "KD_MODES", "KL_FORMS"}, (
+                    f"{path.name}: {ast.unparse(field)} is not one of cotexnet.config's lists")
+    assert choices >= 5
+    for name in ("SLICE_AXES", "CONCEPT_BACKENDS", "DEVICES"):
+        assert getattr(__import__("CoTexNetSegmentLib.logic").logic, name) is getattr(cotexnet.config, name)
+    every_file = [*sources.values(), *(p.read_text(encoding="utf-8") for p in REPO.glob("CoTexNet*/**/*.py")),
+                  *(p.read_text(encoding="utf-8") for p in REPO.glob("CoTexNet*/Resources/UI/*.ui"))]
+    spelled = [text for text in every_file
+               if f'"{settings.RECENT_MODELS_SETTING}"' in text or f">{settings.RECENT_MODELS_SETTING}<" in text]
+    assert len(spelled) == 1 and "RECENT_MODELS_SETTING = " in spelled[0]  # CoTexNetSegmentLib/settings.py
 
 
 def test_gpu_memory_warning():

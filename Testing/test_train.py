@@ -66,7 +66,7 @@ def test_training_on_real_anatomy_beats_an_untrained_model(mni152_dataset, tmp_p
     """MNI152 grey/white matter: a few epochs of the tiny model clearly beat its untrained start."""
     options = TrainOptions(data=str(mni152_dataset), out=str(tmp_path / "run"), backbone="tiny", image_size=96,
                            epochs=40, lr=3e-3, batch_size=4, device="cpu", show_progress=False)
-    untrained = CoTexNet(CoTexNetConfig(classes=["grey matter", "white matter"], backbone="tiny", image_size=96))
+    untrained = CoTexNet.from_config(CoTexNetConfig(classes=["grey matter", "white matter"], backbone="tiny", image_size=96))
     untrained.save_pretrained(tmp_path / "untrained")
     best = train(options)
     before = evaluate(tmp_path / "untrained", mni152_dataset, split="test", device="cpu", show_progress=False)
@@ -156,7 +156,7 @@ def test_torchrun_two_cpu_processes_write_one_bundle(shapes, tmp_path):
 
 # ------------------------------------------------------------------------------------- evaluate
 def test_evaluate_cli_reports_per_class_and_per_case(shapes, tmp_path, capsys):
-    model = CoTexNet(CoTexNetConfig(classes=["disk", "square"], backbone="tiny", image_size=64))
+    model = CoTexNet.from_config(CoTexNetConfig(classes=["disk", "square"], backbone="tiny", image_size=64))
     model.save_pretrained(tmp_path / "model")
     assert main(["evaluate", str(tmp_path / "model"), str(shapes), "--split", "all", "--device", "cpu", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
@@ -168,7 +168,7 @@ def test_evaluate_cli_reports_per_class_and_per_case(shapes, tmp_path, capsys):
 
 
 def test_evaluate_refuses_a_dataset_with_another_class_count(shapes, tmp_path, capsys):
-    CoTexNet(CoTexNetConfig(classes=["disk"], backbone="tiny", image_size=64)).save_pretrained(tmp_path / "model")
+    CoTexNet.from_config(CoTexNetConfig(classes=["disk"], backbone="tiny", image_size=64)).save_pretrained(tmp_path / "model")
     data = tmp_path / "data"
     for folder in ("imagesTr", "labelsTr"):
         (data / folder).mkdir(parents=True)

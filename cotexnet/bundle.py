@@ -5,7 +5,7 @@ Hugging Face cache, honouring ``HF_HUB_OFFLINE`` and a cache directory), a local
 ``tiny`` (a small random-init CLIPSeg for tests and demos — **not for real use**) or ``full-random``
 (the real ViT-B/16 CLIPSeg architecture with random weights, for offline speed measurements).
 
-A *bundle* is a trained model directory, Hugging Face style (DESIGN.md §3)::
+A *bundle* is a trained model directory, Hugging Face style (docs/bundle-format.md)::
 
     config.json         CoTexNetConfig, including the backbone architecture and format version
     model.safetensors   every weight (safetensors: loading never unpickles or runs code)
@@ -20,14 +20,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-
-from .config import FORMAT_VERSION, CoTexNetConfig, write_json_atomic
-from .errors import BundleError, ConfigError
+from .atomic import write_folder_atomic, write_json_atomic
+from .config import DEFAULT_IMAGE_SIZE, FORMAT_VERSION, CoTexNetConfig
+from .errors import BundleError, ConfigError, error_summary
 from .prompts import load_tokenizer, offline_clip_tokenizer_dir
 
 WEIGHTS_NAME = "model.safetensors"
@@ -100,7 +98,7 @@ def download_backbone(repo_id: str, cache_dir: str | os.PathLike | None = None, 
         ) from None
 
 
-def load_backbone(name: str, image_size: int = 352, cache_dir: str | os.PathLike | None = None):
+def load_backbone(name: str, image_size: int = DEFAULT_IMAGE_SIZE, cache_dir: str | os.PathLike | None = None):
     """Resolve ``name`` (``tiny``, ``full-random``, a directory or a Hugging Face id) → (CLIPSeg, tokenizer)."""
     from transformers import CLIPSegForImageSegmentation
 
@@ -120,7 +118,7 @@ def load_backbone(name: str, image_size: int = 352, cache_dir: str | os.PathLike
         model = CLIPSegForImageSegmentation.from_pretrained(str(directory), local_files_only=True,
                                                             use_safetensors=safetensors)
     except Exception as error:
-        raise BundleError(f"backbone {directory}: could not load CLIPSeg weights ({_first_line(error)})") from None
+        raise BundleError(f"backbone {directory}: could not load CLIPSeg weights ({error_summary(error)})") from None
     return model.eval(), load_tokenizer(directory)
 
 
@@ -133,10 +131,7 @@ def save_bundle(model, directory: str | os.PathLike, training_info: dict | None 
     """
     from safetensors.torch import save_file
 
-    directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".partial", dir=directory.parent))
-    try:
+    def fill(staging: Path) -> None:
         model.config.to_json_file(staging / CONFIG_NAME)
         state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
         save_file(state, str(staging / WEIGHTS_NAME), metadata={"format": "pt", "cotexnet_format": str(FORMAT_VERSION)})
@@ -145,24 +140,14 @@ def save_bundle(model, directory: str | os.PathLike, training_info: dict | None 
             write_json_atomic(staging / TRAINING_NAME, training_info)
         if extra_files is not None:
             extra_files(staging)
-        _replace_directory(staging, directory)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return directory
 
+    def may_replace(folder: Path) -> bool:
+        return (folder / CONFIG_NAME).is_file() or not any(folder.iterdir())
 
-def _replace_directory(new: Path, target: Path) -> None:
-    """Move ``new`` to ``target``; an existing ``target`` is moved aside first and removed after."""
-    if target.exists():
-        if not (target / CONFIG_NAME).is_file() and any(target.iterdir()):
-            raise BundleError(f"{target}: exists and is not a CoTexNet bundle; refusing to overwrite it")
-        old = target.with_name(f".{target.name}.old-{os.getpid()}")
-        os.replace(target, old)
-        os.replace(new, target)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(new, target)
+    try:
+        return write_folder_atomic(directory, fill, may_replace)
+    except FileExistsError:
+        raise BundleError(f"{directory}: exists and is not a CoTexNet bundle; refusing to overwrite it") from None
 
 
 def read_bundle_config(directory: str | os.PathLike) -> CoTexNetConfig:
@@ -183,13 +168,10 @@ def read_bundle_config(directory: str | os.PathLike) -> CoTexNetConfig:
     return config
 
 
-def load_bundle(directory: str | os.PathLike, device="cpu"):
-    """Rebuild a bundle's model from its config and load its safetensors weights, checking every shape."""
+def read_bundle_weights(directory: str | os.PathLike) -> tuple[CoTexNetConfig, dict]:
+    """A bundle's config and its safetensors state dict (read without unpickling anything)."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
-    from transformers import CLIPSegConfig
-
-    from .model import CoTexNet
 
     directory = Path(directory)
     config = read_bundle_config(directory)
@@ -197,12 +179,13 @@ def load_bundle(directory: str | os.PathLike, device="cpu"):
     if not weights.is_file():
         raise BundleError(f"{weights}: weights file is missing")
     try:
-        state = load_file(str(weights))
+        return config, load_file(str(weights))
     except (SafetensorError, OSError, ValueError) as error:
         raise BundleError(f"{weights}: corrupt or unreadable weights ({error})") from None
-    backbone = build_clipseg(CLIPSegConfig.from_dict(config.backbone_config))
-    model = CoTexNet(config, backbone=backbone, tokenizer=load_tokenizer(directory))
-    expected = model.state_dict()
+
+
+def _check_state(state: dict, expected: dict, directory: Path) -> None:
+    """Refuse weights that do not fit the architecture the config describes, saying which and how."""
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     mismatched = [f"{k}: file {tuple(state[k].shape)} vs config {tuple(v.shape)}"
@@ -213,14 +196,36 @@ def load_bundle(directory: str | os.PathLike, device="cpu"):
             f"{len(unexpected)} unexpected tensor(s), e.g. {unexpected[0]}" if unexpected else "",
             f"shape mismatch: {', '.join(mismatched[:3])}" if mismatched else "",
         ]))
-        raise BundleError(f"{weights}: weights do not match {directory / CONFIG_NAME} ({details})")
-    model.load_state_dict(state)
-    return model.to(device).eval()
+        raise BundleError(f"{directory / WEIGHTS_NAME}: weights do not match {directory / CONFIG_NAME} ({details})")
 
 
-def _first_line(error: Exception) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
+class BundleMixin:
+    """``save_pretrained`` / ``from_pretrained`` for a model class built as ``cls(config, backbone, tokenizer)``.
+
+    The bundle format lives here, outside the modeling file, as transformers keeps loading and saving in
+    ``PreTrainedModel`` rather than in ``modeling_*.py``; so the model never imports this module's callers.
+    """
+
+    def save_pretrained(self, directory: str | os.PathLike, training_info: dict | None = None) -> Path:
+        """Write a model bundle (config.json, model.safetensors, tokenizer files, training.json) atomically."""
+        return save_bundle(self, directory, training_info)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike, device="cpu"):
+        """Load a bundle written by :meth:`save_pretrained`, offline, without unpickling anything.
+
+        The architecture is rebuilt from the config's ``backbone_config`` and every tensor's presence
+        and shape is checked before the weights are loaded.
+        """
+        from transformers import CLIPSegConfig
+
+        directory = Path(directory)
+        config, state = read_bundle_weights(directory)
+        backbone = build_clipseg(CLIPSegConfig.from_dict(config.backbone_config))
+        model = cls(config, backbone=backbone, tokenizer=load_tokenizer(directory))
+        _check_state(state, model.state_dict(), directory)
+        model.load_state_dict(state)
+        return model.to(device).eval()
 
 
 def read_training_info(directory: str | os.PathLike) -> dict:

@@ -12,7 +12,9 @@ import math
 import sys
 from pathlib import Path
 
-from .config import json_default
+from .atomic import json_default
+from .config import (CONCEPT_BACKENDS, DEFAULT_IMAGE_SIZE, DEVICES, EVALUATION_SPLITS, KD_MODES, KL_FORMS, OPTIMIZERS,
+                     PRECISIONS, SLICE_AXES, VARIANTS, CoTexNetConfig, TrainOptions)
 from .errors import CoTexNetError
 
 
@@ -31,8 +33,14 @@ def _finite(value):
     return value
 
 
+def _default(cls, name: str):
+    """The default of a dataclass field (TrainOptions, CoTexNetConfig): defaults live in cotexnet.config only."""
+    return cls.__dataclass_fields__[name].default
+
+
 # --------------------------------------------------------------------------------------------- train
 def _add_train(sub) -> None:
+    train, model = (lambda name: _default(TrainOptions, name)), (lambda name: _default(CoTexNetConfig, name))
     p = sub.add_parser("train", help="train a CoTexNet model on a labelled dataset",
                        description="Train CoTexNet (paper defaults: Adam, cosine, lr 3e-4, batch 8, <=500 epochs, "
                                    "early stop after 50). DATA: images/+masks/ folder, nnU-Net v2 raw or MSD dataset.")
@@ -40,38 +48,41 @@ def _add_train(sub) -> None:
     p.add_argument("--out", required=True, help="output folder (best/ and last/ bundles, metrics.csv)")
     p.add_argument("--classes", nargs="+", help="class names in label order (default: from dataset.json)")
     p.add_argument("--keywords", nargs="+", help="one prompt keyword per class (default: the class names)")
-    p.add_argument("--backbone", default="CIDAS/clipseg-rd64-refined", help="Hugging Face id, local folder, or 'tiny'")
+    p.add_argument("--backbone", default=train("backbone"), help="Hugging Face id, local folder, or 'tiny'")
     p.add_argument("--cache-dir", help="where a Hugging Face backbone is downloaded once (default: the HF cache; "
                                        "HF_HUB_OFFLINE=1 uses the cache only)")
-    p.add_argument("--image-size", type=int, default=352)
-    p.add_argument("--epochs", type=int, default=500)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--lr", type=float, default=3e-4)
-    p.add_argument("--optimizer", choices=["adam", "adamw"], default="adam")
-    p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--patience", type=int, default=50, help="early stop after this many epochs without improvement")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (0 disables)")
+    p.add_argument("--image-size", type=int, default=train("image_size"))
+    p.add_argument("--epochs", type=int, default=train("epochs"))
+    p.add_argument("--batch-size", type=int, default=train("batch_size"))
+    p.add_argument("--lr", type=float, default=train("lr"))
+    p.add_argument("--optimizer", choices=OPTIMIZERS, default=train("optimizer"))
+    p.add_argument("--weight-decay", type=float, default=train("weight_decay"))
+    p.add_argument("--patience", type=int, default=train("patience"),
+                   help="early stop after this many epochs without improvement")
+    _add_device(p, train("device"))
+    p.add_argument("--seed", type=int, default=train("seed"))
+    p.add_argument("--grad-clip", type=float, default=train("grad_clip"), help="max gradient norm (0 disables)")
     p.add_argument("--no-augment", action="store_true", help="no random zoom/flip")
-    p.add_argument("--empty-fraction", type=float, default=0.1, help="share of slices without labels kept")
-    p.add_argument("--slice-axis", choices=["axial", "coronal", "sagittal"], default="axial")
+    p.add_argument("--empty-fraction", type=float, default=train("empty_fraction"),
+                   help="share of slices without labels kept")
+    p.add_argument("--slice-axis", choices=SLICE_AXES, default=train("slice_axis"))
     p.add_argument("--modality", help="CT, MR, US or RGB (default: from dataset.json; sets intensity normalisation)")
     p.add_argument("--ct-window", help="CT window preset (soft_tissue, lung, bone, brain, liver) or CENTER,WIDTH")
-    p.add_argument("--variant", choices=["cotexnet", "clipseg"], default="cotexnet")
-    p.add_argument("--clipseg-prompt", default="a photo of something", help="fixed prompt of the clipseg variant")
+    p.add_argument("--variant", choices=VARIANTS, default=model("variant"))
+    p.add_argument("--clipseg-prompt", default=model("clipseg_prompt"), help="fixed prompt of the clipseg variant")
     for switch in ("real-text", "pseudo-text", "text-encoder", "text-module"):
         p.add_argument(f"--no-{switch}", action="store_true", help=f"ablation: without the {switch.replace('-', ' ')}")
-    p.add_argument("--kd-mode", choices=["san", "no_noise", "no_align", "mse"], default="san")
-    p.add_argument("--kl-form", choices=["bernoulli", "softmax"], default="bernoulli")
-    p.add_argument("--kd-weight", type=float, default=1.0, help="weight of the distillation term (authors' code: 10)")
-    p.add_argument("--alpha-init", type=float, default=0.2)
-    p.add_argument("--dropout", type=float, default=0.2)
+    p.add_argument("--kd-mode", choices=KD_MODES, default=model("kd_mode"))
+    p.add_argument("--kl-form", choices=KL_FORMS, default=model("kl_form"))
+    p.add_argument("--kd-weight", type=float, default=model("kd_weight"),
+                   help="weight of the distillation term (authors' code: 10)")
+    p.add_argument("--alpha-init", type=float, default=model("alpha_init"))
+    p.add_argument("--dropout", type=float, default=model("dropout"))
     p.add_argument("--attributes", nargs="+", help="concept attributes kept in prompts (default: all)")
     _add_concept_backend(p, prefix="concept-")
     p.add_argument("--concept-cache", help="JSONL cache of concept attributes (default: OUT/concepts.jsonl)")
     p.add_argument("--max-steps-per-epoch", type=int, help="cap steps per epoch (quick runs)")
-    p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
+    p.add_argument("--workers", type=int, default=train("num_workers"), help="DataLoader worker processes")
     p.add_argument("--progress-file", help="append JSON-lines progress events to this file")
     p.add_argument("--progress-json", action="store_true", help="print JSON-lines progress events on stdout")
     p.add_argument("--stop-file", help="stop cleanly when this file appears")
@@ -79,8 +90,12 @@ def _add_train(sub) -> None:
     p.set_defaults(func=_run_train)
 
 
+def _add_device(p, default: str = "auto") -> None:
+    p.add_argument("--device", default=default, help=f"{', '.join(DEVICES)} or cuda:N")
+
+
 def _add_concept_backend(p, prefix: str = "") -> None:
-    p.add_argument(f"--{prefix}backend", choices=["geometric", "llava", "openai"], default="geometric",
+    p.add_argument(f"--{prefix}backend", choices=CONCEPT_BACKENDS, default=_default(TrainOptions, "concept_backend"),
                    help="concept attribute backend")
     p.add_argument(f"--{prefix}model", help="LLaVA folder/Hugging Face id, or the model name on the server")
     p.add_argument(f"--{prefix}base-url", help="OpenAI-compatible server URL (e.g. http://127.0.0.1:11434/v1)")
@@ -139,10 +154,10 @@ def _add_segment(sub) -> None:
     p.add_argument("model", help="model bundle folder")
     p.add_argument("inputs", nargs="+", help="image files or DICOM folders")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    _add_device(p)
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto")
-    p.add_argument("--axis", choices=["axial", "coronal", "sagittal"], help="slice axis (default: the model's)")
+    p.add_argument("--precision", choices=PRECISIONS, default="auto")
+    p.add_argument("--axis", choices=SLICE_AXES, help="slice axis (default: the model's)")
     p.add_argument("--no-seg-nrrd", action="store_true", help="do not write Slicer .seg.nrrd files")
     p.add_argument("--reference", nargs="+", help="ground-truth label maps, one per input, to report Dice")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
@@ -150,11 +165,11 @@ def _add_segment(sub) -> None:
 
 
 def _run_segment(args) -> int:
-    from .bundle import load_bundle
     from .infer import resolve_device, segment_files
+    from .model import CoTexNet
 
     device = resolve_device(args.device)
-    model = load_bundle(args.model, device=device)
+    model = CoTexNet.from_pretrained(args.model, device=device)
     results = segment_files(model, args.inputs, args.out, references=args.reference, seg_nrrd=not args.no_seg_nrrd,
                             batch_size=args.batch_size, device=device, precision=args.precision, axis=args.axis,
                             show_progress=not args.json)
@@ -177,8 +192,8 @@ def _add_evaluate(sub) -> None:
     p = sub.add_parser("evaluate", help="Dice, IoU, HD95 and pixel accuracy of a model on a labelled dataset")
     p.add_argument("model", help="model bundle folder")
     p.add_argument("data", help="labelled dataset folder")
-    p.add_argument("--split", choices=["test", "val", "train", "all"], default="test")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--split", choices=EVALUATION_SPLITS, default="test")
+    _add_device(p)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--json", action="store_true", help="print per-class, mean and per-case results as JSON")
     p.set_defaults(func=_run_evaluate)
@@ -249,11 +264,11 @@ def _run_concepts(args) -> int:
 def _add_bench(sub) -> None:
     p = sub.add_parser("bench", help="CoTexNet vs stock CLIPSeg inference speed and memory, same run")
     p.add_argument("--backbone", default="full-random", help="tiny, full-random, a Hugging Face id or a folder")
-    p.add_argument("--device", default="auto")
+    _add_device(p)
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--image-size", type=int, default=352)
+    p.add_argument("--image-size", type=int, default=DEFAULT_IMAGE_SIZE)
     p.add_argument("--classes", type=int, default=1, help="number of CoTexNet classes")
-    p.add_argument("--precision", nargs="+", choices=["fp32", "bf16", "fp16"],
+    p.add_argument("--precision", nargs="+", choices=[name for name in PRECISIONS if name != "auto"],
                    help="precisions to measure (default: fp32 bf16 on CPU, fp32 bf16 fp16 on CUDA)")
     p.add_argument("--iterations", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
@@ -287,7 +302,7 @@ def _add_demo(sub) -> None:
     p.add_argument("--image-size", type=int, default=96)
     p.add_argument("--max-steps-per-epoch", type=int)
     p.add_argument("--model", help="skip training and use this bundle")
-    p.add_argument("--device", default="auto")
+    _add_device(p)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_run_demo)
 

@@ -9,17 +9,21 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from .atomic import json_default, write_json_atomic, write_text_atomic  # noqa: F401  (imported from here too)
 from .errors import ConfigError
 
 #: Version of the bundle/config format written by this code. Loading refuses newer versions.
 FORMAT_VERSION = 1
 
+# Choice lists and defaults: defined here once; the config, the trainer, the CLI and both Slicer modules
+# read them from this module.
 DEFAULT_BACKBONE = "CIDAS/clipseg-rd64-refined"
+#: CLIPSeg's native resolution, the paper's training size.
+DEFAULT_IMAGE_SIZE = 352
 VARIANTS = ("cotexnet", "clipseg")
 #: Distillation modes of the paper's Fig. 7: full SAN-KD, without the self-added noise (no T_c mixed
 #: into T'), without the alignment loss, and plain MSE fitting of T_c to T'.
@@ -30,6 +34,16 @@ KD_MODES = ("san", "no_noise", "no_align", "mse")
 KL_FORMS = ("bernoulli", "softmax")
 SLICE_AXES = ("axial", "coronal", "sagittal")
 ATTENTIONS = ("sdpa", "eager")
+#: Where real-text concept attributes come from: exact measures of the mask, a local LLaVA, or an
+#: OpenAI-compatible server (see :mod:`cotexnet.concepts`).
+CONCEPT_BACKENDS = ("geometric", "llava", "openai")
+#: Inference/training arithmetic: ``auto`` is bf16 (fp16 without bf16) on a GPU and fp32 on the CPU.
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+#: Device names; ``cuda:N`` picks the N-th GPU.
+DEVICES = ("auto", "cpu", "cuda")
+OPTIMIZERS = ("adam", "adamw")
+#: What ``cotexnet evaluate`` scores: one part of the split, or every labelled case.
+EVALUATION_SPLITS = ("test", "val", "train", "all")
 
 #: Colors (RGB in 0..1) given to classes in order when a config names none; distinct on Slicer's
 #: dark and light backgrounds.
@@ -43,7 +57,7 @@ DEFAULT_PALETTE = (
 class CoTexNetConfig:
     """Everything needed to rebuild a CoTexNet model and prepare its inputs.
 
-    Method fields follow the paper (DESIGN.md §1): ``alpha_init``/``sigma_init``/``mu_init`` are the
+    Method fields follow the paper (docs/method.md): ``alpha_init``/``sigma_init``/``mu_init`` are the
     initial values of the learnable SAN-KD scalars of Eqs. (9)–(12), ``dropout`` the rate of Eq. (11),
     and the ``use_*`` switches are the ablations of Tables 6–9.
     """
@@ -51,7 +65,7 @@ class CoTexNetConfig:
     classes: list[str]
     keywords: list[str] | None = None
     colors: list[list[float]] | None = None
-    image_size: int = 352
+    image_size: int = DEFAULT_IMAGE_SIZE
     backbone: str = DEFAULT_BACKBONE
     variant: str = "cotexnet"
     clipseg_prompt: str = "a photo of something"
@@ -198,25 +212,57 @@ class CoTexNetConfig:
         return cls.from_dict(data, source=str(path))
 
 
-def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-    """Write UTF-8 text through a temporary file in the same folder, so a crash never leaves half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
+@dataclass
+class TrainOptions:
+    """Everything ``cotexnet train`` accepts, with the paper's defaults (docs/method.md, "Training").
 
-def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
-    """Write ``data`` as indented JSON, atomically (numpy values become lists or numbers)."""
-    write_text_atomic(path, json.dumps(data, indent=2, default=json_default) + "\n")
+    ``config_overrides`` sets any :class:`CoTexNetConfig` field (ablation switches, ``kd_mode``,
+    ``kd_weight``, ``variant`` …). The CLI takes its defaults from these fields.
+    """
 
+    data: str
+    out: str
+    classes: list[str] | None = None
+    keywords: list[str] | None = None
+    backbone: str = DEFAULT_BACKBONE
+    cache_dir: str | None = None
+    image_size: int = DEFAULT_IMAGE_SIZE
+    epochs: int = 500
+    batch_size: int = 8
+    lr: float = 3e-4
+    optimizer: str = "adam"
+    weight_decay: float = 0.0
+    patience: int = 50
+    device: str = "auto"
+    seed: int = 0
+    grad_clip: float = 1.0
+    augment: bool = True
+    empty_fraction: float = 0.1
+    slice_axis: str = "axial"
+    modality: str | None = None
+    intensity: dict | None = None
+    concept_backend: str = "geometric"
+    concept_options: dict = field(default_factory=dict)
+    concept_cache: str | None = None
+    attributes: list[str] | None = None
+    max_steps_per_epoch: int | None = None
+    num_workers: int = 0
+    progress_file: str | None = None
+    progress_stdout: bool = False
+    show_progress: bool = True
+    stop_file: str | None = None
+    resume: bool = False
+    config_overrides: dict = field(default_factory=dict)
 
-def json_default(value):
-    """JSON fallback for numpy scalars and arrays (and anything else, as text)."""
-    return value.tolist() if hasattr(value, "tolist") else str(value)
+    def __post_init__(self):
+        for name in ("epochs", "batch_size", "patience", "image_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{name}: expected a positive integer, got {value!r}")
+        if not (isinstance(self.lr, (int, float)) and self.lr > 0):
+            raise ConfigError(f"lr: expected a positive number, got {self.lr!r}")
+        for name, choices in (("optimizer", OPTIMIZERS), ("slice_axis", SLICE_AXES),
+                              ("concept_backend", CONCEPT_BACKENDS)):
+            if getattr(self, name) not in choices:
+                raise ConfigError(f"{name}: expected one of {', '.join(choices)}, got {getattr(self, name)!r}")

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import write_json_atomic
+from .atomic import write_files_atomic, write_json_atomic
 from .data import VolumeImage, read_image, read_label_map, save_split, write_image
 
 CLASSES = ["grey matter", "white matter"]
@@ -79,9 +79,7 @@ def overlay_png(image: np.ndarray, labels: np.ndarray, colors, path: Path) -> Pa
         rgb[mask] = 0.55 * rgb[mask] + 0.45 * np.asarray(color)
     picture = Image.fromarray((rgb[::-1] * 255).astype(np.uint8))  # superior up for an axial LPS slice
     picture = picture.resize((picture.width * 3, picture.height * 3), Image.NEAREST)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    picture.save(tmp)
-    tmp.replace(path)
+    write_files_atomic(path, picture.save)
     return path
 
 
@@ -93,10 +91,10 @@ def run_demo(out: str | Path = "cotexnet-demo", *, epochs: int = 60, image_size:
     The defaults suit the random-init ``tiny`` backbone on a CPU: small slices, small batches and a learning
     rate ten times the paper's (which is meant for the pretrained decoder) reach a useful Dice in about a minute.
     """
-    from .bundle import load_bundle
     from .concepts import describe
     from .infer import segment_file
     from .metrics import segmentation_metrics
+    from .model import CoTexNet
     from .train import TrainOptions, train
 
     out = Path(out)
@@ -108,7 +106,7 @@ def run_demo(out: str | Path = "cotexnet-demo", *, epochs: int = 60, image_size:
                                max_steps_per_epoch=max_steps_per_epoch, show_progress=show_progress,
                                progress_file=str(out / "model" / "progress.jsonl"))
         model_path = train(options)
-    model = load_bundle(model_path, device="cpu")
+    model = CoTexNet.from_pretrained(model_path, device="cpu")
     test_image = data / "imagesTr" / "mni152_04_0000.nii.gz"
     truth_path = data / "labelsTr" / "mni152_04.nii.gz"
     result = segment_file(model, test_image, out / "segmentation", device=device)

@@ -5,6 +5,7 @@ modules can show its message as is, without a traceback.
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 
@@ -30,3 +31,22 @@ class DataError(CoTexNetError):
 
 class Cancelled(CoTexNetError):
     """Work stopped because the caller asked to cancel it."""
+
+
+#: A line that only says where in C++ an error was thrown, as SimpleITK/ITK put before the message.
+_SOURCE_LOCATION = re.compile(r"\.(?:c|cc|cxx|cpp|h|hxx|hpp|txx):\d+:?$")
+
+
+def error_summary(error: BaseException) -> str:
+    """One line that says what went wrong, for messages that wrap a library's error.
+
+    The first non-empty line that is not a bare source location, so SimpleITK's
+    ``Exception thrown in ... sitkImageReaderBase.cxx:99:`` header gives way to its message on the next
+    line, while multi-line messages that start with the point (torch, transformers) keep their first
+    line. ITK's ``sitk::ERROR:`` prefix is dropped; an empty message gives the exception's type name.
+    """
+    for line in str(error).splitlines():
+        line = line.strip()
+        if line and not _SOURCE_LOCATION.search(line):
+            return line.removeprefix("sitk::ERROR:").strip() or type(error).__name__
+    return type(error).__name__

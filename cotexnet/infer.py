@@ -18,22 +18,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .data import (
-    IntensityNormalization,
-    VolumeImage,
-    image_suffix,
-    read_image,
-    read_label_map,
-    resize_slices,
-    slice_axis_index,
-    write_image,
-    write_segmentation_nrrd,
-)
+from .config import EVALUATION_SPLITS, PRECISIONS
+from .data import (IntensityNormalization, VolumeImage, image_suffix, read_image, read_label_map, write_image,
+                   write_segmentation_nrrd)
+from .data.slicing import array_slice_axis, from_slices, resize_slices, to_slices
 from .errors import Cancelled, CoTexNetError, DataError
 
 logger = logging.getLogger(__name__)
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 #: ITU-R BT.601 luma weights, to give an RGB picture to a model trained on grayscale.
 LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 
@@ -122,13 +114,9 @@ def segment_volume(
     if rgb and normalization.mode != "rgb":  # a photo for a grayscale model: its luminance
         array, rgb = array.astype(np.float32) @ LUMA, False
 
-    spatial = array.ndim - (1 if rgb else 0)
-    if spatial == 2:
-        slices, slice_axis = array[None], None
-    else:
-        slice_axis = axis if isinstance(axis, int) else slice_axis_index(
-            direction if direction is not None else np.eye(3).ravel(), axis or config.slice_axis)
-        slices = np.moveaxis(array, slice_axis, 0)
+    view = axis if isinstance(axis, int) else (axis or config.slice_axis)
+    slice_axis = array_slice_axis(array.ndim - (1 if rgb else 0), direction, view)
+    slices = to_slices(array, slice_axis)
 
     device = resolve_device(device)
     dtype = autocast_dtype(device, precision)
@@ -153,7 +141,7 @@ def segment_volume(
             labels[start : start + len(chunk)] = logits.argmax(dim=1).to(torch.uint8).cpu().numpy()
             if progress is not None:
                 progress(min(start + batch_size, total), total)
-    return labels[0] if slice_axis is None else np.moveaxis(labels, 0, slice_axis)
+    return from_slices(labels, slice_axis)
 
 
 def output_paths(input_path: Path, out_dir: Path) -> tuple[Path, Path]:
@@ -250,13 +238,14 @@ def evaluate(
     """
     from tqdm.auto import tqdm
 
-    from .bundle import load_bundle, read_training_info
+    from .bundle import read_training_info
     from .data import load_dataset, split_cases
     from .metrics import aggregate, format_table, segmentation_metrics
+    from .model import CoTexNet
 
-    if split not in ("test", "val", "train", "all"):
-        raise CoTexNetError(f"split: expected test, val, train or all, got {split!r}")
-    model = load_bundle(model_path)
+    if split not in EVALUATION_SPLITS:
+        raise CoTexNetError(f"split: expected one of {', '.join(EVALUATION_SPLITS)}, got {split!r}")
+    model = CoTexNet.from_pretrained(model_path)
     config = model.config
     # A dataset.json names its classes; an images/ + masks/ folder takes the model's.
     index = load_dataset(data, None if (Path(data) / "dataset.json").is_file() else config.classes)

@@ -110,3 +110,36 @@ def format_table(result: Mapping, classes: Sequence[str]) -> str:
     return "\n".join(
         f"{line[0]:<{width}}  " + "  ".join(f"{v:>{len(h)}}" for v, h in zip(line[1:], header[1:])) for line in lines
     )
+
+
+class DatasetDice:
+    """Dice of each class pooled over a whole dataset, accumulated batch by batch (validation during training).
+
+    An accumulate/aggregate metric like MONAI's ``DiceMetric``, built on MONAI's ``ConfusionMatrixMetric``:
+    each batch adds its per-class confusion counts; :meth:`aggregate` sums them over the dataset and then
+    takes ``2 TP / (2 TP + FP + FN)`` (the F1 score, which is Dice), so every voxel weighs the same
+    whichever slice it is on. A class absent from both prediction and truth everywhere scores 1, as in
+    :func:`segmentation_metrics`.
+    """
+
+    def __init__(self, num_classes: int):
+        from monai.metrics import ConfusionMatrixMetric
+
+        self.num_classes = num_classes
+        self._confusion = ConfusionMatrixMetric(include_background=False, metric_name="f1 score",
+                                                compute_sample=False, reduction="sum_batch")
+
+    def reset(self) -> None:
+        self._confusion.reset()
+
+    def __call__(self, prediction: torch.Tensor, target: torch.Tensor) -> None:
+        """Add a batch of label maps ``(B, H, W)`` (class indices, 0 = background) and their ground truth."""
+        channels = self.num_classes + 1
+        one_hot = [torch.nn.functional.one_hot(x.long(), channels).movedim(-1, 1) for x in (prediction, target)]
+        self._confusion(y_pred=one_hot[0], y=one_hot[1])
+
+    def aggregate(self) -> tuple[float, list[float]]:
+        """(mean over classes, Dice of each class) of everything added since the last :meth:`reset`."""
+        dice = self._confusion.aggregate()[0]
+        per_class = [1.0 if math.isnan(value) else value for value in dice.tolist()]
+        return float(np.mean(per_class)), per_class

@@ -2,25 +2,26 @@
 
 Built on transformers' CLIPSeg parts (``CLIPSegForImageSegmentation``: CLIP ViT image and text
 encoders, frozen, and the light FiLM-conditioned decoder, trained). Equations refer to the paper as
-summarised in DESIGN.md §1:
+written out in docs/method.md:
 
 * ROI branch: ``R_i = I * M_i`` → frozen image encoder → CLS → ``pseudo_mapper`` → pseudo-token ``P_i``.
 * ``T_e = E_T(SOS ⊕ "segmentation area of" ⊕ P_1..P_n ⊕ T_r ⊕ EOS)``, pooled at the true EOS.
 * ``T_c = sigmoid(Map(C))`` from the query image's CLS ``C`` (Map = ``concept_mapper``).
 * Eq. (9) ``T' = sigmoid((1-α)·T_e + α·T_c)``; Eqs. (11)–(12) ``T̂ = Dropout(T'·σ + μ)`` conditions
   the decoder by FiLM in training; at test time ``T̂_c = T_c·σ + μ`` and the text encoder never runs.
-* Eq. (15) loss = Dice + cross-entropy over ``n+1`` channels + ``kd_weight`` · KL(T' ‖ T_c).
+* Eq. (15), the loss, is :mod:`cotexnet.losses`: the model returns outputs, the loss module scores them.
 """
 from __future__ import annotations
 
 import copy
+import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .bundle import BundleMixin, load_backbone
 from .config import CoTexNetConfig
 from .prompts import PromptEncoder, TextInputs, compose_text_inputs
 
@@ -40,13 +41,6 @@ class CoTexNetOutput:
     concept_logits: torch.Tensor | None = None  # Map(C)
     mixed: torch.Tensor | None = None  # T' = sigmoid(mixed_logits)
     mixed_logits: torch.Tensor | None = None  # (1-α)·T_e + α·T_c
-
-
-@dataclass
-class LossTerms:
-    total: torch.Tensor
-    segmentation: torch.Tensor
-    distillation: torch.Tensor
 
 
 class ConceptMapper(nn.Sequential):
@@ -89,19 +83,18 @@ def widen_head(decoder: nn.Module, num_outputs: int) -> None:
         decoder.transposed_convolution = new
 
 
-class CoTexNet(nn.Module):
+class CoTexNet(BundleMixin, nn.Module):
     """CoTexNet (or, with ``config.variant == "clipseg"``, the stock CLIPSeg baseline) on one config.
 
     ``model(images)`` is the test-time path: images only, no text encoder, logits ``(B, n+1, H, W)``.
-    ``model(images, masks=..., text_ids=...)`` is the training path and returns :class:`CoTexNetOutput`.
+    ``model(images, masks=..., text_ids=...)`` is the training path and returns :class:`CoTexNetOutput`,
+    which :class:`~cotexnet.losses.CoTexNetLoss` scores. The constructor takes a built CLIPSeg and its
+    tokenizer and never loads anything: :meth:`from_config` builds a new model from a backbone name,
+    :meth:`from_pretrained` / :meth:`save_pretrained` (:mod:`cotexnet.bundle`) load and save bundles.
     """
 
-    def __init__(self, config: CoTexNetConfig, backbone=None, tokenizer=None):
+    def __init__(self, config: CoTexNetConfig, backbone, tokenizer):
         super().__init__()
-        if backbone is None or tokenizer is None:
-            from .bundle import load_backbone
-
-            backbone, tokenizer = load_backbone(config.backbone, image_size=config.image_size)
         config.backbone_config = backbone.config.to_dict()
         self.config = config
         self.tokenizer = tokenizer
@@ -132,6 +125,14 @@ class CoTexNet(nn.Module):
         self.clipseg.clip.visual_projection.requires_grad_(False)
         self.clipseg.clip.text_projection.requires_grad_(False)
         self.clipseg.clip.logit_scale.requires_grad_(False)
+
+    @classmethod
+    def from_config(cls, config: CoTexNetConfig, cache_dir: str | os.PathLike | None = None) -> "CoTexNet":
+        """A new model on the backbone ``config.backbone`` names: ``tiny``, a folder, or a Hugging Face id
+        (downloaded once into ``cache_dir`` or the Hugging Face cache). Trained models load with
+        :meth:`from_pretrained` instead."""
+        backbone, tokenizer = load_backbone(config.backbone, config.image_size, cache_dir)
+        return cls(config, backbone=backbone, tokenizer=tokenizer)
 
     # ----------------------------------------------------------------------------------- encoders
     @property
@@ -292,72 +293,9 @@ class CoTexNet(nn.Module):
             return self.clipseg.clip.text_projection(pseudo.mean(dim=1))
         return self.encode_text(self.text_inputs(text_ids, batch), pseudo if config.use_pseudo_text else None)
 
-    # --------------------------------------------------------------------------------------- loss
-    def compute_loss(self, output: CoTexNetOutput, labels: torch.Tensor) -> LossTerms:
-        """Eq. (15): Dice + cross-entropy on the ``n+1`` channels, plus the weighted distillation term.
-
-        Dice is MONAI's, computed over the whole batch per class (``batch=True``) without the
-        background channel, so slices with an absent class do not produce the degenerate 0/0 Dice that
-        per-image Dice gives; cross-entropy covers every channel including background.
-        """
-        config = self.config
-        seg = self._seg_loss(output.logits.float(), labels)
-        distill = self.distillation_loss(output)
-        return LossTerms(total=seg + config.kd_weight * distill, segmentation=seg, distillation=distill)
-
-    def _seg_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        from monai.losses import DiceLoss
-
-        if not hasattr(self, "_dice"):
-            self._dice = DiceLoss(to_onehot_y=True, softmax=True, include_background=False, batch=True)
-        target = labels.long()
-        dice = self._dice(logits, target.unsqueeze(1))
-        ce = F.cross_entropy(logits, target)
-        return self.config.dice_weight * dice + self.config.ce_weight * ce
-
-    def distillation_loss(self, output: CoTexNetOutput) -> torch.Tensor:
-        """Align the image-only ``T_c`` (student) with ``T'`` (teacher, detached), per ``kd_mode``.
-
-        ``san``/``no_noise``: KL(T' ‖ T_c) in the configured ``kl_form``; ``mse``: mean squared error;
-        ``no_align``: no term. Zero when the text module is off or for the CLIPSeg baseline.
-        """
-        config = self.config
-        zero = output.logits.new_zeros(())
-        if output.mixed is None or config.kd_mode == "no_align":
-            return zero
-        teacher = output.mixed.detach().float()
-        student = output.concept.float()
-        if config.kd_mode == "mse":
-            return F.mse_loss(student, teacher)
-        if config.kl_form == "softmax":
-            return F.kl_div(
-                F.log_softmax(output.concept_logits.float(), dim=-1),
-                F.log_softmax(output.mixed_logits.detach().float(), dim=-1),
-                reduction="batchmean",
-                log_target=True,
-            )
-        eps = 1e-6
-        p = teacher.clamp(eps, 1 - eps)
-        q = student.clamp(eps, 1 - eps)
-        kl = p * (p.log() - q.log()) + (1 - p) * ((1 - p).log() - (1 - q).log())
-        return kl.sum(dim=-1).mean()
-
-    # ------------------------------------------------------------------------------------ bundles
+    # ------------------------------------------------------------------------------------ training
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
-
-    def save_pretrained(self, directory: str | Path, training_info: dict | None = None) -> Path:
-        """Write a model bundle (config.json, model.safetensors, tokenizer files, training.json) atomically."""
-        from .bundle import save_bundle
-
-        return save_bundle(self, directory, training_info)
-
-    @classmethod
-    def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu") -> "CoTexNet":
-        """Load a bundle written by :meth:`save_pretrained`, offline, without unpickling anything."""
-        from .bundle import load_bundle
-
-        return load_bundle(directory, device=device)
 
 
 def _cls_only_layer(layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor:

@@ -1,6 +1,6 @@
 """Tokenizer handling and the layout of CoTexNet's text input.
 
-The text encoder sees, per image (DESIGN.md §1, steps 2–4)::
+The text encoder sees, per image (docs/method.md, steps 2–4)::
 
     SOS  "segmentation area of"  P_1 … P_n  <real-text prompt tokens>  EOS  pad …
 

@@ -1,8 +1,11 @@
 """Training: paper defaults, checkpoints that are always loadable bundles, resume, clean stops, DDP.
 
-Defaults follow the paper (DESIGN.md §1): Adam, cosine schedule, max lr 3e-4, batch 8, at most 500
-epochs, early stop after 50 epochs without validation improvement; the authors' choices (AdamW, 224 px,
-batch 16, KL ×10) are options. The output folder holds::
+:class:`Trainer` holds one run (as nnU-Net's trainer does): :meth:`Trainer.train_step`,
+:meth:`Trainer.validate`, :meth:`Trainer.save_checkpoint` and the short epoch loop of
+:meth:`Trainer.run`, the single entry point (:func:`train` is ``Trainer(options).run()``).
+Defaults follow the paper (docs/method.md, "Training"): Adam, cosine schedule, max lr 3e-4, batch 8, at
+most 500 epochs, early stop after 50 epochs without validation improvement; the authors' choices
+(AdamW, 224 px, batch 16, KL ×10) are options. The output folder holds::
 
     best/  last/       bundles (``CoTexNet.from_pretrained``); last/ also holds trainer_state.pt
     metrics.csv        one row per epoch
@@ -24,9 +27,9 @@ import random
 import signal
 import sys
 import time
-from contextlib import nullcontext
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from contextlib import nullcontext
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -34,64 +37,22 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler
 
-from .config import CoTexNetConfig, write_text_atomic
-from .data import IntensityNormalization, SliceDataset, augment_batch, load_dataset, save_split, split_cases
-from .errors import CoTexNetError, ConfigError, DataError
+from .atomic import write_text_atomic
+from .bundle import save_bundle
+from .config import CoTexNetConfig, TrainOptions
+from .data import IntensityNormalization, load_dataset, save_split, split_cases
+from .data.augment import augment_batch
+from .data.slice_dataset import SliceDataset
+from .errors import CoTexNetError, DataError
 from .infer import autocast_dtype, resolve_device
+from .losses import CoTexNetLoss
+from .metrics import DatasetDice
+from .model import CoTexNet
+from .runlock import RunLock
 
 logger = logging.getLogger(__name__)
 
 TRAINER_STATE = "trainer_state.pt"
-
-
-@dataclass
-class TrainOptions:
-    """Everything ``cotexnet train`` accepts. ``config_overrides`` sets any :class:`CoTexNetConfig` field
-    (ablation switches, ``kd_mode``, ``kd_weight``, ``variant`` …)."""
-
-    data: str
-    out: str
-    classes: list[str] | None = None
-    keywords: list[str] | None = None
-    backbone: str = "CIDAS/clipseg-rd64-refined"
-    cache_dir: str | None = None
-    image_size: int = 352
-    epochs: int = 500
-    batch_size: int = 8
-    lr: float = 3e-4
-    optimizer: str = "adam"
-    weight_decay: float = 0.0
-    patience: int = 50
-    device: str = "auto"
-    seed: int = 0
-    grad_clip: float = 1.0
-    augment: bool = True
-    empty_fraction: float = 0.1
-    slice_axis: str = "axial"
-    modality: str | None = None
-    intensity: dict | None = None
-    concept_backend: str = "geometric"
-    concept_options: dict = field(default_factory=dict)
-    concept_cache: str | None = None
-    attributes: list[str] | None = None
-    max_steps_per_epoch: int | None = None
-    num_workers: int = 0
-    progress_file: str | None = None
-    progress_stdout: bool = False
-    show_progress: bool = True
-    stop_file: str | None = None
-    resume: bool = False
-    config_overrides: dict = field(default_factory=dict)
-
-    def __post_init__(self):
-        for name in ("epochs", "batch_size", "patience", "image_size"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ConfigError(f"{name}: expected a positive integer, got {value!r}")
-        if not (isinstance(self.lr, (int, float)) and self.lr > 0):
-            raise ConfigError(f"lr: expected a positive number, got {self.lr!r}")
-        if self.optimizer not in ("adam", "adamw"):
-            raise ConfigError(f"optimizer: expected adam or adamw, got {self.optimizer!r}")
 
 
 class ProgressWriter:
@@ -227,29 +188,6 @@ def _build_config(options: TrainOptions, classes: list[str], normalization: Inte
     return CoTexNetConfig(**fields)
 
 
-def _dice_counts(logits: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """Per-class (intersection, prediction, truth) voxel counts of a batch, for a dataset-wide Dice."""
-    prediction = logits.argmax(1)
-    counts = torch.zeros(num_classes, 3, dtype=torch.float64)
-    for c in range(1, num_classes + 1):
-        p, t = prediction == c, labels == c
-        counts[c - 1] = torch.tensor([(p & t).sum().item(), p.sum().item(), t.sum().item()], dtype=torch.float64)
-    return counts
-
-
-def validation_dice(model, loader, device, num_classes: int, dtype) -> tuple[float, list[float]]:
-    """Dice of each class over all validation slices (empty in both prediction and truth counts as 1)."""
-    model.eval()
-    counts = torch.zeros(num_classes, 3, dtype=torch.float64)
-    autocast = torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
-    with torch.inference_mode(), autocast:
-        for batch in loader:
-            logits = model(batch["image"].to(device))
-            counts += _dice_counts(logits.float().cpu(), batch["label"], num_classes)
-    per_class = [1.0 if (p + t) == 0 else float(2 * i / (p + t)) for i, p, t in counts.tolist()]
-    return float(np.mean(per_class)), per_class
-
-
 def _write_metrics_csv(path: Path, rows: list[dict]) -> None:
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
@@ -263,244 +201,311 @@ def train(options: TrainOptions, on_event: Callable[..., None] | None = None) ->
 
     ``on_event(event, **values)`` receives the same progress events that go to the progress file.
     """
-    from tqdm.auto import tqdm
-
-    from .model import CoTexNet
-
-    out = Path(options.out)
-    device = resolve_device(options.device)
-    rank, world, device = distributed_setup(device)
-    is_main = rank == 0
-    writer = ProgressWriter(options.progress_file, options.progress_stdout, is_main)
-
-    def emit(event: str, **values) -> None:
-        writer(event, **values)
-        if on_event is not None and is_main:
-            on_event(event, **values)
-
-    stop = StopRequest(options.stop_file)
-    stop.install()
-    try:
-        return _train(options, out, device, rank, world, is_main, emit, stop, tqdm, CoTexNet)
-    except CoTexNetError as error:
-        emit("error", message=str(error))
-        raise
-    finally:
-        stop.uninstall()
-        if world > 1 and dist.is_initialized():
-            dist.destroy_process_group()
+    return Trainer(options, on_event).run()
 
 
-def _train(options, out, device, rank, world, is_main, emit, stop, tqdm, CoTexNet) -> Path:
-    _seed_everything(options.seed + rank)
-    index = load_dataset(options.data, options.classes)
-    classes = index.classes
-    last_dir, best_dir = out / "last", out / "best"
-    resume_state = None
-    if options.resume:
-        if not (last_dir / TRAINER_STATE).is_file():
-            raise CoTexNetError(f"{last_dir}: nothing to resume (no {TRAINER_STATE}); start without --resume")
-        model = CoTexNet.from_pretrained(last_dir)
-        config = model.config
-        if config.classes != classes:
-            raise DataError(f"classes {classes} differ from the run being resumed ({config.classes})", options.data)
-        resume_state = torch.load(last_dir / TRAINER_STATE, map_location="cpu", weights_only=True)
-        split = resume_state["split"]
-    else:
+class Trainer:
+    """One training run: data, model, optimisation, validation, checkpoints and progress events.
+
+    :meth:`run` is the whole run; the steps it calls are the places later work plugs into:
+    :meth:`make_loaders` (the batch sampler, e.g. foreground oversampling), :meth:`build_model`
+    (where a run starts from: a backbone, a bundle being resumed, or another bundle's weights),
+    :meth:`train_step` (the forward pass, e.g. behind a cache of frozen-encoder features),
+    :meth:`validate` (a :class:`~cotexnet.metrics.DatasetDice`, per class) and :meth:`save_checkpoint`.
+    Every random stream restarts from (seed, rank, epoch), so a resumed run repeats an uninterrupted one.
+    """
+
+    def __init__(self, options: TrainOptions, on_event: Callable[..., None] | None = None):
+        self.options = options
+        self.out = Path(options.out)
+        self.last_dir, self.best_dir = self.out / "last", self.out / "best"
+        self.rank, self.world, self.device = distributed_setup(resolve_device(options.device))
+        self.is_main = self.rank == 0
+        self.writer = ProgressWriter(options.progress_file, options.progress_stdout, self.is_main)
+        self.on_event = on_event
+        self.stop = StopRequest(options.stop_file)
+        self.stopped = False
+        self.epoch, self.best, self.stale, self.history = 0, -math.inf, 0, []
+
+    def emit(self, event: str, **values) -> None:
+        self.writer(event, **values)
+        if self.on_event is not None and self.is_main:
+            self.on_event(event, **values)
+
+    # ------------------------------------------------------------------------------------------ the run
+    def run(self) -> Path:
+        """Train until ``epochs``, early stop, or a stop request; returns the best bundle's folder."""
+        from tqdm.auto import tqdm
+
+        options = self.options
+        self.stop.install()
+        try:
+            with RunLock(self.out) if self.is_main else nullcontext():  # one trainer per run folder
+                self.initialize()
+                start_epoch = self.start_epoch
+                self.emit("start", epochs=options.epochs, start_epoch=start_epoch, steps_per_epoch=self.steps,
+                          batch_size=self.batch_size, train_cases=len(self.split["train"]),
+                          val_cases=len(self.split.get("val", [])), train_slices=len(self.train_set),
+                          val_slices=len(self.val_set), device=str(self.device), world_size=self.world,
+                          classes=self.config.classes)
+                self.started = time.time()
+                self.bar = tqdm(total=(options.epochs - start_epoch + 1) * self.steps, desc="training", unit="step",
+                                mininterval=1.0, disable=not (self.is_main and options.show_progress))
+                self.epoch = start_epoch - 1
+                for epoch in range(start_epoch, options.epochs + 1):
+                    self.epoch = epoch
+                    done, totals = self.train_epoch(epoch)
+                    if done == 0 and self.stopped:
+                        break
+                    self.end_epoch(epoch, done, totals, *self.validate())
+                    if self.stopped or self.stale >= options.patience:
+                        if self.stale >= options.patience:
+                            self.emit("early_stop", epoch=epoch, patience=options.patience, best_val_dice=self.best)
+                        break
+                self.bar.close()
+                return self.finish()
+        except CoTexNetError as error:
+            self.emit("error", message=str(error))
+            raise
+        finally:
+            self.stop.uninstall()
+            if self.world > 1 and dist.is_initialized():
+                dist.destroy_process_group()
+
+    # ------------------------------------------------------------------------------------------- set-up
+    def initialize(self) -> None:
+        """Data, model, split, slices, optimiser, schedule and loaders, restored when resuming."""
+        options = self.options
+        _seed_everything(options.seed + self.rank)
+        self.index = load_dataset(options.data, options.classes)
+        resume_state = self.build_model()
+        config = self.config
+        normalization = IntensityNormalization.from_dict(config.intensity)
+        if not self.split["train"]:
+            raise DataError("the split leaves no training case", options.data)
+        common = dict(normalization=normalization, split=self.split, axis=config.slice_axis,
+                      image_size=config.image_size, seed=options.seed)
+        self.train_set = SliceDataset(self.index, "train", empty_fraction=options.empty_fraction, **common)
+        val_name = "val" if self.split.get("val") else "train"
+        if val_name == "train":
+            logger.warning("no validation cases: validating on the training cases")
+        self.val_set = SliceDataset(self.index, val_name, empty_fraction=options.empty_fraction, **common)
+        if len(self.train_set) == 0:
+            raise DataError("no training slice holds any labelled voxel", options.data)
+        if self.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            save_split(self.split, self.out / "split.json")
+
+        model = self.model.to(self.device)
+        optimizer_class = torch.optim.AdamW if options.optimizer == "adamw" else torch.optim.Adam
+        self.optimizer = optimizer_class(model.trainable_parameters(), lr=options.lr, weight_decay=options.weight_decay)
+        self.net = model
+        if self.world > 1:
+            self.net = torch.nn.parallel.DistributedDataParallel(
+                model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                find_unused_parameters=True)
+        self.loss = CoTexNetLoss(config)
+        self.dice = DatasetDice(config.num_classes)
+        self.prompts = (PromptSource(options, config)
+                        if config.uses_text_encoder_in_training and config.use_real_text else None)
+        self.flips = options.augment and (self.prompts is None or not self.prompts.cached_per_slice)
+        self.dtype = autocast_dtype(self.device, "auto")
+        # fp16 (GPUs without bf16) needs loss scaling against gradient underflow; bf16 and fp32 do not.
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
+        self.batch_size = options.batch_size
+        self.train_loader, self.val_loader = self.make_loaders(self.batch_size)
+        self.steps = len(self.train_loader)
+        if options.max_steps_per_epoch is not None:
+            self.steps = min(self.steps, options.max_steps_per_epoch)
+        self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer,
+                                                                    T_max=max(1, options.epochs * self.steps))
+        self.start_epoch = 1 if resume_state is None else self.load_checkpoint_state(resume_state) + 1
+        self.augment_rng = torch.Generator()
+
+    def build_model(self) -> dict | None:
+        """``self.model``, ``self.config`` and ``self.split``: a new model on the backbone, or the run in
+        ``OUT/last`` when resuming (then its trainer state is returned)."""
+        options, index = self.options, self.index
+        if options.resume:
+            if not (self.last_dir / TRAINER_STATE).is_file():
+                raise CoTexNetError(f"{self.last_dir}: nothing to resume (no {TRAINER_STATE}); start without --resume")
+            self.model = CoTexNet.from_pretrained(self.last_dir)
+            self.config = self.model.config
+            if self.config.classes != index.classes:
+                raise DataError(f"classes {index.classes} differ from the run being resumed ({self.config.classes})",
+                                options.data)
+            state = torch.load(self.last_dir / TRAINER_STATE, map_location="cpu", weights_only=True)
+            self.split = state["split"]
+            return state
         if options.intensity is not None:
             normalization = IntensityNormalization.from_dict(options.intensity)
         else:
             normalization = IntensityNormalization.for_modality(options.modality or index.modality)
-        config = _build_config(options, classes, normalization, options.modality or index.modality)
-        from .bundle import load_backbone
+        self.config = _build_config(options, index.classes, normalization, options.modality or index.modality)
+        self.model = CoTexNet.from_config(self.config, cache_dir=options.cache_dir)
+        self.split = split_cases(index, options.seed)
+        return None
 
-        backbone, tokenizer = load_backbone(config.backbone, config.image_size, options.cache_dir)
-        model = CoTexNet(config, backbone=backbone, tokenizer=tokenizer)
-        split = split_cases(index, options.seed)
-    normalization = IntensityNormalization.from_dict(config.intensity)
-    if not split["train"]:
-        raise DataError("the split leaves no training case", options.data)
-    common = dict(normalization=normalization, split=split, axis=config.slice_axis, image_size=config.image_size,
-                  seed=options.seed)
-    train_set = SliceDataset(index, "train", empty_fraction=options.empty_fraction, **common)
-    val_name = "val" if split.get("val") else "train"
-    if val_name == "train":
-        logger.warning("no validation cases: validating on the training cases")
-    val_set = SliceDataset(index, val_name, empty_fraction=options.empty_fraction, **common)
-    if len(train_set) == 0:
-        raise DataError("no training slice holds any labelled voxel", options.data)
-    if is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        save_split(split, out / "split.json")
-
-    model.to(device)
-    params = model.trainable_parameters()
-    optimizer_class = torch.optim.AdamW if options.optimizer == "adamw" else torch.optim.Adam
-    optimizer = optimizer_class(params, lr=options.lr, weight_decay=options.weight_decay)
-    net = model
-    if world > 1:
-        net = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True)
-    prompts = PromptSource(options, config) if config.uses_text_encoder_in_training and config.use_real_text else None
-    flips = options.augment and (prompts is None or not prompts.cached_per_slice)
-    dtype = autocast_dtype(device, "auto")
-    # fp16 (GPUs without bf16) needs loss scaling against gradient underflow; bf16 and fp32 do not.
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    batch_size = options.batch_size
-
-    def loaders(size: int):
-        sampler = DistributedSampler(train_set, world, rank, shuffle=True, seed=options.seed) if world > 1 else None
-        generator = torch.Generator()
-        train_loader = DataLoader(train_set, batch_size=size, shuffle=sampler is None, sampler=sampler,
-                                  num_workers=options.num_workers, drop_last=len(train_set) > size * world,
-                                  generator=generator, pin_memory=device.type == "cuda")
-        val_loader = DataLoader(val_set, batch_size=size, num_workers=options.num_workers)
+    def make_loaders(self, batch_size: int) -> tuple[DataLoader, DataLoader]:
+        """Training loader (shuffled; a distributed sampler under torchrun) and validation loader."""
+        options = self.options
+        sampler = (DistributedSampler(self.train_set, self.world, self.rank, shuffle=True, seed=options.seed)
+                   if self.world > 1 else None)
+        train_loader = DataLoader(self.train_set, batch_size=batch_size, shuffle=sampler is None, sampler=sampler,
+                                  num_workers=options.num_workers, drop_last=len(self.train_set) > batch_size * self.world,
+                                  generator=torch.Generator(), pin_memory=self.device.type == "cuda")
+        val_loader = DataLoader(self.val_set, batch_size=batch_size, num_workers=options.num_workers)
         return train_loader, val_loader
 
-    train_loader, val_loader = loaders(batch_size)
-    steps = len(train_loader) if options.max_steps_per_epoch is None else min(len(train_loader), options.max_steps_per_epoch)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, options.epochs * steps))
-    start_epoch, best, stale, history = 1, -math.inf, 0, []
-    if resume_state is not None:
-        optimizer.load_state_dict(resume_state["optimizer"])
-        scheduler.load_state_dict(resume_state["scheduler"])
-        start_epoch, best, stale = resume_state["epoch"] + 1, resume_state["best"], resume_state["stale"]
-        history = json.loads(resume_state["history"])
-        _set_rng_state(resume_state["rng"])
-    augment_rng = torch.Generator()
-    emit("start", epochs=options.epochs, start_epoch=start_epoch, steps_per_epoch=steps, batch_size=batch_size,
-         train_cases=len(split["train"]), val_cases=len(split.get("val", [])), train_slices=len(train_set),
-         val_slices=len(val_set), device=str(device), world_size=world, classes=classes)
-    started = time.time()
-    stopped = False
-    bar = tqdm(total=(options.epochs - start_epoch + 1) * steps, desc="training", unit="step", mininterval=1.0,
-               disable=not (is_main and options.show_progress))
-    epoch = start_epoch - 1
-    for epoch in range(start_epoch, options.epochs + 1):
-        # Every random stream restarts from (seed, rank, epoch), so a resumed run repeats an uninterrupted one.
-        if isinstance(train_loader.sampler, DistributedSampler):
-            train_loader.sampler.set_epoch(epoch)
-        train_loader.generator.manual_seed(options.seed + epoch)
-        augment_rng.manual_seed((options.seed * 1_000_003 + rank) * 10_007 + epoch)
-        net.train()
+    # ------------------------------------------------------------------------------------------ training
+    def train_epoch(self, epoch: int) -> tuple[int, dict[str, float]]:
+        """Up to ``steps`` optimiser steps; returns (steps done, summed loss terms). Halves the batch on GPU OOM."""
+        options = self.options
+        if isinstance(self.train_loader.sampler, DistributedSampler):
+            self.train_loader.sampler.set_epoch(epoch)
+        self.train_loader.generator.manual_seed(options.seed + epoch)
+        self.augment_rng.manual_seed((options.seed * 1_000_003 + self.rank) * 10_007 + epoch)
+        self.net.train()
         totals = {"loss": 0.0, "loss_seg": 0.0, "loss_kd": 0.0}
         done = 0
-        iterator = iter(train_loader)
-        while done < steps:
-            if any_rank(bool(stop), device, world):
-                stopped = True
+        iterator = iter(self.train_loader)
+        while done < self.steps:
+            if any_rank(bool(self.stop), self.device, self.world):
+                self.stopped = True
                 break
             try:
                 batch = next(iterator)
             except StopIteration:
                 break
             try:
-                terms = _step(net, model, batch, device, dtype, optimizer, scheduler, scaler, options, prompts, flips,
-                              augment_rng)
+                terms = self.train_step(batch)
             except torch.cuda.OutOfMemoryError:
-                if batch_size == 1:
-                    raise CoTexNetError("out of GPU memory even with batch size 1; lower --image-size or use the CPU") from None
-                optimizer.zero_grad(set_to_none=True)
-                torch.cuda.empty_cache()
-                batch_size = max(1, batch_size // 2)
-                emit("warning", message=f"out of GPU memory: retrying with batch size {batch_size}")
-                logger.warning("out of GPU memory: retrying with batch size %d", batch_size)
-                train_loader, val_loader = loaders(batch_size)
-                iterator = iter(train_loader)
+                self._halve_batch()
+                iterator = iter(self.train_loader)
                 continue
             done += 1
             for key in totals:
                 totals[key] += terms[key]
-            elapsed = time.time() - started
-            finished = (epoch - start_epoch) * steps + done
-            remaining = (options.epochs - epoch) * steps + (steps - done)
+            elapsed = time.time() - self.started
+            finished = (epoch - self.start_epoch) * self.steps + done
+            remaining = (options.epochs - epoch) * self.steps + (self.steps - done)
             eta = elapsed / finished * remaining
-            emit("step", epoch=epoch, step=done, steps=steps, lr=scheduler.get_last_lr()[0], eta_s=round(eta, 1), **terms)
-            bar.set_postfix(epoch=epoch, loss=f"{terms['loss']:.4f}", best_dice=f"{max(best, 0):.3f}", refresh=False)
-            bar.update(1)
-        if done == 0 and stopped:
-            break
-        val_dice, per_class = validation_dice(model, val_loader, device, len(classes), dtype)
-        improved = val_dice > best
+            self.emit("step", epoch=epoch, step=done, steps=self.steps, lr=self.scheduler.get_last_lr()[0],
+                      eta_s=round(eta, 1), **terms)
+            self.bar.set_postfix(epoch=epoch, loss=f"{terms['loss']:.4f}", best_dice=f"{max(self.best, 0):.3f}",
+                                 refresh=False)
+            self.bar.update(1)
+        return done, totals
+
+    def _halve_batch(self) -> None:
+        if self.batch_size == 1:
+            raise CoTexNetError("out of GPU memory even with batch size 1; lower --image-size or use the CPU") from None
+        self.optimizer.zero_grad(set_to_none=True)
+        torch.cuda.empty_cache()
+        self.batch_size = max(1, self.batch_size // 2)
+        self.emit("warning", message=f"out of GPU memory: retrying with batch size {self.batch_size}")
+        logger.warning("out of GPU memory: retrying with batch size %d", self.batch_size)
+        self.train_loader, self.val_loader = self.make_loaders(self.batch_size)
+
+    def train_step(self, batch: dict) -> dict[str, float]:
+        """Augment, describe (real-text prompts), forward, score with :class:`CoTexNetLoss`, one optimiser step."""
+        model, device = self.model, self.device
+        images = batch["image"].to(device, non_blocking=True)
+        labels = batch["label"].to(device, non_blocking=True)
+        described = (images, labels)  # LMM answers are cached per original slice
+        if self.options.augment:
+            images, labels = augment_batch(images, labels, self.augment_rng, flips=self.flips)
+        if self.prompts is not None and not self.prompts.cached_per_slice:
+            described = (images, labels)  # geometric attributes are exact for the augmented slice
+        masks = torch.stack([(labels == c).to(images.dtype) for c in range(1, self.config.num_classes + 1)], dim=1)
+        text_ids = model.encode_prompts(self.prompts(*described)) if self.prompts is not None else None
+        autocast = torch.autocast(device.type, dtype=self.dtype) if self.dtype is not None else nullcontext()
+        with autocast:
+            output = self.net(images, masks, text_ids)
+        terms = self.loss(output, labels)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(terms.total).backward()
+        if self.options.grad_clip > 0:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(model.trainable_parameters(), self.options.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        return {"loss": terms.total.item(), "loss_seg": terms.segmentation.item(), "loss_kd": terms.distillation.item()}
+
+    def validate(self) -> tuple[float, list[float]]:
+        """Dice of each class over all validation slices, and their mean (test-time path, no text)."""
+        self.model.eval()
+        self.dice.reset()
+        autocast = torch.autocast(self.device.type, dtype=self.dtype) if self.dtype is not None else nullcontext()
+        with torch.inference_mode(), autocast:
+            for batch in self.val_loader:
+                logits = self.model(batch["image"].to(self.device))
+                self.dice(logits.float().argmax(1).cpu(), batch["label"])
+        return self.dice.aggregate()
+
+    def end_epoch(self, epoch: int, done: int, totals: dict, val_dice: float, per_class: list[float]) -> None:
+        """Early-stopping bookkeeping, the metrics row, checkpoints (rank 0) and the ``epoch`` event."""
+        improved = val_dice > self.best
         if improved:
-            best, stale = val_dice, 0
+            self.best, self.stale = val_dice, 0
         else:
-            stale += 1
+            self.stale += 1
+        classes = self.config.classes
         row = {"epoch": epoch, **{k: round(v / max(done, 1), 6) for k, v in totals.items()},
                "val_dice": round(val_dice, 6), **{f"val_dice_{c}": round(d, 6) for c, d in zip(classes, per_class)},
-               "lr": scheduler.get_last_lr()[0], "seconds": round(time.time() - started, 1)}
-        history.append(row)
-        if is_main:
-            info = _training_info(options, index, split, history, best, epoch, config)
-            if improved:
-                model.save_pretrained(best_dir, training_info=info)
-            _save_last(model, last_dir, info, optimizer, scheduler, epoch, best, stale, history, split)
-            _write_metrics_csv(out / "metrics.csv", history)
-        elapsed = time.time() - started
-        eta = elapsed / max(epoch - start_epoch + 1, 1) * (options.epochs - epoch)
-        emit("epoch", epoch=epoch, epochs=options.epochs, loss=row["loss"], loss_seg=row["loss_seg"],
-             loss_kd=row["loss_kd"], val_dice=row["val_dice"], val_dice_per_class=dict(zip(classes, per_class)),
-             best_val_dice=best, lr=row["lr"], eta_s=round(eta, 1), improved=improved)
-        if stopped or stale >= options.patience:
-            if stale >= options.patience:
-                emit("early_stop", epoch=epoch, patience=options.patience, best_val_dice=best)
-            break
-    bar.close()
-    if world > 1:
-        dist.barrier()
-    if not (best_dir / "config.json").is_file() and is_main:
-        # Stopped before the first validation: the current weights are the best there are.
-        model.save_pretrained(best_dir, training_info=_training_info(options, index, split, history, best, epoch, config))
-    emit("done", bundle=str(best_dir), best_val_dice=best if best > -math.inf else None, stopped=stopped, epoch=epoch)
-    return best_dir
+               "lr": self.scheduler.get_last_lr()[0], "seconds": round(time.time() - self.started, 1)}
+        self.history.append(row)
+        if self.is_main:
+            self.save_checkpoint(improved)
+        eta = (time.time() - self.started) / max(epoch - self.start_epoch + 1, 1) * (self.options.epochs - epoch)
+        self.emit("epoch", epoch=epoch, epochs=self.options.epochs, loss=row["loss"], loss_seg=row["loss_seg"],
+                  loss_kd=row["loss_kd"], val_dice=row["val_dice"], val_dice_per_class=dict(zip(classes, per_class)),
+                  best_val_dice=self.best, lr=row["lr"], eta_s=round(eta, 1), improved=improved)
 
+    # --------------------------------------------------------------------------------------- checkpoints
+    def save_checkpoint(self, improved: bool) -> None:
+        """``best/`` when validation improved, ``last/`` with the trainer state (``--resume``), metrics.csv."""
+        info = self.training_info()
+        if improved:
+            self.model.save_pretrained(self.best_dir, training_info=info)
+        state = self.checkpoint_state()
+        save_bundle(self.model, self.last_dir, info, extra_files=lambda folder: torch.save(state, folder / TRAINER_STATE))
+        _write_metrics_csv(self.out / "metrics.csv", self.history)
 
-def _step(net, model, batch, device, dtype, optimizer, scheduler, scaler, options, prompts, flips, augment_rng) -> dict:
-    images = batch["image"].to(device, non_blocking=True)
-    labels = batch["label"].to(device, non_blocking=True)
-    described = (images, labels)  # LMM answers are cached per original slice
-    if options.augment:
-        images, labels = augment_batch(images, labels, augment_rng, flips=flips)
-    if prompts is not None and not prompts.cached_per_slice:
-        described = (images, labels)  # geometric attributes are exact for the augmented slice
-    num_classes = model.config.num_classes
-    masks = torch.stack([(labels == c).to(images.dtype) for c in range(1, num_classes + 1)], dim=1)
-    text_ids = model.encode_prompts(prompts(*described)) if prompts is not None else None
-    autocast = torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
-    with autocast:
-        output = net(images, masks, text_ids)
-    terms = model.compute_loss(output, labels)
-    optimizer.zero_grad(set_to_none=True)
-    scaler.scale(terms.total).backward()
-    if options.grad_clip > 0:
-        scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(model.trainable_parameters(), options.grad_clip)
-    scaler.step(optimizer)
-    scaler.update()
-    scheduler.step()
-    return {"loss": terms.total.item(), "loss_seg": terms.segmentation.item(), "loss_kd": terms.distillation.item()}
+    def checkpoint_state(self) -> dict:
+        """What ``--resume`` needs besides the weights: optimiser, schedule, early-stopping state, RNGs, split."""
+        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(), "epoch": self.epoch,
+                "best": self.best, "stale": self.stale, "history": json.dumps(self.history), "rng": _rng_state(),
+                "split": self.split}
 
+    def load_checkpoint_state(self, state: dict) -> int:
+        """Restore :meth:`checkpoint_state`; returns the epoch it was saved after."""
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.best, self.stale = state["best"], state["stale"]
+        self.history = json.loads(state["history"])
+        _set_rng_state(state["rng"])
+        return state["epoch"]
 
-def _training_info(options, index, split, history, best, epoch, config) -> dict:
-    return {
-        "data": str(Path(options.data).resolve()), "format": index.format, "classes": config.classes,
-        "split": split, "epochs_run": epoch, "best_val_dice": best if best > -math.inf else None,
-        "history": history, "concept_backend": options.concept_backend,
-        "attributes": options.attributes or ["number", "shape", "size", "color", "location", "keyword"],
-        "options": {k: v for k, v in asdict(options).items() if k not in ("progress_file", "stop_file")},
-        "torch": torch.__version__, "python": sys.version.split()[0],
-    }
+    def finish(self) -> Path:
+        if self.world > 1:
+            dist.barrier()
+        if not (self.best_dir / "config.json").is_file() and self.is_main:
+            # Stopped before the first validation: the current weights are the best there are.
+            self.model.save_pretrained(self.best_dir, training_info=self.training_info())
+        self.emit("done", bundle=str(self.best_dir), best_val_dice=self.best if self.best > -math.inf else None,
+                  stopped=self.stopped, epoch=self.epoch)
+        return self.best_dir
 
-
-def _save_last(model, last_dir, info, optimizer, scheduler, epoch, best, stale, history, split) -> None:
-    """The last bundle and, inside it, the optimizer/scheduler/RNG state that ``--resume`` continues from."""
-    state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "epoch": epoch,
-             "best": best, "stale": stale, "history": json.dumps(history), "rng": _rng_state(), "split": split}
-
-    def write_state(directory: Path) -> None:
-        torch.save(state, directory / TRAINER_STATE)
-
-    from .bundle import save_bundle
-
-    save_bundle(model, last_dir, info, extra_files=write_state)
-
+    def training_info(self) -> dict:
+        """``training.json`` of the bundles: data, split, history and the options of this run."""
+        options, best = self.options, self.best
+        return {
+            "data": str(Path(options.data).resolve()), "format": self.index.format, "classes": self.config.classes,
+            "split": self.split, "epochs_run": self.epoch, "best_val_dice": best if best > -math.inf else None,
+            "history": self.history, "concept_backend": options.concept_backend,
+            "attributes": options.attributes or ["number", "shape", "size", "color", "location", "keyword"],
+            "options": {k: v for k, v in asdict(options).items() if k not in ("progress_file", "stop_file")},
+            "torch": torch.__version__, "python": sys.version.split()[0],
+        }

@@ -1,7 +1,9 @@
-"""Qt side shared by the CoTexNetSegment widget and the "CoTexNet" Segment Editor effect.
+"""Qt side shared by the CoTexNetSegment widget, the "CoTexNet" Segment Editor effect and CoTexNetTrain.
 
-Dependency setup with dialogs, polling a background job on a timer, and application settings. The
-work itself is in ``CoTexNetSegmentLib`` (no Qt).
+Dialogs (dependency setup, the LLaVA download question) and polling a background job on a timer. The
+work itself is in ``CoTexNetSegmentLib`` (no Qt). The effect file lives in another folder
+(``SegmentEditorCoTexNet``) that nothing imports as a package: Slicer 5.10+ registers an effect by
+putting a module named after the effect's folder into ``sys.modules`` (docs/slicer.md, "Effect loading").
 """
 
 import json
@@ -10,12 +12,17 @@ import traceback
 import qt
 
 import slicer
-from CoTexNetSegmentLib import dependencies
+from CoTexNetSegmentLib import backbone, dependencies
+from CoTexNetSegmentLib.errors import formatError
+from CoTexNetSegmentLib.settings import CONCEPT_BACKEND_OPTIONS_SETTING, readSetting
+
+try:
+    from slicer.i18n import tr as _
+except ImportError:  # slicer-core, without the application: the source text
+    def _(text):
+        return text
 
 PYTORCH_EXTENSION = "PyTorch"
-#: Application settings (per user, not per scene).
-RECENT_MODELS_SETTING = "CoTexNet/RecentModels"  # history of the model path line edits (ctkPathLineEdit settingKey)
-CONCEPT_BACKEND_OPTIONS_SETTING = "CoTexNet/ConceptBackendOptions"  # JSON: {"openai": {"model": ..., "base_url": ...}}
 
 
 def pytorchExtensionInstalled() -> bool:
@@ -27,9 +34,10 @@ def installPyTorchExtension() -> None:
     """Installs the PyTorch extension from the extensions server; Slicer asks to restart afterwards."""
     manager = slicer.app.extensionsManagerModel()
     if not manager.installExtensionFromServer(PYTORCH_EXTENSION, True):
-        slicer.util.errorDisplay(
-            "The PyTorch extension could not be installed. Install it from View > Extensions Manager, then restart Slicer."
-        )
+        slicer.util.errorDisplay(_(
+            "The PyTorch extension could not be installed. Install it from View > Extensions Manager, then "
+            "restart Slicer."
+        ))
 
 
 def _installTorch() -> bool:
@@ -46,24 +54,25 @@ def ensureEngineReady() -> bool:
     """Makes sure torch and the engine's packages are installed; True when CoTexNet can run now.
 
     torch comes from the PyTorch extension; without that extension the user is told how to get it. Then
-    one confirmation lists everything that will be installed; after it, a restart is offered if a
-    package this session had already imported was replaced.
+    one confirmation lists everything that will be installed, and the action goes on after installing,
+    unless a package this session had imported before was replaced: then a restart is offered, naming it.
     """
     report = dependencies.checkRequirements()
     if not report.needsInstall:
         return True
     if report.torchMissing and not pytorchExtensionInstalled():
         slicer.util.errorDisplay(
-            "CoTexNet needs PyTorch, which Slicer installs through the PyTorch extension (it picks the build "
-            "that matches your GPU driver).\n\nInstall the PyTorch extension with the button in the CoTexNet "
-            "Segment module or from View > Extensions Manager, restart Slicer, and try again.",
-            windowTitle="CoTexNet: PyTorch extension needed",
+            _("CoTexNet needs PyTorch, which Slicer installs through the PyTorch extension (it picks the build "
+              "that matches your GPU driver).\n\nInstall the PyTorch extension with the button in the CoTexNet "
+              "Segment module or from View > Extensions Manager, restart Slicer, and try again."),
+            windowTitle=_("CoTexNet: PyTorch extension needed"),
         )
         return False
 
     def confirm(text):
         return slicer.util.confirmOkCancelDisplay(
-            text + "\n\nInstall now? Downloading can take several minutes.", windowTitle="CoTexNet: install dependencies"
+            text + "\n\n" + _("Install now? Downloading can take several minutes."),
+            windowTitle=_("CoTexNet: install dependencies"),
         )
 
     def pipInstall(requirements):
@@ -71,29 +80,43 @@ def ensureEngineReady() -> bool:
             slicer.util.pip_install(requirements)
 
     try:
-        status = dependencies.ensureDependencies(confirm, _installTorch, pipInstall)
+        outcome = dependencies.ensureDependencies(confirm, _installTorch, pipInstall)
     except Exception as error:
-        slicer.util.errorDisplay(f"Installing CoTexNet's dependencies failed:\n\n{error}",
+        slicer.util.errorDisplay(_("Installing CoTexNet's dependencies failed:") + f"\n\n{error}",
                                  detailedText=traceback.format_exc())
         return False
-    if status == dependencies.RESTART:
+    if outcome == dependencies.RESTART:
+        replaced = "\n  ".join(outcome.replaced) or _("(packages are still missing or out of range)")
         if slicer.util.confirmYesNoDisplay(
-            "Packages that this session had already loaded were updated. Restart Slicer now to use them?",
-            windowTitle="CoTexNet: restart needed",
+            _("These packages were already loaded in this session and have been replaced:") + f"\n  {replaced}\n\n"
+            + _("Restart Slicer now to use them?"),
+            windowTitle=_("CoTexNet: restart needed"),
         ):
             slicer.util.restart()
         return False
-    return status == dependencies.READY
+    return outcome == dependencies.READY
 
 
 def conceptBackendOptions(backend: str) -> dict:
     """Options of an LMM concept backend from the application settings (empty for ``geometric``)."""
-    text = qt.QSettings().value(CONCEPT_BACKEND_OPTIONS_SETTING, "") or "{}"
+    text = readSetting(CONCEPT_BACKEND_OPTIONS_SETTING, "") or "{}"
     try:
         options = json.loads(text)
     except json.JSONDecodeError as error:
         raise ValueError(f"setting {CONCEPT_BACKEND_OPTIONS_SETTING}: not valid JSON ({error})") from None
     return dict(options.get(backend, {})) if isinstance(options, dict) else {}
+
+
+def confirmLlavaDownload(repoId: str) -> bool:
+    """Asks before the multi-GB LLaVA download, with its size (when the hub can tell)."""
+    size = backbone.downloadSize(repoId, backbone.LLAVA_PATTERNS)
+    sizeText = _("{size:.1f} GB").format(size=size / 1e9) if size else _("several GB (the size is unknown)")
+    return slicer.util.confirmOkCancelDisplay(
+        _("Concepts from LLaVA need the model {repo}, which is not downloaded yet: {size}.\n\nDownload it now? "
+          "Progress is shown in the module, and Cancel stops the download (it resumes next time).").format(
+            repo=repoId, size=sizeText),
+        windowTitle=_("CoTexNet: download LLaVA"),
+    )
 
 
 class JobPoller:
@@ -129,16 +152,7 @@ class JobPoller:
         self._timer.stop()
 
 
-def formatError(error: BaseException) -> str:
-    """Engine errors carry messages meant for users; anything else also says what kind of error it is."""
-    from cotexnet.errors import CoTexNetError
-
-    if isinstance(error, (CoTexNetError, ValueError)):
-        return str(error)
-    return f"{type(error).__name__}: {error}"
-
-
 __all__ = [
-    "JobPoller", "conceptBackendOptions", "ensureEngineReady", "formatError", "installPyTorchExtension",
-    "pytorchExtensionInstalled", "RECENT_MODELS_SETTING",
+    "JobPoller", "conceptBackendOptions", "confirmLlavaDownload", "ensureEngineReady", "formatError",
+    "installPyTorchExtension", "pytorchExtensionInstalled",
 ]

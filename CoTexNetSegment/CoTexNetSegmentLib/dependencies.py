@@ -33,6 +33,7 @@ REQUIREMENTS = (
     "slicerio>=1.1",
     "pillow>=9",
     "tqdm>=4.60",
+    "psutil>=5.8",
 )
 #: torch version the engine needs; passed to the PyTorch extension's installer.
 TORCH_REQUIREMENT = ">=2.1"
@@ -131,25 +132,72 @@ def installMissing(report: DependencyReport, pipInstall: Callable[[list[str]], o
 READY, DECLINED, RESTART = "ready", "declined", "restart"
 
 
-def ensureDependencies(confirm: Callable[[str], bool], installTorch: Callable[[], bool], pipInstall) -> str:
-    """Checks, asks once, installs; returns READY, DECLINED or RESTART.
+class InstallOutcome(str):
+    """READY, DECLINED or RESTART (a ``str``, so it compares with those), and in ``replaced`` the packages
+    (``"name old -> new"``) that this session had imported before they were replaced."""
+
+    replaced: tuple[str, ...]
+
+    def __new__(cls, status: str, replaced: Iterable[str] = ()):
+        outcome = super().__new__(cls, status)
+        outcome.replaced = tuple(replaced)
+        return outcome
+
+
+def loadedVersions(
+    names: Iterable[str],
+    versionOf: Callable[[str], str] = importlib.metadata.version,
+    loadedModules=sys.modules,
+    topLevelModules: Optional[Callable[[str], set[str]]] = None,
+) -> dict[str, Version]:
+    """Installed versions of the distributions in ``names`` that this process has imported (by import name)."""
+    topLevelModules = topLevelModules or _topLevelModules
+    versions = {}
+    for name in names:
+        version = _installedVersion(name, versionOf)
+        if version is not None and any(module in loadedModules for module in topLevelModules(name)):
+            versions[name] = version
+    return versions
+
+
+def ensureDependencies(
+    confirm: Callable[[str], bool],
+    installTorch: Callable[[], bool],
+    pipInstall,
+    *,
+    versionOf: Optional[Callable[[str], str]] = None,
+    loadedModules=sys.modules,
+    topLevelModules: Optional[Callable[[str], set[str]]] = None,
+) -> InstallOutcome:
+    """Checks, asks once, installs; the outcome says whether CoTexNet can run now.
 
     ``confirm(text)`` shows what will be installed and returns the user's answer; ``installTorch()``
-    runs the PyTorch extension's installer and returns whether torch is now available. RESTART means a
-    package was replaced that this process had already imported, so Slicer must restart to use it.
+    runs the PyTorch extension's installer and returns whether torch is now available. A restart is
+    needed only when a package that was imported *before* the install now has another version: the
+    PyTorch extension's installer imports torch itself, and a package imported for the first time after
+    its install is simply the new one. ``versionOf``, ``loadedModules`` and ``topLevelModules`` (import
+    names of a distribution) are injectable for tests.
     """
-    report = checkRequirements()
+    versions = {"versionOf": versionOf} if versionOf is not None else {}
+    versionOf = versionOf or importlib.metadata.version
+    report = checkRequirements(**versions)
     if not report.needsInstall:
-        return READY
+        return InstallOutcome(READY)
     if not confirm(report.describe()):
-        return DECLINED
+        return InstallOutcome(DECLINED)
+    toChange = [Requirement(text).name for text in report.toInstall] + (["torch"] if report.torchMissing else [])
+    before = loadedVersions(toChange, versionOf, loadedModules, topLevelModules)
     if report.torchMissing and not installTorch():
-        return DECLINED
+        return InstallOutcome(DECLINED)
     installMissing(report, pipInstall)
     importlib.invalidate_caches()
-    installed = [Requirement(text).name for text in report.toInstall] + (["torch"] if report.torchMissing else [])
-    replacedLoaded = any(module in sys.modules for name in installed for module in _topLevelModules(name))
-    return RESTART if replacedLoaded or checkRequirements().needsInstall else READY
+    replaced = tuple(
+        f"{name} {version} -> {_installedVersion(name, versionOf)}"
+        for name, version in before.items() if _installedVersion(name, versionOf) != version
+    )
+    if replaced or checkRequirements(**versions).needsInstall:
+        return InstallOutcome(RESTART, replaced)
+    return InstallOutcome(READY)
 
 
 def _topLevelModules(distribution: str) -> set[str]:

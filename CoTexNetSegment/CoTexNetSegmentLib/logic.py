@@ -1,14 +1,16 @@
 """CoTexNetSegmentLogic: segment volumes with a trained CoTexNet bundle, from the GUI or the console.
 
 Works on any MRML scene (the application's or a ``slicer-core`` one in tests) and imports no Qt.
-Reading the input and writing the result touch MRML on the calling thread; the engine runs on a worker
-thread in between (see :mod:`.jobs`), so a cancelled or failed run leaves the scene as it was.
+Reading the input and writing the result touch MRML on the calling thread; the engine runs in between,
+in the persistent worker process for the GUI (see :mod:`.worker`) or on a thread for console calls that
+wait (see :mod:`.jobs`), so a cancelled or failed run leaves the scene as it was. This module never
+imports torch: device facts come from the worker.
 """
 
 from __future__ import annotations
 
 import os
-import threading
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -17,8 +19,13 @@ import numpy as np
 
 import slicer
 
+from cotexnet.config import CONCEPT_BACKENDS, DEVICES, SLICE_AXES  # plain Python: the GUI builds before torch exists
+
 from . import mrml
-from .jobs import Job, Reporter
+from .editing import ModifySegment, applyPerSegment
+from .jobs import BackgroundJob, Job, Reporter
+from .settings import isChosenPath
+from .worker import SegmentationWorker, WorkerJob, sharedWorker
 
 MODULE_NAME = "CoTexNetSegment"
 #: Node reference from a segmentation node to its concept table.
@@ -34,10 +41,9 @@ CONCEPT_COLUMNS = (
     ("prompt", "Prompt"),
     ("sources", "Source"),
 )
-#: The engine's slice planes and concept backends (``cotexnet.config.SLICE_AXES``,
-#: ``cotexnet.concepts.BACKENDS``), repeated so the GUI can be built before the engine's dependencies exist.
-SLICE_AXES = ("axial", "coronal", "sagittal")
-CONCEPT_BACKENDS = ("geometric", "llava", "openai")
+#: Node reference (and empty parameter) of the module's result, as ``parameterNodeWrapper`` stores a node
+#: field (Slicer's Base/Python/slicer/parameterNodeWrapper/serializers.py, ``NodeSerializer.write``).
+OUTPUT_SEGMENTATION_PARAMETER = "outputSegmentation"
 #: Rough GPU memory in GB that inference needs at 352 px (ViT-B/16 weights, CUDA context and
 #: workspace) plus what each slice of a batch adds (activations, logits in 16-bit). An estimate for
 #: the warning in the GUI, not a measurement.
@@ -86,14 +92,27 @@ class CoTexNetSegmentLogic:
 
         from CoTexNetSegmentLib import CoTexNetSegmentLogic
         segmentation = CoTexNetSegmentLogic(slicer.mrmlScene).segment(volumeNode, "/path/to/model")
+
+    ``worker`` is the worker process that GUI runs use (default: the application's shared one, started
+    on first use).
     """
 
-    def __init__(self, scene=None):
+    def __init__(self, scene=None, modifySegment: Optional[ModifySegment] = None,
+                 worker: Optional[SegmentationWorker] = None):
+        """``modifySegment`` (the Segment Editor effect passes its ``modifySegmentByLabelmap``) writes each class
+        through the editor's masking instead of replacing segments directly (:mod:`.editing`)."""
         self.scene = scene if scene is not None else getattr(slicer, "mrmlScene", None)
         if self.scene is None:
             raise ValueError("CoTexNetSegmentLogic needs a MRML scene (none given and slicer.mrmlScene is unset)")
-        self._modelLock = threading.Lock()
-        self._cachedModel = None  # (key, model): reloading a bundle for every volume of a batch is slow
+        self.modifySegment = modifySegment
+        self._worker = worker
+        self._models = None  # this process's ModelCache, for console runs: created on first use
+
+    @property
+    def worker(self) -> SegmentationWorker:
+        if self._worker is None:
+            self._worker = sharedWorker()
+        return self._worker
 
     # ---------------------------------------------------------------- models
 
@@ -105,29 +124,25 @@ class CoTexNetSegmentLogic:
         return read_bundle_config(_checkedModelPath(modelPath))
 
     def loadModel(self, modelPath, device: str = "auto"):
-        """Loads a bundle once per (folder, device, weights file version); later calls reuse it."""
-        from cotexnet import CoTexNet
-        from cotexnet.bundle import WEIGHTS_NAME
-        from cotexnet.infer import resolve_device
+        """Loads a bundle in this process once per (folder, device, weights file version); later calls reuse it."""
+        if self._models is None:
+            from cotexnet.worker import ModelCache
 
-        path = _checkedModelPath(modelPath).resolve()
-        resolved = str(resolve_device(device))
-        weights = path / WEIGHTS_NAME
-        key = (str(path), resolved, weights.stat().st_mtime_ns if weights.is_file() else None)
-        with self._modelLock:
-            if self._cachedModel is None or self._cachedModel[0] != key:
-                self._cachedModel = None
-                self._cachedModel = (key, CoTexNet.from_pretrained(path, device=resolved))
-            return self._cachedModel[1]
+            self._models = ModelCache()
+        return self._models.get(_checkedModelPath(modelPath), device)
 
-    @staticmethod
-    def deviceInfo() -> DeviceInfo:
-        import torch
+    def deviceInfo(self, timeout: float = 120.0) -> DeviceInfo:
+        """Whether a GPU is usable and its free memory, as the worker process sees it.
 
-        if not torch.cuda.is_available():
-            return DeviceInfo(cuda=False, name="CPU")
-        free, total = torch.cuda.mem_get_info()
-        return DeviceInfo(cuda=True, name=torch.cuda.get_device_name(), totalGB=total / 2**30, freeGB=free / 2**30)
+        Asked of the worker (started if needed) so that this process never imports torch or touches CUDA;
+        raises ImportError when torch is not installed.
+        """
+        return _deviceInfo(self.worker.request("device_info", timeout))
+
+    def startDeviceInfo(self) -> WorkerJob:
+        """:meth:`deviceInfo` without waiting (the first call starts the worker, which takes seconds):
+        poll the job like a segmentation; ``job.result`` is then the :class:`DeviceInfo`."""
+        return WorkerJob(self.worker, "device_info", {}, _deviceInfo, lambda info: info, name="CoTexNet device check")
 
     # ---------------------------------------------------------------- segmentation
 
@@ -144,8 +159,9 @@ class CoTexNetSegmentLogic:
         conceptBackend: str = "geometric",
         conceptBackendOptions: Optional[dict] = None,
         beforeApply: Optional[Callable[[], None]] = None,
-    ) -> Job:
-        """Starts segmenting ``volumeNode`` in the background; returns the running :class:`Job`.
+        inProcess: bool = False,
+    ) -> BackgroundJob:
+        """Starts segmenting ``volumeNode`` in the background; returns the running job.
 
         Call ``job.poll()`` from this thread (the widget does, on a timer) to receive progress and, at the
         end, get the result written to the scene: ``job.result`` is then the segmentation node. Segments
@@ -154,44 +170,74 @@ class CoTexNetSegmentLogic:
         (the Segment Editor effect saves its undo state there). ``sliceAxis`` None uses the bundle's axis.
         ``conceptBackend`` and ``conceptBackendOptions`` choose how the concept table is computed
         (``cotexnet.concepts.describe``); ``concepts=False`` skips the table.
+
+        The engine runs in the worker process (the model stays loaded for the next run; ``job.cancel()``
+        ends the worker at once), or with ``inProcess=True`` on a thread of this process, which suits
+        console scripts that wait for the result.
         """
         if sliceAxis is not None and sliceAxis not in SLICE_AXES:
             raise ValueError(f"sliceAxis: expected one of {', '.join(SLICE_AXES)} or None, got {sliceAxis!r}")
         if batchSize < 1:
             raise ValueError(f"batchSize: expected a positive number, got {batchSize}")
-        config = self.bundleConfig(modelPath)  # fail fast, before any thread, on a wrong folder
+        if str(device).partition(":")[0] not in DEVICES:
+            raise ValueError(f"device: expected one of {', '.join(DEVICES)} or cuda:N, got {device!r}")
+        if concepts and conceptBackend not in CONCEPT_BACKENDS:
+            raise ValueError(f"conceptBackend: expected one of {', '.join(CONCEPT_BACKENDS)}, got {conceptBackend!r}")
+        config = self.bundleConfig(modelPath)  # fail fast, before any work starts, on a wrong folder
         image, geometry = mrml.volumeToArray(volumeNode)
         volumeId = volumeNode.GetID()
         segmentationId = segmentationNode.GetID() if segmentationNode is not None else None
+        name = f"CoTexNet {volumeNode.GetName()}"
+        # Keywords of cotexnet.worker.segment_array, which both paths run.
+        options = dict(axis=sliceAxis, batch_size=batchSize, device=device, concepts=concepts,
+                       concept_backend=conceptBackend, concept_options=conceptBackendOptions)
 
-        def work(reporter: Reporter) -> EngineResult:
-            engineImage, rgb = _engineInput(image)
-            model = self.loadModel(modelPath, device)
-            reporter.log(f"Loaded model {Path(modelPath).name}: {', '.join(config.classes)}")
-            if reporter.cancelled:
-                from cotexnet.errors import Cancelled
-
-                raise Cancelled("cancelled by the user")
-            labels = _segmentImage(model, engineImage, rgb, geometry, batchSize, device, sliceAxis, reporter)
-            records = None
-            if concepts:
-                reporter.log("Describing the segmented classes")
-                records = _describeClasses(engineImage, rgb, labels, geometry, config, conceptBackend,
-                                           conceptBackendOptions)
-            volumeLabels = labels.reshape(image.shape[:3]).astype(np.uint8, copy=False)
-            return EngineResult(volumeLabels, list(config.classes), [list(c) for c in config.colors], records)
+        def engineResult(labels: np.ndarray, records: Optional[list]) -> EngineResult:
+            return EngineResult(labels, list(config.classes), [list(c) for c in config.colors], records)
 
         def finish(result: EngineResult):
             return self._apply(result, volumeId, segmentationId, beforeApply)
 
-        return Job(work, finish, name=f"CoTexNet {volumeNode.GetName()}").start()
+        if not inProcess:
+            return self._startInWorker(image, geometry, modelPath, options, engineResult, finish, name)
+
+        def work(reporter: Reporter) -> EngineResult:
+            from cotexnet.worker import segment_array
+
+            model = self.loadModel(modelPath, device)
+            reporter.log(f"Loaded model {Path(modelPath).name}: {', '.join(config.classes)}")
+            labels, records = segment_array(model, image, geometry.spacing, geometry.direction,
+                                            progress=reporter.progress, cancel=reporter.cancelEvent,
+                                            log=reporter.log, **options)
+            return engineResult(labels, records)
+
+        return Job(work, finish, name=name).start()
+
+    def _startInWorker(self, image, geometry, modelPath, options: dict, engineResult, finish, name) -> WorkerJob:
+        """Hands the volume to the worker through a temporary folder of .npy files, removed when the job ends."""
+        folder = tempfile.TemporaryDirectory(prefix="cotexnet-")
+        inputPath, outputPath = os.path.join(folder.name, "input.npy"), os.path.join(folder.name, "labels.npy")
+        try:
+            np.save(inputPath, image)
+            request = dict(model=str(_checkedModelPath(modelPath).resolve()), input=inputPath, output=outputPath,
+                           spacing=list(geometry.spacing), direction=list(geometry.direction), **options)
+
+            def decode(reply: dict) -> EngineResult:
+                return engineResult(np.load(reply["output"], allow_pickle=False), reply["concepts"])
+
+            return WorkerJob(self.worker, "segment", request, decode, finish, name=name, cleanup=folder.cleanup)
+        except BaseException:
+            folder.cleanup()
+            raise
 
     def segment(self, volumeNode, modelPath, device: str = "auto", *, waitForCompletion: bool = True, **options):
-        """Segments ``volumeNode``; returns the segmentation node (or the running Job when not waiting).
+        """Segments ``volumeNode``; returns the segmentation node (or the running job when not waiting).
 
-        ``options`` are those of :meth:`startSegmentation`. Raises the engine's errors (``BundleError`` for a
-        wrong or corrupt bundle) with the scene unchanged.
+        ``options`` are those of :meth:`startSegmentation`; ``inProcess`` defaults to ``waitForCompletion``
+        (a script that waits runs the engine here; a GUI that polls uses the worker). Raises the engine's
+        errors (``BundleError`` for a wrong or corrupt bundle) with the scene unchanged.
         """
+        options.setdefault("inProcess", waitForCompletion)
         job = self.startSegmentation(volumeNode, modelPath, device, **options)
         return job.wait() if waitForCompletion else job
 
@@ -220,9 +266,17 @@ class CoTexNetSegmentLogic:
             beforeApply()
         created = []
         try:
-            segmentationNode = mrml.labelMapToSegmentation(
-                self.scene, result.labels, volumeNode, result.classes, result.colors, segmentationNode
-            )
+            if self.modifySegment is not None and segmentationNode is not None:
+                applyPerSegment(result.labels, volumeNode, result.classes, result.colors, segmentationNode,
+                                self.modifySegment)
+            else:
+                if segmentationNode is not None:
+                    # Each run's result takes its own input's grid (as TotalSegmentator does on every run);
+                    # the grid of an earlier input would resample this one.
+                    segmentationNode.SetReferenceImageGeometryParameterFromVolumeNode(volumeNode)
+                segmentationNode = mrml.labelMapToSegmentation(
+                    self.scene, result.labels, volumeNode, result.classes, result.colors, segmentationNode
+                )
             if segmentationId is None:
                 created.append(segmentationNode)
             if result.concepts is not None:
@@ -241,6 +295,14 @@ class CoTexNetSegmentLogic:
                 _removeWithCompanions(self.scene, node)
             raise
         return segmentationNode
+
+    def setOutputSegmentation(self, segmentationNode) -> None:
+        """Records a result as the module's output in the scene's parameter node, which the GUI shows when
+        the module is (re-)entered: a run that ends while another module is shown still lands."""
+        parameterNode = self.getParameterNode()
+        parameterNode.SetParameter(OUTPUT_SEGMENTATION_PARAMETER, "")
+        parameterNode.SetNodeReferenceID(OUTPUT_SEGMENTATION_PARAMETER,
+                                         segmentationNode.GetID() if segmentationNode is not None else None)
 
     # ---------------------------------------------------------------- concepts
 
@@ -313,52 +375,13 @@ def _removeWithCompanions(scene, node) -> None:
             scene.RemoveNode(companion)
 
 
+def _deviceInfo(facts: dict) -> DeviceInfo:
+    return DeviceInfo(cuda=facts["cuda"], name=facts["name"], totalGB=facts["total_gb"], freeGB=facts["free_gb"])
+
+
 def _checkedModelPath(modelPath) -> Path:
     from cotexnet.errors import BundleError
 
-    if modelPath is None or str(modelPath).strip() in ("", "."):
+    if not isChosenPath(modelPath):
         raise BundleError("no model chosen: select a trained CoTexNet model folder (it holds config.json)")
     return Path(modelPath).expanduser()
-
-
-def _engineInput(image: np.ndarray) -> tuple[np.ndarray, bool]:
-    """A volume array as the engine takes it, and whether it is colour.
-
-    Slicer stores a 2D image as one slice, (1, y, x[, c]); the engine wants (y, x) or (y, x, 3).
-    Multi-component volumes are single-slice colour images (e.g. a photograph); alpha is dropped.
-    """
-    from cotexnet.errors import DataError
-
-    rgb = image.ndim == 4
-    if rgb:
-        if image.shape[0] != 1 or image.shape[3] not in (3, 4):
-            raise DataError(
-                f"the volume has {image.shape[0]} slices of {image.shape[3]} components; CoTexNet takes "
-                f"grayscale volumes or single-slice RGB(A) images"
-            )
-        image = image[..., :3]
-    return (image[0] if image.shape[0] == 1 else image), rgb
-
-
-def _describeClasses(image: np.ndarray, rgb: bool, labels: np.ndarray, geometry: mrml.Geometry, config,
-                     backend: str, options: Optional[dict]) -> list:
-    """Concept records of each class; a 2D image gets its in-plane spacing and no 3D direction."""
-    from cotexnet.concepts import describe
-
-    planar = rgb or image.ndim == 2
-    spatialShape = image.shape[:2] if planar else image.shape
-    spacing, direction = (geometry.spacing[:2], None) if planar else (geometry.spacing, geometry.direction)
-    return describe(image, labels.reshape(spatialShape), config.classes, keywords=config.keywords, backend=backend,
-                    spacing=spacing, direction=direction, **(options or {}))
-
-
-def _segmentImage(model, image: np.ndarray, rgb: bool, geometry: mrml.Geometry, batchSize: int, device: str,
-                  sliceAxis: Optional[str], reporter: Reporter) -> np.ndarray:
-    """Runs the engine on an ``_engineInput`` image; the direction matrix goes along so that "axial"
-    means the patient's axial plane whatever the volume's orientation."""
-    from cotexnet.infer import segment_volume
-
-    return segment_volume(
-        model, image, direction=geometry.direction, axis=sliceAxis, rgb=rgb,
-        batch_size=batchSize, device=device, progress=reporter.progress, cancel=reporter.cancelEvent,
-    )

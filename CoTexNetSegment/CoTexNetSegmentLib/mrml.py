@@ -7,28 +7,20 @@ becomes the other, so class indices, names and colors cannot drift between modul
 
 from __future__ import annotations
 
-from typing import NamedTuple, Sequence
+from typing import Sequence
 
 import numpy as np
 import vtk
 from vtk.util import numpy_support
 
 import slicer
+# The engine's grid type (SimpleITK conventions: x-first spacing/origin, row-major LPS direction, shape in
+# array order), so a volume's geometry goes to write_image, segment_volume and describe as it is. Its
+# module needs numpy and SimpleITK only, never torch.
+from cotexnet.data.image import ImageGeometry as Geometry
 
 # RAS (Slicer) <-> LPS (ITK, DICOM): the first two world axes change sign.
 _RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0])
-
-
-class Geometry(NamedTuple):
-    """Voxel geometry in SimpleITK conventions: values are in (i, j, k) = (x, y, z) order and LPS space.
-
-    ``direction`` is the row-major 3x3 matrix whose columns are the i, j, k axis directions, as
-    ``SimpleITK.Image.SetDirection`` expects it.
-    """
-
-    spacing: tuple[float, float, float]
-    origin: tuple[float, float, float]
-    direction: tuple[float, ...]
 
 
 def ensureSegmentationConverters() -> None:
@@ -66,7 +58,11 @@ def _numpyFromMatrix(matrix: vtk.vtkMatrix4x4) -> np.ndarray:
 
 
 def geometryFromVolume(volumeNode) -> Geometry:
-    """SimpleITK geometry of a volume node in world (RAS -> LPS) space, parent linear transforms applied."""
+    """SimpleITK geometry of a volume node in world (RAS -> LPS) space, parent linear transforms applied.
+
+    Spacing and origin are (i, j, k) = (x, y, z) ordered; ``direction`` is the row-major 3x3 matrix whose
+    columns are the i, j, k axis directions, as ``SimpleITK.Image.SetDirection`` expects it.
+    """
     ijkToRas = _numpyFromMatrix(_worldMatrix(volumeNode))
     axes = ijkToRas[:3, :3]
     spacing = np.linalg.norm(axes, axis=0)
@@ -74,7 +70,7 @@ def geometryFromVolume(volumeNode) -> Geometry:
         raise ValueError(f"{volumeNode.GetName()}: IJK-to-RAS matrix has a zero-length axis, spacing {spacing.tolist()}")
     direction = _RAS_TO_LPS @ (axes / spacing)
     origin = _RAS_TO_LPS @ ijkToRas[:3, 3]
-    return Geometry(tuple(spacing.tolist()), tuple(origin.tolist()), tuple(direction.flatten().tolist()))
+    return Geometry(volumeToArrayShape(volumeNode), spacing, origin, direction.ravel())
 
 
 def _checkedImageData(volumeNode) -> vtk.vtkImageData:

@@ -13,16 +13,27 @@ from .dataset import (
     segmentNames,
 )
 from .engine import TrainingRunError, pythonExecutable
-from .logic import CoTexNetTrainLogic
+from .logic import CoTexNetTrainLogic, TrainingState
 from .progress import TrainingProgress, formatDuration
-from .settings import RECENT_MODELS_KEY, addRecentModel, recentModels
+
+
+def __getattr__(name):
+    """The recent-models list is CoTexNetSegment's (one setting for both modules); imported on first use so
+    that this package still imports from its own folder alone."""
+    if name in ("addRecentModel", "recentModels", "RECENT_MODELS_SETTING"):
+        from CoTexNetSegmentLib import settings
+
+        return getattr(settings, name)
+    raise AttributeError(f"module 'CoTexNetTrainLib' has no attribute {name!r}")
+
 
 __all__ = [
     "CoTexNetTrainLogic",
     "TrainingInputError",
     "TrainingProgress",
     "TrainingRunError",
-    "RECENT_MODELS_KEY",
+    "TrainingState",
+    "RECENT_MODELS_SETTING",
     "addRecentModel",
     "checkPairs",
     "checkVolume",

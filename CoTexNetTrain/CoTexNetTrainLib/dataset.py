@@ -182,7 +182,7 @@ def exportDataset(
 
     classes = checkPairs(pairs, classes)
     importEngine()
-    from cotexnet.data import ImageGeometry, write_image  # the engine's writer: exact geometry, atomic
+    from cotexnet.data.image import write_image  # the engine's writer: exact geometry, atomic, no torch
     folder = Path(folder)
     (folder / "imagesTr").mkdir(parents=True, exist_ok=True)
     (folder / "labelsTr").mkdir(parents=True, exist_ok=True)
@@ -190,9 +190,8 @@ def exportDataset(
         case = f"case_{index:03d}"
         image, geometry = mrml.volumeToArray(volumeNode)
         labels = mrml.segmentationToLabelMap(segmentationNode, volumeNode, classes)
-        grid = ImageGeometry(image.shape, geometry.spacing, geometry.origin, geometry.direction)
-        write_image(image, grid, folder / "imagesTr" / f"{case}_0000{FILE_ENDING}")
-        write_image(labels, grid, folder / "labelsTr" / f"{case}{FILE_ENDING}")
+        write_image(image, geometry, folder / "imagesTr" / f"{case}_0000{FILE_ENDING}")
+        write_image(labels, geometry, folder / "labelsTr" / f"{case}{FILE_ENDING}")
     dataset = {
         "name": "CoTexNet training data exported from 3D Slicer",
         "channel_names": {"0": modality},

@@ -8,13 +8,16 @@ appends to files in the run folder:
   table node (epoch, loss, val_dice) that a plot chart displays;
 - ``train.log``: the process's output, for the log panel and for error messages;
 - ``stop-training``: created by :meth:`stop`; the engine finishes its step, saves, and exits;
-- ``run.json``: the command, so :meth:`resume` can continue a stopped run, also after a restart.
+- ``run.json``: the command, so :meth:`resume` can continue a stopped run, also after a restart;
+- ``run.lock``: held by the engine while it trains (``cotexnet.runlock``); a folder held by a live
+  trainer is refused before anything in it is touched.
 
 No Qt is used; the module widget calls :meth:`poll` from a timer, a console script can pass
 ``waitForCompletion=True``.
 """
 from __future__ import annotations
 
+import enum
 import json
 import logging
 import os
@@ -28,9 +31,8 @@ import slicer
 import vtk
 
 from .dataset import TrainingInputError, checkClasses, checkPairs, exportDataset, folderClasses
-from .engine import TrainingRunError, processEnvironment, pythonExecutable
+from .engine import TrainingRunError, importEngine, killProcessTree, processEnvironment, pythonExecutable
 from .progress import LogReader, ProgressEventReader, TrainingProgress
-from .settings import addRecentModel
 
 PROGRESS_FILE = "progress.jsonl"
 LOG_FILE = "train.log"
@@ -38,6 +40,27 @@ STOP_FILE = "stop-training"
 RUN_FILE = "run.json"
 DATASET_FOLDER = "dataset"
 BUNDLE_FOLDER = "best"
+
+
+
+class TrainingState(str, enum.Enum):
+    """Where a training run stands; ``RUNNING`` and ``STOPPING`` have a live process. A ``str`` enum, so
+    scripts that compare with the plain names (``logic.state == "finished"``) keep working."""
+
+    IDLE = "idle"
+    RUNNING = "running"
+    STOPPING = "stopping"
+    FINISHED = "finished"
+    STOPPED = "stopped"
+    FAILED = "failed"
+
+
+def _addRecentModel(bundlePath: Path) -> None:
+    """Lists a new bundle in CoTexNetSegment's model selectors (the setting belongs to CoTexNetSegmentLib)."""
+    from CoTexNetSegmentLib.settings import addRecentModel
+
+    addRecentModel(bundlePath)
+
 
 #: Table columns of the per-epoch curve, in order.
 CURVE_COLUMNS = ("epoch", "loss", "val_dice")
@@ -84,7 +107,7 @@ class CoTexNetTrainLogic:
         self.process: subprocess.Popen | None = None
         self.outDir: Path | None = None
         self.progress = TrainingProgress()
-        self.state = "idle"  # idle, running, stopping, finished, stopped, failed
+        self.state = TrainingState.IDLE
         self.errorMessage: str | None = None
         self.tableNode = None
         self.chartNode = None
@@ -135,6 +158,7 @@ class CoTexNetTrainLogic:
         if self.isRunning:
             raise TrainingRunError(f"a training run is already in progress in {self.outDir}; stop it first")
         outDir = Path(outDir).absolute()
+        _checkUnlocked(outDir)
         if (outDir / RUN_FILE).is_file() and (outDir / "last").exists():
             raise TrainingInputError(
                 f"{outDir} already holds a training run; resume it or choose another output folder or model name"
@@ -173,6 +197,7 @@ class CoTexNetTrainLogic:
         problem = self.resumeProblem(outDir)
         if problem:
             raise TrainingInputError(problem)
+        _checkUnlocked(outDir)
         run = json.loads((outDir / RUN_FILE).read_text(encoding="utf-8"))
         (outDir / STOP_FILE).unlink(missing_ok=True)
         self._start(outDir, run, True, pythonExecutable(), processEnvironment())
@@ -226,7 +251,7 @@ class CoTexNetTrainLogic:
         except OSError as error:
             self._closeLogFile()
             raise TrainingRunError(f"could not start {command[0]}: {error}") from error
-        self.state, self.errorMessage, self._stopRequestedAt = "running", None, None
+        self.state, self.errorMessage, self._stopRequestedAt = TrainingState.RUNNING, None, None
 
     # ------------------------------------------------------------------ following
 
@@ -244,7 +269,7 @@ class CoTexNetTrainLogic:
             self.progress.update(event)
             if event.get("event") == "epoch":
                 self._addCurveRow(event)
-        if returnCode is not None and self.state in ("running", "stopping"):
+        if returnCode is not None and self.state in (TrainingState.RUNNING, TrainingState.STOPPING):
             self._settle(returnCode)
         return events
 
@@ -261,24 +286,24 @@ class CoTexNetTrainLogic:
             self.poll()
             time.sleep(interval)
         self.poll()
-        if self.state == "failed":
+        if self.state == TrainingState.FAILED:
             raise TrainingRunError(self.errorMessage)
         return self.bundlePath
 
     def _settle(self, returnCode: int) -> None:
         self._closeLogFile()
         if returnCode == 0 and self.progress.finished:
-            self.state = "stopped" if self.progress.stopped else "finished"
+            self.state = TrainingState.STOPPED if self.progress.stopped else TrainingState.FINISHED
             if self.bundlePath is not None:
-                addRecentModel(self.bundlePath)
-            if self.state == "finished" and self._runInfo().get("exportedDataset"):
+                _addRecentModel(self.bundlePath)
+            if self.state == TrainingState.FINISHED and self._runInfo().get("exportedDataset"):
                 shutil.rmtree(self.outDir / DATASET_FOLDER, ignore_errors=True)
             return
         if self._stopRequestedAt is not None and self.bundlePath is not None:
-            self.state = "stopped"  # terminated after a stop request; the last saved best bundle stands
-            addRecentModel(self.bundlePath)
+            self.state = TrainingState.STOPPED  # terminated after a stop request; the last saved best bundle stands
+            _addRecentModel(self.bundlePath)
             return
-        self.state = "failed"
+        self.state = TrainingState.FAILED
         reason = self.progress.error or f"the training process exited with code {returnCode}"
         self.errorMessage = f"{reason}\n{self._logTail()}".strip()
 
@@ -305,24 +330,23 @@ class CoTexNetTrainLogic:
         if not self.isRunning:
             return
         (self.outDir / STOP_FILE).touch()
-        self.state = "stopping"
+        self.state = TrainingState.STOPPING
         self._stopRequestedAt = time.monotonic()
 
     def secondsSinceStopRequest(self) -> float | None:
         return None if self._stopRequestedAt is None else time.monotonic() - self._stopRequestedAt
 
     def terminate(self, timeout: float = 10.0) -> None:
-        """Ends the process now (for one that ignores the stop request); kills it if it lingers."""
+        """Ends the process tree now (for a run that ignores the stop request); kills what lingers.
+
+        PythonSlicer is a launcher that forwards no signals, so the whole tree gets them; the engine
+        treats SIGTERM like a stop request, saving if it can within ``timeout`` s.
+        """
         if not self.isRunning:
             return
         if self._stopRequestedAt is None:
             self._stopRequestedAt = time.monotonic()
-        self.process.terminate()
-        try:
-            self.process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+        killProcessTree(self.process, timeout)
         self.poll()
 
     def stop(self, timeout: float = 120.0) -> Path | None:
@@ -381,3 +405,14 @@ class CoTexNetTrainLogic:
             table.GetColumnByName(name).SetNumberOfTuples(rows)
         table.Modified()
         self.tableNode.Modified()
+
+
+def _checkUnlocked(outDir: Path) -> None:
+    """Refuses a run folder that a live trainer holds (another Slicer, a console run), naming its pid."""
+    importEngine()
+    from cotexnet.runlock import RunLockedError, check_unlocked
+
+    try:
+        check_unlocked(outDir)
+    except RunLockedError as error:
+        raise TrainingRunError(str(error)) from None

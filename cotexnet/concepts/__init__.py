@@ -1,6 +1,6 @@
 """Concept attributes of each class (number, shape, size, color, location) and the real-text prompt.
 
-The coarse real-text prompt ``T_r`` of CoTexNet (DESIGN.md §1) is built from these attributes. The
+The coarse real-text prompt ``T_r`` of CoTexNet (docs/method.md, step 2) is built from these attributes. The
 default ``geometric`` backend computes them exactly from the mask and the image in milliseconds
 (:mod:`.geometric` documents every rule); ``llava`` (transformers, local GPU) and ``openai`` (any
 OpenAI-compatible server) ask an LMM as the paper does, validate its answer against the vocabulary

@@ -1,6 +1,6 @@
 """What LMM backends share: the question, parsing, validation, retries and the geometric fallback.
 
-An LMM sees the ROI image ``R_i = I * M_i`` (DESIGN.md §1; everything outside the class blacked out,
+An LMM sees the ROI image ``R_i = I * M_i`` (docs/method.md, step 1; everything outside the class blacked out,
 grayscale shown over its 1st–99th percentile range) and is asked for a JSON object holding the
 requested attributes, each from the vocabulary (:mod:`.vocabulary`). Its answer is parsed and each
 field validated; ``number`` is capped at the mask's connected-component count. Invalid fields are

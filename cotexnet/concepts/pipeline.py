@@ -5,13 +5,13 @@ import inspect
 from collections import Counter
 from typing import Iterable
 
+from ..config import CONCEPT_BACKENDS as BACKENDS
 from ..errors import ConfigError, DataError
 from .cache import ConceptCache, open_cache
 from .geometric import GeometricBackend, measure_classes
 from .scene import Scene
 from .vocabulary import ATTRIBUTES, FIELDS, build_prompt
 
-BACKENDS = ("geometric", "llava", "openai")
 RECORD_KEYS = (
     "class", "label", "keyword", "count", *FIELDS, "prompt", "sources", "reasons", "provisional", "measures",
 )

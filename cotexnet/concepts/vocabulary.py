@@ -15,7 +15,7 @@ location  2D: ``top left``, ``top``, ``top right``, ``left``, ``center``, ``righ
           left/right, anterior/posterior, superior/inferior (e.g. ``left anterior``), or ``center``
 ========  ============================================================================================
 
-The real-text prompt (DESIGN.md §1) is exactly
+The real-text prompt (docs/method.md, step 2) is exactly
 ``"{number} {shape} {size} {color} {keyword} area, located in the {location} of the image."``; an
 absent class reads ``"no {keyword} area in the image."``. Attributes left out (the Fig. 6 ablation)
 are dropped from the sentence with their word.

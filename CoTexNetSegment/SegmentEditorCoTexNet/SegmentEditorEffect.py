@@ -1,8 +1,13 @@
 """The "CoTexNet" Segment Editor effect: one click segments the source volume with a trained model.
 
-Segments named like the model's classes are replaced (after ``saveStateForUndo``, so Undo brings them
-back); every other segment is left as it was. The engine runs in the background; Cancel leaves the
-segmentation untouched.
+Each class goes into the segment of its name through the Segment Editor (``modifySegmentByLabelmap``), so
+the editable area, the editable intensity range and the overwrite setting apply as for Slicer's own
+effects; Undo (``saveStateForUndo`` first) brings the previous segments back. The engine runs in the
+background; Cancel leaves the segmentation untouched.
+
+This folder is not a package and nothing imports it: Slicer 5.10+ loads this file as a module named after
+the folder and puts it into ``sys.modules`` under that name (5.6/5.8: ``imp.load_source``). Helpers come
+from ``CoTexNetSegmentLib`` and ``CoTexNetSegmentGui`` (docs/slicer.md, "Effect loading").
 """
 
 import os
@@ -13,12 +18,20 @@ import qt
 import slicer
 from SegmentEditorEffects import AbstractScriptedSegmentEditorEffect
 
-from CoTexNetSegmentGui import RECENT_MODELS_SETTING, JobPoller, ensureEngineReady, formatError
+from CoTexNetSegmentGui import JobPoller, ensureEngineReady
 from CoTexNetSegmentLib import CoTexNetSegmentLogic
+from CoTexNetSegmentLib.errors import formatError
+from CoTexNetSegmentLib.logic import DEVICES
+from CoTexNetSegmentLib.settings import RECENT_MODELS_SETTING, preferredModelPath, recentModels
+
+try:
+    from slicer.i18n import tr as _
+except ImportError:  # slicer-core, without the application: the source text
+    def _(text):
+        return text
 
 MODEL_PATH_PARAMETER = "CoTexNet.ModelPath"
 DEVICE_PARAMETER = "CoTexNet.Device"
-DEVICES = ("auto", "cpu", "cuda")
 
 
 class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
@@ -42,28 +55,29 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         return qt.QIcon(iconPath) if os.path.exists(iconPath) else qt.QIcon()
 
     def helpText(self):
-        return (
+        return _(
             "<html>Segment the source volume with a trained CoTexNet model.<p>"
-            "Each class of the model becomes a segment with the model's name and color. Segments with those "
-            "names are replaced (Undo restores them); other segments are not changed.</html>"
+            "Each class of the model goes into the segment of its name (created with the model's color when "
+            "missing), within the editable area and intensity range of the masking settings. Undo restores the "
+            "previous segments.</html>"
         )
 
     def setupOptionsFrame(self):
         self.modelPathLineEdit = ctk.ctkPathLineEdit()
         self.modelPathLineEdit.filters = ctk.ctkPathLineEdit.Dirs | ctk.ctkPathLineEdit.Drives | ctk.ctkPathLineEdit.NoDot | ctk.ctkPathLineEdit.NoDotDot
         self.modelPathLineEdit.settingKey = RECENT_MODELS_SETTING
-        self.modelPathLineEdit.toolTip = "Folder of a trained CoTexNet model (it holds config.json)."
-        self.scriptedEffect.addLabeledOptionsWidget("Model:", self.modelPathLineEdit)
+        self.modelPathLineEdit.toolTip = _("Folder of a trained CoTexNet model (it holds config.json).")
+        self.scriptedEffect.addLabeledOptionsWidget(_("Model:"), self.modelPathLineEdit)
 
         self.deviceComboBox = qt.QComboBox()
         self.deviceComboBox.addItems(list(DEVICES))
-        self.deviceComboBox.toolTip = "auto: the GPU when one is usable, else the CPU."
-        self.scriptedEffect.addLabeledOptionsWidget("Device:", self.deviceComboBox)
+        self.deviceComboBox.toolTip = _("auto: the GPU when one is usable, else the CPU.")
+        self.scriptedEffect.addLabeledOptionsWidget(_("Device:"), self.deviceComboBox)
 
-        self.applyButton = qt.QPushButton("Segment")
+        self.applyButton = qt.QPushButton(_("Segment"))
         self.applyButton.objectName = self.__class__.__name__ + "Apply"
-        self.applyButton.toolTip = "Segment the source volume into the current segmentation."
-        self.cancelButton = qt.QPushButton("Cancel")
+        self.applyButton.toolTip = _("Segment the source volume into the current segmentation.")
+        self.cancelButton = qt.QPushButton(_("Cancel"))
         self.cancelButton.enabled = False
         buttons = qt.QHBoxLayout()
         buttons.addWidget(self.applyButton)
@@ -96,7 +110,8 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
 
     def updateGUIFromMRML(self):
         wasBlocked = self.modelPathLineEdit.blockSignals(True)
-        self.modelPathLineEdit.currentPath = self.scriptedEffect.parameter(MODEL_PATH_PARAMETER)
+        self.modelPathLineEdit.currentPath = preferredModelPath(self.scriptedEffect.parameter(MODEL_PATH_PARAMETER),
+                                                                recentModels())
         self.modelPathLineEdit.blockSignals(wasBlocked)
         wasBlocked = self.deviceComboBox.blockSignals(True)
         self.deviceComboBox.setCurrentText(self.scriptedEffect.parameter(DEVICE_PARAMETER) or "auto")
@@ -112,12 +127,12 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         segmentationNode = parameterSetNode.GetSegmentationNode()
         sourceVolumeNode = parameterSetNode.GetSourceVolumeNode()
         if segmentationNode is None or sourceVolumeNode is None:
-            slicer.util.errorDisplay("Select a segmentation and a source volume first.")
+            slicer.util.errorDisplay(_("Select a segmentation and a source volume first."))
             return
         if not ensureEngineReady():
             return
         if self.logic is None:
-            self.logic = CoTexNetSegmentLogic(segmentationNode.GetScene())
+            self.logic = CoTexNetSegmentLogic(segmentationNode.GetScene(), modifySegment=self.modifySegment)
         try:
             job = self.logic.startSegmentation(
                 sourceVolumeNode,
@@ -128,19 +143,19 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
                 beforeApply=self.scriptedEffect.saveStateForUndo,
             )
         except Exception as error:
-            slicer.util.errorDisplay(f"CoTexNet could not start:\n\n{formatError(error)}")
+            slicer.util.errorDisplay(_("CoTexNet could not start:") + f"\n\n{formatError(error)}")
             return
         self.poller = JobPoller(job, self.onJobEvent, self.onFinished)
         self.applyButton.enabled = False
         self.cancelButton.enabled = True
         self.progressBar.visible = True
         self.progressBar.setRange(0, 0)
-        self.statusLabel.text = f"Segmenting {sourceVolumeNode.GetName()}…"
+        self.statusLabel.text = _("Segmenting {volume}…").format(volume=sourceVolumeNode.GetName())
 
     def onCancel(self):
         if self.poller is not None:
             self.poller.cancel()
-            self.statusLabel.text = "Cancelling…"
+            self.statusLabel.text = _("Cancelling…")
 
     def onJobEvent(self, event):
         if event.kind == "progress":
@@ -150,16 +165,21 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         else:
             self.statusLabel.text = event.value
 
+    def modifySegment(self, segmentationNode, segmentId, labelmap):
+        """Replaces a segment inside the editable area, as SegmentEditorIslandsEffect.py does per segment."""
+        self.scriptedEffect.modifySegmentByLabelmap(segmentationNode, segmentId, labelmap,
+                                                    slicer.qSlicerSegmentEditorAbstractEffect.ModificationModeSet)
+
     def onFinished(self, job):
         self.poller = None
         self.applyButton.enabled = True
         self.cancelButton.enabled = False
         self.progressBar.visible = False
         if job.state == job.DONE:
-            self.statusLabel.text = "Done. Undo restores the previous segments."
+            self.statusLabel.text = _("Done. Undo restores the previous segments.")
             self.modelPathLineEdit.addCurrentPathToHistory()
         elif job.state == job.CANCELLED:
-            self.statusLabel.text = "Cancelled: the segmentation was not changed."
+            self.statusLabel.text = _("Cancelled: the segmentation was not changed.")
         else:
-            self.statusLabel.text = f"Failed: {formatError(job.error)}"
-            slicer.util.errorDisplay(f"CoTexNet segmentation failed:\n\n{formatError(job.error)}")
+            self.statusLabel.text = _("Failed: {error}").format(error=formatError(job.error))
+            slicer.util.errorDisplay(_("CoTexNet segmentation failed:") + f"\n\n{formatError(job.error)}")

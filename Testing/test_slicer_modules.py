@@ -1,0 +1,514 @@
+"""The Slicer modules and the effect as Slicer loads and runs them, on slicer-core, without Slicer's GUI.
+
+Qt and the pieces of Slicer that need the application (``qt``, ``ctk``, ``slicer.ScriptedLoadableModule``,
+``slicer.parameterNodeWrapper``, ``SegmentEditorEffects``) are replaced by small stand-ins; what is under
+test (how Slicer imports the module and effect files, the MRML scene, the Segment Editor's masking logic,
+settings) is the real mechanism, reproduced from Slicer's sources cited in each test.
+"""
+from __future__ import annotations
+
+import importlib._bootstrap
+import importlib.metadata
+import importlib.util
+import logging
+import pathlib
+import sys
+import time
+import types
+import unittest
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+slicer = pytest.importorskip("slicer")
+
+from CoTexNetSegmentLib import CoTexNetSegmentLogic, backbone, dependencies, mrml, settings  # noqa: E402
+from CoTexNetSegmentLib.logic import CONCEPTS_REFERENCE_ROLE, EngineResult  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+SEGMENT_MODULE = REPO / "CoTexNetSegment" / "CoTexNetSegment.py"
+TRAIN_MODULE = REPO / "CoTexNetTrain" / "CoTexNetTrain.py"
+
+
+# ------------------------------------------------------------------------------------------ Slicer's loaders
+
+
+def load_source_5_10(name: str, path: str):
+    """``qSlicerScriptedUtils::loadSourceAsModule`` of Slicer 5.10 (Base/QTCore/qSlicerScriptedUtils.cxx,
+    v5.10.0 lines 37-62): ``spec_from_file_location``, ``module_from_spec``, ``sys.modules[name] = module``,
+    ``exec_module``."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def load_source_5_6(name: str, path: str):
+    """Slicer 5.6/5.8: ``PyImport_AddModule(name)`` then ``imp.load_source(name, path)`` (qSlicerScriptedUtils.cxx
+    v5.6.2 lines 37-68). On Python 3.9, ``imp.load_source`` runs the file in the module object already in
+    ``sys.modules`` (imp.py: ``if name in sys.modules: module = _exec(spec, sys.modules[name])``)."""
+    module = sys.modules.setdefault(name, types.ModuleType(name))
+    importlib._bootstrap._exec(importlib.util.spec_from_file_location(name, path), module)
+    return module
+
+
+LOADERS = {"5.10": load_source_5_10, "5.6": load_source_5_6}
+
+
+# ------------------------------------------------------------------------------------------ stand-ins
+
+
+class Anything:
+    """A Qt object stand-in: accepts any constructor, attribute, call and signal connection."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __getattr__(self, name):
+        return Anything()
+
+    def __call__(self, *args, **kwargs):
+        return Anything()
+
+    def __or__(self, other):
+        return self
+
+
+def _stub(name, **attributes):
+    module = types.ModuleType(name)
+    module.__dict__.update(attributes)
+    return module
+
+
+def _qt_like(name):
+    def attribute(attributeName):
+        if attributeName.startswith("__"):  # module metadata that tools such as inspect look up
+            raise AttributeError(attributeName)
+        return Anything
+
+    module = _stub(name)
+    module.__getattr__ = attribute
+    return module
+
+
+class ScriptedEffectStandIn:
+    """``qSlicerSegmentEditorScriptedEffect``: ``setPythonSource`` as in Slicer's
+    Modules/Loadable/Segmentations/EditorEffects/qSlicerSegmentEditorScriptedEffect.cxx (v5.10.0 lines
+    132-210; v5.6.2 lines 129-210): the module name is the file's parent folder, the class its base name;
+    an existing class in ``sys.modules[folder]`` is reused, else the file is loaded with the version's loader."""
+
+    loader = staticmethod(load_source_5_10)
+    registered: list = []
+
+    def __init__(self, parent=None):
+        self._self = None
+
+    def setPythonSource(self, path):
+        moduleName, className = Path(path).parent.name, Path(path).stem
+        module = sys.modules.get(moduleName)
+        if module is None or not hasattr(module, className):
+            module = self.loader(moduleName, path)
+        self._self = getattr(module, className)(self)
+        return True
+
+    def self(self):
+        return self._self
+
+
+class AbstractEffectStandIn:
+    def __init__(self, scriptedEffect):
+        self.scriptedEffect = scriptedEffect
+
+    def register(self):
+        ScriptedEffectStandIn.registered.append(self)
+
+
+class TestCaseStandIn(unittest.TestCase):
+    def delayDisplay(self, message, msec=None):
+        pass
+
+
+#: Modules that import Qt (here: the stand-ins), forgotten after each test.
+GUI_MODULES = {"CoTexNetSegment", "CoTexNetSegmentGui", "CoTexNetTrain", "SegmentEditorCoTexNet"}
+
+
+def _plain(*args, **kwargs):
+    return None
+
+
+@pytest.fixture
+def slicer_app(monkeypatch, tmp_path):
+    """Slicer's Python environment minus the GUI; the modules imported against the stand-ins are forgotten after it."""
+    before = dict(sys.modules)
+    scene = slicer.vtkMRMLScene()
+    slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(scene)
+    monkeypatch.setattr(slicer, "mrmlScene", scene, raising=False)
+    mrml.ensureSegmentationConverters()
+    stubs = {
+        "qt": _qt_like("qt"),
+        "ctk": _qt_like("ctk"),
+        "slicer.ScriptedLoadableModule": _stub(
+            "slicer.ScriptedLoadableModule", ScriptedLoadableModule=Anything, ScriptedLoadableModuleWidget=Anything,
+            ScriptedLoadableModuleLogic=Anything, ScriptedLoadableModuleTest=TestCaseStandIn),
+        "slicer.parameterNodeWrapper": _stub(
+            "slicer.parameterNodeWrapper", parameterNodeWrapper=lambda cls: cls, Choice=_plain, WithinRange=_plain,
+            Decimals=_plain, SingleStep=_plain),
+        "SegmentEditorEffects": _stub("SegmentEditorEffects", AbstractScriptedSegmentEditorEffect=AbstractEffectStandIn),
+        "qSlicerSegmentationsEditorEffectsPythonQt": _stub(
+            "qSlicerSegmentationsEditorEffectsPythonQt", qSlicerSegmentEditorScriptedEffect=ScriptedEffectStandIn),
+    }
+    for name, module in stubs.items():
+        monkeypatch.setitem(sys.modules, name, module)
+    ScriptedEffectStandIn.registered = []
+    yield SimpleNamespace(scene=scene)
+    for name in set(sys.modules) - set(before):  # what was imported against the stand-ins
+        if name.split(".")[0] in GUI_MODULES:
+            del sys.modules[name]
+
+
+def add_volume(scene, array, spacing, origin=(0.0, 0.0, 0.0), name="volume"):
+    node = slicer.util.addVolumeFromArray(np.asarray(array, np.float32), name=name)
+    node.SetSpacing(*spacing)
+    node.SetOrigin(*origin)
+    return node
+
+
+# ------------------------------------------------------------------------------------------ 10.1 effect loading
+
+
+@pytest.mark.parametrize("version", ["5.10", "5.6"])
+def test_effect_registers_after_the_module_file_was_imported_as_slicer_does(slicer_app, monkeypatch, version):
+    """Startup as in Slicer: the module file is loaded with ``loadSourceAsModule`` under its base name
+    (Base/QTGUI/qSlicerScriptedLoadableModule.cxx, v5.10.0 lines 121-143), then ``startupCompleted()`` runs
+    ``registerSegmentEditorEffect``, whose ``setPythonSource`` loads the effect file under its folder's
+    name. Before the fix the effect sat in ``CoTexNetSegmentGui``, which the module file had imported, and
+    5.10's ``sys.modules[folder] = module`` made its ``from CoTexNetSegmentGui import ...`` import itself."""
+    loader = LOADERS[version]
+    monkeypatch.setattr(ScriptedEffectStandIn, "loader", staticmethod(loader))
+    module = loader("CoTexNetSegment", str(SEGMENT_MODULE))
+
+    module.registerSegmentEditorEffect()
+
+    [effect] = ScriptedEffectStandIn.registered
+    assert type(effect).__name__ == "SegmentEditorEffect" and effect.scriptedEffect.name == "CoTexNet"
+    folder = type(effect).__module__
+    assert folder == module.EFFECT_FOLDER and not (REPO / "CoTexNetSegment" / folder / "__init__.py").exists()
+    assert sys.modules["CoTexNetSegmentGui"].__file__.endswith("__init__.py")  # the helper package is intact
+    # clone() loads the same file again: the class already in sys.modules[folder] is reused
+    assert type(effect.clone().self()) is type(effect)
+
+
+# ------------------------------------------------------------------------------------------ 10.2 first install
+
+
+class FakeDistributions:
+    """Installed distributions (name -> version) with the import names each provides."""
+
+    def __init__(self, versions, modules):
+        self.versions, self.modules = dict(versions), modules
+
+    def version(self, name):
+        if name not in self.versions:
+            raise importlib.metadata.PackageNotFoundError(name)
+        return self.versions[name]
+
+    def topLevel(self, name):
+        return self.modules.get(name, {name})
+
+
+def test_install_continues_unless_a_package_loaded_before_was_replaced():
+    """SlicerPyTorch's ``installTorch`` imports torch itself (PyTorchUtils.py ``installTorch`` ends with
+    ``import torch``): torch loaded *after* its install must not ask for a restart; tqdm loaded *before* and
+    upgraded by pip must, and is named. Before the fix every first install asked for a restart."""
+    from packaging.requirements import Requirement
+
+    def run(loadedBefore):
+        distributions = FakeDistributions({"tqdm": "4.50.0"}, {})
+        loaded = dict.fromkeys(loadedBefore)
+
+        def install_torch():
+            distributions.versions["torch"] = "2.4.0"
+            loaded["torch"] = None  # the PyTorch extension's installer imports torch
+            return True
+
+        def pip_install(arguments):
+            for text in dependencies.REQUIREMENTS:
+                name = Requirement(text).name
+                distributions.versions[name] = "4.66.0" if name in ("tqdm", "transformers") else "99.0"
+
+        return dependencies.ensureDependencies(lambda text: True, install_torch, pip_install,
+                                               versionOf=distributions.version, loadedModules=loaded,
+                                               topLevelModules=distributions.topLevel)
+
+    outcome = run(loadedBefore=["numpy"])  # numpy was not installed before: nothing loaded was replaced
+    assert outcome == dependencies.READY and outcome.replaced == ()
+    outcome = run(loadedBefore=["tqdm"])
+    assert outcome == dependencies.RESTART and outcome.replaced == ("tqdm 4.50.0 -> 4.66.0",)
+
+
+# ------------------------------------------------------------------------------------------ 10.3 leaving the module
+
+
+class Recorder:
+    """A widget stand-in that remembers what was set and called."""
+
+    def __init__(self, **attributes):
+        self.__dict__.update(attributes)
+        self.calls = []
+
+    def __getattr__(self, name):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return lambda *args: self.calls.append((name, args))
+
+
+def test_a_run_that_ends_in_another_module_still_lands_with_its_concept_table(slicer_app):
+    """``exit()`` sets the GUI's parameter node wrapper to None; the run's end must still record the result
+    in the scene's parameter node (as parameterNodeWrapper stores a node field: serializers.py
+    ``NodeSerializer.write``, v5.6.2 lines 402-406) and fill the concept table view."""
+    module = load_source_5_10("CoTexNetSegment", str(SEGMENT_MODULE))
+    scene = slicer_app.scene
+    segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "result")
+    table = scene.AddNewNodeByClass("vtkMRMLTableNode", "concepts")
+    segmentation.SetNodeReferenceID(CONCEPTS_REFERENCE_ROLE, table.GetID())
+    widget = module.CoTexNetSegmentWidget.__new__(module.CoTexNetSegmentWidget)
+    widget.logic, widget._parameterNode, widget._segmentationPoller = CoTexNetSegmentLogic(scene), None, None
+    widget.ui = SimpleNamespace(progressBar=Recorder(), modelPathLineEdit=Recorder(currentPath=""),
+                                logTextEdit=Recorder(), conceptsTableView=Recorder(),
+                                conceptsCollapsibleButton=Recorder(collapsed=True),
+                                applyButton=Recorder(), cancelButton=Recorder())
+    job = SimpleNamespace(state="done", DONE="done", CANCELLED="cancelled", result=segmentation,
+                          started=time.monotonic(), error=None)
+
+    widget.onSegmentationFinished(job)
+
+    assert widget.logic.getParameterNode().GetNodeReference("outputSegmentation") is segmentation
+    assert ("setMRMLTableNode", (table,)) in widget.ui.conceptsTableView.calls
+    assert widget.ui.conceptsCollapsibleButton.collapsed is False
+
+
+# ------------------------------------------------------------------------------------------ 10.4 geometry
+
+
+def test_second_run_on_another_volume_has_that_volumes_geometry(slicer_app):
+    """Re-running into the previous result (the output selector keeps it) must not resample onto the first
+    input's grid: the reference geometry is reset on every run, as SlicerTotalSegmentator does
+    (TotalSegmentator.py ``processVolume``: ``SetReferenceImageGeometryParameterFromVolumeNode`` each run)."""
+    scene = slicer_app.scene
+    logic = CoTexNetSegmentLogic(scene)
+    first = add_volume(scene, np.zeros((4, 10, 12)), spacing=(1.0, 1.0, 3.0), name="first")
+    second = add_volume(scene, np.zeros((7, 23, 19)), spacing=(0.55, 0.7, 1.3), origin=(3.1, -2.2, 5.0), name="second")
+    rng = np.random.default_rng(0)
+
+    def run(volume, segmentationNode):
+        labels = rng.integers(0, 3, mrml.volumeToArrayShape(volume)).astype(np.uint8)
+        result = EngineResult(labels, ["organ", "lesion"], [[1, 0, 0], [0, 1, 0]], None)
+        node = logic._apply(result, volume.GetID(), segmentationNode.GetID() if segmentationNode else None, None)
+        return node, labels
+
+    segmentation, _ = run(first, None)
+    again, labels = run(second, segmentation)
+
+    assert again is segmentation
+    np.testing.assert_array_equal(mrml.segmentationToLabelMap(segmentation, second, ["organ", "lesion"]), labels)
+    role = slicer.vtkMRMLSegmentationNode.GetReferenceImageGeometryReferenceRole()
+    assert segmentation.GetNodeReference(role) is second
+
+
+# ------------------------------------------------------------------------------------------ 10.6 model path
+
+
+def _parameter_fields(path: Path, class_name: str):
+    import ast
+
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.ClassDef) and node.name == class_name:
+            return {s.target.id: (ast.unparse(s.annotation), s.value) for s in node.body if isinstance(s, ast.AnnAssign)}
+    raise AssertionError(class_name)
+
+
+def test_no_path_parameter_can_show_a_dot_and_the_newest_model_is_selected(slicer_app, tmp_path):
+    """Slicer's ``PathSerializer`` (parameterNodeWrapper/serializers.py, v5.6.2 lines 309-338) defaults a
+    ``pathlib.Path`` field to ``Path()`` and writes ``str(value)``: "." for an empty choice, and the
+    ``ctkPathLineEdit`` connector writes that into the field's widget. No parameter node may have a Path
+    field without a real default; the model selector shows the newest recent model, and the model
+    CoTexNetTrain adds becomes the selection (``refreshModels``)."""
+    assert str(pathlib.Path()) == "."  # what PathSerializer.default() + write() store
+    for path, name in ((SEGMENT_MODULE, "CoTexNetSegmentParameterNode"), (TRAIN_MODULE, "CoTexNetTrainParameterNode")):
+        for field, (annotation, default) in _parameter_fields(path, name).items():
+            if "pathlib.Path" in annotation:
+                assert default is not None, f"{path.name}: {field} has no default and would show '.'"
+
+    bundles = []
+    for name in ("older", "newer"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text("{}", encoding="utf-8")
+        bundles.append((tmp_path / name).as_posix())
+    assert settings.preferredModelPath("", []) == "" and settings.preferredModelPath(".", []) == ""
+    settings.addRecentModel(bundles[0])
+    assert settings.preferredModelPath("", settings.recentModels()) == bundles[0]
+    assert settings.preferredModelPath("/chosen/model", settings.recentModels()) == "/chosen/model"
+
+    module = load_source_5_10("CoTexNetSegment", str(SEGMENT_MODULE))
+    widget = module.CoTexNetSegmentWidget.__new__(module.CoTexNetSegmentWidget)
+    widget.ui = SimpleNamespace(modelPathLineEdit=Recorder(currentPath=bundles[0]))
+    settings.addRecentModel(bundles[1])  # what CoTexNetTrainLogic does when a model is ready
+    widget.refreshModels()
+    assert widget.ui.modelPathLineEdit.currentPath == bundles[1]
+
+
+# ------------------------------------------------------------------------------------------ 10.9 self-tests
+
+
+@pytest.mark.parametrize("torch_installed", [True, False])
+def test_self_test_skips_only_the_engine_part_without_torch(slicer_app, monkeypatch, caplog, torch_installed):
+    """The extensions build machines run ``slicer_add_python_unittest`` without torch: the engine part is
+    skipped with a warning (SlicerTotalSegmentator's self-test skips its logic test the same way), the
+    MRML part runs; here, with torch, the whole self-test runs and segments."""
+    module = load_source_5_10("CoTexNetSegment", str(SEGMENT_MODULE))
+    if not torch_installed:
+        monkeypatch.setattr(module.dependencies, "checkRequirements",
+                            lambda: dependencies.DependencyReport(torchMissing=True))
+    with caplog.at_level(logging.WARNING):
+        module.CoTexNetSegmentTest("runTest").runTest()
+    segmentations = [n for n in slicer.util.getNodesByClass("vtkMRMLSegmentationNode")]
+    names = [[s.GetSegmentation().GetNthSegment(i).GetName() for i in range(s.GetSegmentation().GetNumberOfSegments())]
+             for s in segmentations]
+    if torch_installed:
+        assert names == [["organ", "lesion"]] and "skipped" not in caplog.text
+    else:
+        assert names == [] and "test_segmentVolume skipped" in caplog.text
+
+
+# ------------------------------------------------------------------------------------------ 10.10 masking
+
+
+@pytest.fixture
+def editor(slicer_app):
+    """A segmentation with a segment "kept" (rows 0-4), a volume whose right half is bright, and the Segment
+    Editor's logic (vtkSlicerSegmentEditorLogic, which holds the masking of
+    qSlicerSegmentEditorAbstractEffect::modifySegmentByLabelmap from Slicer 5.10 on)."""
+    scene = slicer_app.scene
+    shape = (4, 10, 12)
+    image = np.zeros(shape, np.float32)
+    image[:, :, 6:] = 100
+    volume = add_volume(scene, image, spacing=(0.7, 0.9, 2.0))
+    segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode")
+    segmentation.CreateDefaultDisplayNodes()
+    segmentation.SetReferenceImageGeometryParameterFromVolumeNode(volume)
+    kept = np.zeros(shape, np.uint8)
+    kept[:, :5, :] = 1
+    mrml.labelMapToSegmentation(scene, kept, volume, ["kept"], [[0, 0, 1]], segmentation)
+    editorNode = slicer.vtkMRMLSegmentEditorNode()
+    scene.AddNode(editorNode)
+    logic = slicer.vtkSlicerSegmentEditorLogic()
+    logic.SetMRMLScene(scene)
+    logic.SetSegmentEditorNode(editorNode)
+    editorNode.SetAndObserveSegmentationNode(segmentation)
+    editorNode.SetAndObserveSourceVolumeNode(volume)
+    labels = np.zeros(shape, np.uint8)
+    labels[:, 2:8, 2:10] = 1
+
+    def modifySegment(node, segmentId, labelmap):  # what the effect's modifySegmentByLabelmap does
+        logic.ModifySegmentByLabelmap(node, segmentId, labelmap, logic.ModificationModeSet, False, False)
+
+    def run():
+        result = EngineResult(labels, ["organ"], [[1, 0, 0]], None)
+        effectLogic = CoTexNetSegmentLogic(scene, modifySegment=modifySegment)
+        effectLogic._apply(result, volume.GetID(), segmentation.GetID(), None)
+        return (mrml.segmentationToLabelMap(segmentation, volume, ["organ"]),
+                mrml.segmentationToLabelMap(segmentation, volume, ["kept"]))
+
+    return SimpleNamespace(node=editorNode, image=image, kept=kept, labels=labels, run=run)
+
+
+def test_effect_result_stays_inside_the_editable_intensity_range(editor):
+    editor.node.SetSourceVolumeIntensityMask(True)
+    editor.node.SetSourceVolumeIntensityMaskRange(50, 150)
+    editor.node.SetOverwriteMode(editor.node.OverwriteNone)
+    organ, kept = editor.run()
+    np.testing.assert_array_equal(organ, (editor.labels == 1) & (editor.image >= 50))
+    np.testing.assert_array_equal(kept, editor.kept)  # overlap allowed: the other segment is not touched
+
+
+def test_effect_result_stays_outside_other_segments_and_overwrites_them_only_when_allowed(editor):
+    editor.node.SetMaskMode(slicer.vtkMRMLSegmentationNode.EditAllowedOutsideAllSegments)
+    organ, kept = editor.run()
+    np.testing.assert_array_equal(organ, (editor.labels == 1) & (editor.kept == 0))
+
+    editor.node.SetMaskMode(slicer.vtkMRMLSegmentationNode.EditAllowedEverywhere)
+    editor.node.SetOverwriteMode(editor.node.OverwriteAllSegments)
+    organ, kept = editor.run()
+    np.testing.assert_array_equal(organ, editor.labels == 1)
+    np.testing.assert_array_equal(kept, (editor.kept == 1) & (editor.labels == 0))
+
+
+# ------------------------------------------------------------------------------------------ 10.11 LLaVA download
+
+
+def test_llava_download_is_announced_with_its_size_and_runs_through_the_backbone_mechanism(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    sizes = {"config.json": 1_000, "model-00001-of-00002.safetensors": 9_000_000_000,
+             "model-00002-of-00002.safetensors": 5_000_000_000, "tokenizer.model": 500_000,
+             "pytorch_model-00001-of-00002.bin": 9_900_000_000, ".gitattributes": 1_500}
+
+    class FakeApi:
+        def model_info(self, repoId, files_metadata, timeout):
+            return SimpleNamespace(siblings=[SimpleNamespace(rfilename=n, size=s) for n, s in sizes.items()])
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    expected = sum(s for n, s in sizes.items() if not n.endswith((".bin", ".gitattributes")))
+    assert backbone.downloadSize("org/llava", backbone.LLAVA_PATTERNS) == expected
+
+    cache = tmp_path / "cache"
+    assert backbone.llavaDownloadNeeded({"model": "org/llava"}, str(cache)) == "org/llava"
+    assert backbone.llavaDownloadNeeded({"model": str(tmp_path)}, str(cache)) is None  # a local model folder
+
+    # The same child-process download as the backbone's, told which files to fetch.
+    script = ("import json, pathlib, sys\n"
+              "folder = pathlib.Path(sys.argv[2]) / 'fetched'\n"
+              "folder.mkdir(parents=True)\n"
+              "(folder / 'argv.json').write_text(json.dumps(sys.argv[1:]))\n"
+              "print(folder)\n")
+    monkeypatch.setattr(backbone, "_DOWNLOAD_SCRIPT", script)
+    job = backbone.startBackboneDownload("org/llava", str(cache), backbone.LLAVA_PATTERNS)
+    folder = job.wait(60)
+    import json
+
+    assert json.loads((folder / "argv.json").read_text()) == [
+        "org/llava", str(cache), json.dumps(list(backbone.LLAVA_PATTERNS))]
+    assert job.progress == (expected, expected)
+
+
+# ------------------------------------------------------------------------------------------ 11.7 translation
+
+
+def test_modules_import_without_slicer_i18n_and_wrap_strings_with_it(slicer_app, monkeypatch):
+    """Slicer's own modules use ``from slicer.i18n import tr as _`` (Modules/Scripted/SegmentEditor/
+    SegmentEditor.py, v5.6.2 line 2; Base/Python/slicer/i18n.py ``tr`` takes the context from the caller's
+    file). Without ``slicer.i18n`` (slicer-core) the modules still import and show the source text."""
+    assert "slicer.i18n" not in sys.modules
+    plain = load_source_5_10("CoTexNetSegment", str(SEGMENT_MODULE))
+    assert plain._("Segment") == "Segment"
+    for name in set(sys.modules):
+        if name.split(".")[0] in GUI_MODULES:
+            del sys.modules[name]
+
+    translated = []
+
+    def tr(text):
+        translated.append(text)
+        return text.upper()
+
+    monkeypatch.setitem(sys.modules, "slicer.i18n", _stub("slicer.i18n", tr=tr, translate=lambda c, t: t))
+    segment = load_source_5_10("CoTexNetSegment", str(SEGMENT_MODULE))
+    train = load_source_5_10("CoTexNetTrain", str(TRAIN_MODULE))
+    monkeypatch.setattr(slicer, "app", Anything(), raising=False)  # the module connects to startupCompleted()
+    parent = SimpleNamespace()
+    segment.CoTexNetSegment.__init__(SimpleNamespace(parent=parent), parent)
+    assert parent.title == "COTEXNET SEGMENT" and parent.helpText.startswith("SEGMENT A VOLUME")
+    assert train.DataSource.Folder.label() == "DATASET FOLDER"

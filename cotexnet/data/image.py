@@ -1,0 +1,327 @@
+"""Image files: suffixes, geometry, reading and writing with SimpleITK (and Pillow for pictures). No torch.
+
+Conventions (those of SimpleITK, which reads every volume format here):
+
+* arrays: 3D ``(z, y, x)``; 2D ``(y, x)``, or ``(y, x, 3)`` for RGB;
+* geometry: ``spacing``, ``origin`` and ``direction`` (row-major, column ``i`` is the physical direction
+  of index axis ``i``) are x-first, in LPS millimetres.
+
+A Slicer ``.seg.nrrd`` is read here as a file (its voxels and grid, through slicerio); what its segments
+mean as classes is :mod:`.labels`' job.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from ..atomic import write_files_atomic
+from ..errors import DataError, error_summary
+
+VOLUME_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".dcm")
+PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+SEGMENTATION_SUFFIX = ".seg.nrrd"
+LOSSY_SUFFIXES = (".jpg", ".jpeg")
+
+
+def image_suffix(path: str | Path) -> str:
+    """Lower-case file suffix, keeping the compound ones (``.nii.gz``, ``.seg.nrrd``) whole."""
+    name = Path(path).name.lower()
+    for compound in (SEGMENTATION_SUFFIX, ".nii.gz"):
+        if name.endswith(compound):
+            return compound
+    return Path(name).suffix
+
+
+def strip_suffix(path: Path) -> str:
+    suffix = image_suffix(path)
+    return path.name[: len(path.name) - len(suffix)] if suffix else path.name
+
+
+@dataclass(frozen=True)
+class ImageGeometry:
+    """The grid of an image without its voxels: enough to check, resample or write onto it."""
+
+    shape: tuple[int, ...]  # spatial shape in array order
+    spacing: tuple[float, ...]
+    origin: tuple[float, ...]
+    direction: tuple[float, ...]
+    path: Path | None = None
+
+    def __post_init__(self):
+        for name in ("spacing", "origin", "direction"):
+            object.__setattr__(self, name, tuple(float(v) for v in getattr(self, name)))
+        object.__setattr__(self, "shape", tuple(int(v) for v in self.shape))
+
+    @property
+    def ndim(self) -> int:
+        return len(self.spacing)
+
+    def ijk_to_lps(self) -> np.ndarray:
+        """4x4 voxel-to-LPS matrix; a 2D grid becomes one slice of thickness 1 at z = 0."""
+        n = self.ndim
+        matrix = np.eye(4)
+        direction = np.reshape(self.direction, (n, n))
+        matrix[:n, :n] = direction * np.asarray(self.spacing)[None, :]
+        matrix[:n, 3] = self.origin
+        return matrix
+
+    def same_grid(self, other: ImageGeometry, atol: float = 1e-4) -> bool:
+        return self.shape == other.shape and np.allclose(self.ijk_to_lps(), other.ijk_to_lps(), atol=atol)
+
+
+@dataclass
+class VolumeImage:
+    """A 2D or 3D image as a numpy array (SimpleITK order) with its physical geometry."""
+
+    array: np.ndarray
+    spacing: tuple[float, ...]
+    origin: tuple[float, ...]
+    direction: tuple[float, ...]
+    path: Path | None = None
+
+    def __post_init__(self):
+        self.array = np.asarray(self.array)
+        self.spacing = tuple(float(v) for v in self.spacing)
+        self.origin = tuple(float(v) for v in self.origin)
+        self.direction = tuple(float(v) for v in self.direction)
+        n = len(self.spacing)
+        if n not in (2, 3) or len(self.origin) != n or len(self.direction) != n * n:
+            raise ValueError(
+                f"inconsistent geometry: spacing {self.spacing}, origin {self.origin}, direction {self.direction}"
+            )
+        rgb = self.array.ndim == n + 1 and n == 2 and self.array.shape[-1] == 3
+        if self.array.ndim != n and not rgb:
+            raise ValueError(f"array of shape {self.array.shape} does not fit a {n}D geometry")
+
+    @property
+    def ndim(self) -> int:
+        """Number of spatial dimensions (2 or 3)."""
+        return len(self.spacing)
+
+    @property
+    def is_rgb(self) -> bool:
+        return self.array.ndim == self.ndim + 1
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """Spatial shape in array order (without the RGB channel)."""
+        return tuple(self.array.shape[: self.ndim])
+
+    @property
+    def geometry(self) -> ImageGeometry:
+        return ImageGeometry(self.shape, self.spacing, self.origin, self.direction, self.path)
+
+    @classmethod
+    def from_sitk(cls, image: sitk.Image, path: str | Path | None = None) -> VolumeImage:
+        return cls(
+            sitk.GetArrayFromImage(image),
+            image.GetSpacing(),
+            image.GetOrigin(),
+            image.GetDirection(),
+            Path(path) if path is not None else None,
+        )
+
+    def to_sitk(self, array: np.ndarray | None = None) -> sitk.Image:
+        """This image, or ``array`` (same spatial shape) placed on this image's grid."""
+        return sitk_on_grid(self.array if array is None else np.asarray(array), self.geometry)
+
+
+def sitk_on_grid(array: np.ndarray, geometry: ImageGeometry) -> sitk.Image:
+    if tuple(array.shape[: geometry.ndim]) != geometry.shape:
+        raise ValueError(f"array shape {array.shape} differs from image shape {geometry.shape}")
+    if array.dtype == bool:
+        array = array.astype(np.uint8)
+    image = sitk.GetImageFromArray(array, isVector=array.ndim == geometry.ndim + 1)
+    image.SetSpacing(geometry.spacing)
+    image.SetOrigin(geometry.origin)
+    image.SetDirection(geometry.direction)
+    return image
+
+
+def as_geometry(reference: VolumeImage | ImageGeometry) -> ImageGeometry:
+    return reference.geometry if isinstance(reference, VolumeImage) else reference
+
+
+def check_file(path: Path) -> None:
+    if not path.exists():
+        raise DataError("file not found", path)
+    if path.is_file() and path.stat().st_size == 0:
+        raise DataError("file is empty", path)
+
+
+def _unsupported(path: Path) -> DataError:
+    supported = ", ".join(VOLUME_SUFFIXES + PICTURE_SUFFIXES + (SEGMENTATION_SUFFIX,))
+    return DataError(
+        f"unsupported file type '{image_suffix(path) or path.name}' (supported: {supported}, or a DICOM series folder)",
+        path,
+    )
+
+
+def _dicom_series_files(folder: Path) -> list[str]:
+    """Files of the DICOM series with the most files in ``folder``."""
+    series = [sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid)
+              for uid in sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))]
+    if not series:
+        raise DataError("folder holds no DICOM series", folder)
+    return list(max(series, key=len))
+
+
+def _read_sitk(path: Path) -> sitk.Image:
+    try:
+        if path.is_dir():
+            reader = sitk.ImageSeriesReader()
+            reader.SetFileNames(_dicom_series_files(path))
+            return reader.Execute()
+        return sitk.ReadImage(str(path))
+    except RuntimeError as error:
+        raise DataError(f"cannot be read as an image ({error_summary(error)})", path) from None
+
+
+def _drop_time_axis(image: sitk.Image, path: Path) -> sitk.Image:
+    if image.GetDimension() == 4:
+        if image.GetSize()[3] != 1:
+            raise DataError(
+                f"4D images are not supported; extract one 3D volume first (size {image.GetSize()})", path
+            )
+        image = image[:, :, :, 0]
+    components = image.GetNumberOfComponentsPerPixel()
+    if image.GetDimension() == 3 and components > 1:
+        raise DataError(f"3D images with {components} components per voxel are not supported", path)
+    if image.GetDimension() == 2 and components not in (1, 3, 4):
+        raise DataError(f"2D images with {components} components per pixel are not supported", path)
+    return image
+
+
+def read_picture(path: Path, *, label: bool) -> VolumeImage:
+    """PNG/JPEG/TIFF/BMP through Pillow, which keeps palette indices of label images intact."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as picture:
+            if getattr(picture, "n_frames", 1) > 1:
+                raise DataError("multi-page images are not supported; save the stack as NRRD or NIfTI", path)
+            if picture.mode in ("RGBA", "LA", "PA") or (picture.mode == "P" and not label):
+                picture = picture.convert("RGB" if picture.mode != "LA" else "L")
+            elif picture.mode not in ("1", "L", "P", "I", "I;16", "I;16B", "I;16L", "F", "RGB"):
+                picture = picture.convert("RGB")
+            array = np.array(picture)
+    except DataError:
+        raise
+    except Exception as error:  # Pillow raises many types for damaged files
+        raise DataError(f"cannot be read as an image ({error_summary(error)})", path) from None
+    if array.dtype == bool:
+        array = array.astype(np.uint8)
+    return VolumeImage(array, (1.0, 1.0), (0.0, 0.0), (1.0, 0.0, 0.0, 1.0), path)
+
+
+def _check_finite(image: VolumeImage) -> VolumeImage:
+    if np.issubdtype(image.array.dtype, np.floating) and not np.isfinite(image.array).all():
+        count = int(np.size(image.array) - np.isfinite(image.array).sum())
+        raise DataError(f"image holds {count} NaN or infinite voxel(s)", image.path)
+    return image
+
+
+def read_image(path: str | Path) -> VolumeImage:
+    """Read NIfTI, NRRD, MHA/MHD, DICOM (a series folder or one file) or a PNG/JPEG/TIFF/BMP picture.
+
+    RGB pictures stay ``(y, x, 3)`` (alpha dropped); a 4D file with one time point becomes 3D.
+    """
+    path = Path(path)
+    check_file(path)
+    if path.is_dir():
+        image = _read_sitk(path)
+    else:
+        suffix = image_suffix(path)
+        if suffix in PICTURE_SUFFIXES:
+            return _check_finite(read_picture(path, label=False))
+        if suffix == SEGMENTATION_SUFFIX:
+            raise DataError("a Slicer segmentation is a label map, not an image (use read_label_map)", path)
+        if suffix not in VOLUME_SUFFIXES:
+            raise _unsupported(path)
+        image = _read_sitk(path)
+    image = _drop_time_axis(image, path)
+    if image.GetNumberOfComponentsPerPixel() == 4:
+        image = sitk.Compose([sitk.VectorIndexSelectionCast(image, i) for i in range(3)])
+    return _check_finite(VolumeImage.from_sitk(image, path))
+
+
+def read_segmentation_file(path: Path):
+    """(slicerio segmentation, its geometry); the voxels are indexed (i, j, k[, layer first])."""
+    import slicerio
+
+    try:
+        segmentation = slicerio.read_segmentation(str(path))
+    except Exception as error:
+        raise DataError(f"cannot be read as a Slicer segmentation ({error_summary(error)})", path) from None
+    matrix = np.asarray(segmentation["ijkToLPS"], dtype=float)
+    spacing = np.linalg.norm(matrix[:3, :3], axis=0)
+    geometry = ImageGeometry(
+        tuple(reversed(segmentation["voxels"].shape[-3:])), tuple(spacing), tuple(matrix[:3, 3]),
+        tuple((matrix[:3, :3] / spacing).ravel()), path,
+    )
+    return segmentation, geometry
+
+
+def read_image_geometry(path: str | Path) -> ImageGeometry:
+    """The grid of an image file, reading only its header (a DICOM series is read whole)."""
+    path = Path(path)
+    check_file(path)
+    suffix = image_suffix(path)
+    if path.is_dir() or suffix == ".dcm":
+        return read_image(path).geometry
+    if suffix in PICTURE_SUFFIXES:
+        from PIL import Image
+
+        try:
+            with Image.open(path) as picture:
+                width, height = picture.size
+        except Exception as error:
+            raise DataError(f"cannot be read as an image ({error_summary(error)})", path) from None
+        return ImageGeometry((height, width), (1.0, 1.0), (0.0, 0.0), (1.0, 0.0, 0.0, 1.0), path)
+    if suffix == SEGMENTATION_SUFFIX:
+        return read_segmentation_file(path)[1]
+    if suffix not in VOLUME_SUFFIXES:
+        raise _unsupported(path)
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError as error:
+        raise DataError(f"cannot be read as an image ({error_summary(error)})", path) from None
+    size, n = reader.GetSize(), reader.GetDimension()
+    if n == 4 and size[3] != 1:
+        raise DataError(f"4D images are not supported; extract one 3D volume first (size {size})", path)
+    n = min(n, 3)
+    direction = np.reshape(reader.GetDirection(), (reader.GetDimension(),) * 2)[:n, :n]
+    return ImageGeometry(
+        tuple(reversed(size[:n])), reader.GetSpacing()[:n], reader.GetOrigin()[:n],
+        tuple(direction.ravel()), path,
+    )
+
+
+def write_image(array: np.ndarray, reference: VolumeImage | ImageGeometry, path: str | Path) -> Path:
+    """Write ``array`` with exactly the reference's size, spacing, origin and direction, atomically.
+
+    The format follows the suffix. NIfTI stores the direction as single precision, so it comes back
+    within ~1e-7 of the reference; NRRD and MHA keep it to double precision.
+    """
+    path = Path(path)
+    geometry = as_geometry(reference)
+    suffix = image_suffix(path)
+    if suffix not in VOLUME_SUFFIXES + PICTURE_SUFFIXES or suffix == ".dcm":
+        raise _unsupported(path)
+    array = np.asarray(array)
+    if tuple(array.shape[: geometry.ndim]) != geometry.shape:
+        raise DataError(f"array shape {array.shape} differs from the reference image shape {geometry.shape}", path)
+    image = sitk_on_grid(array, geometry)
+    try:
+        write_files_atomic(
+            path, lambda target: sitk.WriteImage(image, str(target), useCompression=suffix not in PICTURE_SUFFIXES)
+        )
+    except RuntimeError as error:
+        raise DataError(f"cannot be written as {suffix} with pixel type {array.dtype} ({error_summary(error)})",
+                        path) from None
+    return path

@@ -1,0 +1,110 @@
+"""Training slices: a torch ``Dataset`` of 2D items at the model size, cut from a dataset's volumes."""
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from ..errors import ConfigError, DataError
+from .datasets import DatasetIndex
+from .image import VolumeImage, read_image, read_image_geometry
+from .labels import read_label_map
+from .normalization import IntensityNormalization
+from .slicing import in_plane_spacing, resize_slices, volume_slices
+from .splits import split_cases
+
+
+class SliceDataset(Dataset):
+    """2D training items from a dataset's volumes and pictures, at the model size.
+
+    Every slice with foreground is kept, plus a seeded ``empty_fraction`` of the slices without any.
+    Labels are read (and checked) once at construction and kept at the model size; each image is read
+    and normalised once, on first use, and its kept slices are cached at the model size as float16.
+    Memory is therefore about ``(2 * C + 1) * S * S`` bytes per kept slice (C = 1 grayscale, 3 RGB),
+    independent of the volumes' size; each DataLoader worker holds its own cache. Pass the ``split``
+    you save with the model; without one, :func:`split_cases` is used with ``seed``.
+
+    Items: ``image`` float32 (3, S, S) in [0, 1] (grayscale replicated), ``label`` int64 (S, S),
+    ``case`` id, ``index`` slice index along the slicing axis, ``spacing`` float32 (2,) in-plane mm.
+    """
+
+    def __init__(
+        self,
+        index: DatasetIndex,
+        subset: str | Sequence[str] | None = "train",
+        *,
+        normalization: IntensityNormalization,
+        split: Mapping[str, Sequence[str]] | None = None,
+        axis: str = "axial",
+        image_size: int = 352,
+        empty_fraction: float = 0.1,
+        seed: int = 0,
+    ):
+        if not 0.0 <= empty_fraction <= 1.0:
+            raise ConfigError(f"empty_fraction must lie in [0, 1], got {empty_fraction}")
+        if subset is None:
+            case_ids = [case.case_id for case in index.cases]
+        else:
+            split = split if split is not None else split_cases(index, seed)
+            names = [subset] if isinstance(subset, str) else list(subset)
+            for name in names:
+                if name not in split:
+                    raise ConfigError(f"subset '{name}' is not one of the split's parts {sorted(split)}")
+            case_ids = [cid for name in names for cid in split[name]]
+        self.normalization = normalization
+        self.axis = axis
+        self.image_size = image_size
+        by_id = {case.case_id: case for case in index.cases}
+        unknown = [cid for cid in case_ids if cid not in by_id]
+        if unknown:
+            raise DataError(f"cases {unknown[:10]} are not in the dataset", index.root)
+        self.cases = [by_id[cid] for cid in case_ids]
+        self.num_classes = len(index.classes)
+        rng = np.random.default_rng(seed)
+        self.slices: list[tuple[int, int]] = []  # (case position, slice index)
+        self._spacing: list[tuple[float, float]] = []
+        self._labels: list[torch.Tensor] = []  # per case: (kept, S, S) uint8
+        self._rows: list[dict[int, int]] = []  # per case: slice index -> row in the caches
+        self._images: dict[int, torch.Tensor] = {}  # per case: (kept, C, S, S) float16
+        for position, case in enumerate(self.cases):
+            geometry = read_image_geometry(case.image_path)
+            labels = read_label_map(case.label_path, geometry, classes=index.classes)
+            stack = volume_slices(VolumeImage(labels, geometry.spacing, geometry.origin, geometry.direction), axis)
+            foreground = stack.reshape(len(stack), -1).any(axis=1)
+            empty = np.flatnonzero(~foreground)
+            keep_empty = rng.choice(empty, size=round(empty_fraction * len(empty)), replace=False)
+            kept = np.sort(np.concatenate([np.flatnonzero(foreground), keep_empty])).astype(int)
+            self._rows.append({int(s): row for row, s in enumerate(kept)})
+            self._labels.append(resize_slices(torch.from_numpy(np.ascontiguousarray(stack[kept])), image_size,
+                                              "nearest"))
+            self._spacing.append(in_plane_spacing(geometry, axis))
+            self.slices.extend((position, int(s)) for s in kept)
+
+    def __len__(self) -> int:
+        return len(self.slices)
+
+    def _case_images(self, position: int) -> torch.Tensor:
+        if position not in self._images:
+            image = read_image(self.cases[position].image_path)
+            normalized = VolumeImage(self.normalization.apply(image.array), image.spacing, image.origin,
+                                     image.direction)
+            stack = volume_slices(normalized, self.axis)
+            kept = stack[sorted(self._rows[position])]
+            tensor = torch.from_numpy(np.ascontiguousarray(kept))
+            tensor = tensor.permute(0, 3, 1, 2) if tensor.ndim == 4 else tensor[:, None]
+            self._images[position] = resize_slices(tensor, self.image_size, "bilinear").to(torch.float16)
+        return self._images[position]
+
+    def __getitem__(self, item: int) -> dict:
+        position, slice_index = self.slices[item]
+        row = self._rows[position][slice_index]
+        image = self._case_images(position)[row].float()
+        return {
+            "image": image.expand(3, -1, -1).contiguous() if image.shape[0] == 1 else image,
+            "label": self._labels[position][row].long(),
+            "case": self.cases[position].case_id,
+            "index": slice_index,
+            "spacing": torch.tensor(self._spacing[position], dtype=torch.float32),
+        }

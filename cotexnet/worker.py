@@ -1,0 +1,237 @@
+"""A persistent segmentation worker: ``python -m cotexnet.worker`` answers JSON-line requests on stdin.
+
+Slicer's GUI must not run inference on a Python thread (the main thread holds the GIL while Qt's event
+loop runs), so it keeps one of these processes alive: the model loads once and later requests cost
+inference only. Requests arrive as one JSON object per line on stdin; progress, log lines, results and
+errors go back as one JSON object per line on stdout; arrays cross through ``.npy`` files. The protocol
+is described in docs/slicer-worker.md. In-process callers use :class:`ModelCache` and
+:func:`segment_array` directly, so both paths compute exactly the same thing.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import sys
+import threading
+import traceback
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from .errors import Cancelled, DataError
+
+PROTOCOL = 1
+
+
+class ModelCache:
+    """The last loaded bundle, reused while its folder, device and weights file stay the same.
+
+    ``loads`` counts real loads, so a caller can tell a reused model from a reloaded one.
+    """
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._key = None
+        self._model = None
+        self.loads = 0
+
+    def get(self, directory: str | os.PathLike, device: str = "auto"):
+        from .bundle import WEIGHTS_NAME
+        from .infer import resolve_device
+        from .model import CoTexNet
+
+        path = Path(directory).expanduser().resolve()
+        resolved = str(resolve_device(device))
+        weights = path / WEIGHTS_NAME
+        key = (str(path), resolved, weights.stat().st_mtime_ns if weights.is_file() else None)
+        with self._lock:
+            if self._model is None or self._key != key:
+                self._key = self._model = None  # free the old model before loading the next one
+                self._model = CoTexNet.from_pretrained(path, device=resolved)
+                self._key = key
+                self.loads += 1
+            return self._model
+
+    @property
+    def key(self):
+        return self._key
+
+
+def engine_input(volume: np.ndarray) -> tuple[np.ndarray, bool]:
+    """A (z, y, x[, c]) volume array as :func:`cotexnet.infer.segment_volume` takes it, and whether it is colour.
+
+    A 2D image is stored as one slice, (1, y, x[, c]); the engine wants (y, x) or (y, x, 3).
+    Multi-component volumes are single-slice colour images (e.g. a photograph); alpha is dropped.
+    """
+    rgb = volume.ndim == 4
+    if rgb:
+        if volume.shape[0] != 1 or volume.shape[3] not in (3, 4):
+            raise DataError(
+                f"the volume has {volume.shape[0]} slices of {volume.shape[3]} components; CoTexNet takes "
+                f"grayscale volumes or single-slice RGB(A) images"
+            )
+        volume = volume[..., :3]
+    return (volume[0] if volume.shape[0] == 1 else volume), rgb
+
+
+def segment_array(
+    model,
+    volume: np.ndarray,
+    spacing: Sequence[float],
+    direction: Sequence[float],
+    *,
+    axis: str | None = None,
+    batch_size: int = 16,
+    device: str = "auto",
+    concepts: bool = True,
+    concept_backend: str = "geometric",
+    concept_options: dict | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    cancel=None,
+    log: Callable[[str], None] | None = None,
+) -> tuple[np.ndarray, list | None]:
+    """Segments a (z, y, x[, c]) volume and describes its classes: the GUI's whole engine step.
+
+    Returns a ``uint8`` label map of shape ``volume.shape[:3]`` and the concept records of
+    :func:`cotexnet.concepts.describe` (None with ``concepts=False``). ``spacing``/``direction`` are in
+    SimpleITK order (x, y, z; row-major LPS 3x3); the direction goes to inference so that "axial" means
+    the patient's axial plane whatever the volume's orientation. A 2D image gets its in-plane spacing and
+    no 3D direction for its concepts.
+    """
+    from .infer import _is_cancelled, segment_volume
+
+    image, rgb = engine_input(volume)
+    if _is_cancelled(cancel):
+        raise Cancelled("cancelled by the user")
+    labels = segment_volume(model, image, direction=direction, axis=axis, rgb=rgb, batch_size=batch_size,
+                            device=device, progress=progress, cancel=cancel)
+    records = None
+    if concepts:
+        from .concepts import describe
+
+        if log is not None:
+            log("Describing the segmented classes")
+        planar = rgb or image.ndim == 2
+        spatial_shape = image.shape[:2] if planar else image.shape
+        spacing3, direction3 = (tuple(spacing)[:2], None) if planar else (tuple(spacing), tuple(direction))
+        config = model.config
+        records = describe(image, labels.reshape(spatial_shape), config.classes, keywords=config.keywords,
+                           backend=concept_backend, spacing=spacing3, direction=direction3, **(concept_options or {}))
+    return labels.reshape(volume.shape[:3]).astype(np.uint8, copy=False), records
+
+
+def device_info() -> dict:
+    """Whether a CUDA GPU is usable, its name, total and free memory in GiB."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return {"cuda": False, "name": "CPU", "total_gb": 0.0, "free_gb": 0.0}
+    free, total = torch.cuda.mem_get_info()
+    return {"cuda": True, "name": torch.cuda.get_device_name(), "total_gb": total / 2**30, "free_gb": free / 2**30}
+
+
+def _jsonable(value):
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+
+
+class Worker:
+    """The request loop. Segmentations run one at a time on a thread, so that status and device requests
+    are answered while one runs; cancelling means ending this process (the client does)."""
+
+    def __init__(self, stream):
+        self._stream = stream
+        self._write_lock = threading.Lock()
+        self.models = ModelCache()
+        self._busy = threading.Lock()
+
+    def send(self, event: str, request_id=None, **values) -> None:
+        line = json.dumps({"id": request_id, "event": event, **values}, default=_jsonable, allow_nan=False)
+        with self._write_lock:
+            self._stream.write(line + "\n")
+            self._stream.flush()
+
+    def serve(self, lines) -> None:
+        self.send("ready", pid=os.getpid(), protocol=PROTOCOL, python=sys.executable)
+        for line in lines:
+            if not line.strip():
+                continue
+            try:
+                request = json.loads(line)
+                kind = request["type"]
+            except (ValueError, KeyError, TypeError):
+                self.send("error", None, error="ProtocolError", message=f"not a request: {line.strip()[:200]}")
+                continue
+            if kind == "shutdown":
+                return
+            handler = getattr(self, f"_handle_{kind}", None)
+            if handler is None:
+                self.send("error", request.get("id"), error="ProtocolError", message=f"unknown request type {kind!r}")
+            elif kind == "segment":
+                if not self._busy.acquire(blocking=False):
+                    self.send("error", request.get("id"), error="ProtocolError",
+                              message="a segmentation is already running in this worker")
+                    continue
+                threading.Thread(target=self._run, args=(handler, request, self._busy), daemon=True).start()
+            else:
+                self._run(handler, request)
+
+    def _run(self, handler, request: dict, busy: threading.Lock | None = None) -> None:
+        request_id = request.get("id")
+        try:
+            self.send("result", request_id, value=handler(request_id, request))
+        except BaseException as error:  # every failure goes back to the client, which decides what it means
+            self.send("error", request_id, error=type(error).__name__, message=str(error),
+                      traceback=traceback.format_exc())
+        finally:
+            if busy is not None:
+                busy.release()
+
+    def _handle_status(self, request_id, request: dict) -> dict:
+        key = self.models.key
+        return {"pid": os.getpid(), "protocol": PROTOCOL, "model_loads": self.models.loads,
+                "model": None if key is None else {"path": key[0], "device": key[1]}}
+
+    def _handle_device_info(self, request_id, request: dict) -> dict:
+        return device_info()
+
+    def _handle_segment(self, request_id, request: dict) -> dict:
+        volume = np.load(request["input"], allow_pickle=False)
+        model = self.models.get(request["model"], request.get("device", "auto"))
+        self.send("log", request_id, text=f"Model {Path(request['model']).name} ready ({self.models.loads} load(s) "
+                                           f"in this worker)")
+        labels, records = segment_array(
+            model, volume, request["spacing"], request["direction"], axis=request.get("axis"),
+            batch_size=int(request.get("batch_size", 16)), device=request.get("device", "auto"),
+            concepts=bool(request.get("concepts", True)), concept_backend=request.get("concept_backend", "geometric"),
+            concept_options=request.get("concept_options"),
+            progress=lambda done, total: self.send("progress", request_id, done=int(done), total=int(total)),
+            log=lambda text: self.send("log", request_id, text=text),
+        )
+        output = Path(request["output"])
+        partial = output.with_name(output.name + ".partial.npy")
+        np.save(partial, labels)
+        os.replace(partial, output)
+        return {"output": str(output), "shape": list(labels.shape), "concepts": records,
+                "model_loads": self.models.loads, "model_id": id(model)}
+
+
+def main() -> int:
+    # stdout carries the protocol only: keep it for ourselves and send everything else (prints, C
+    # libraries) to stderr.
+    protocol = os.fdopen(os.dup(sys.stdout.fileno()), "w", encoding="utf-8", buffering=1)
+    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
+    Worker(protocol).serve(io.TextIOWrapper(sys.stdin.buffer, encoding="utf-8"))
+    protocol.flush()
+    os._exit(0)  # also when stdin closed mid-run (Slicer is gone): do not wait for a segmentation thread
+
+
+if __name__ == "__main__":
+    sys.exit(main())
