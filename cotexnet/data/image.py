@@ -19,11 +19,13 @@ import SimpleITK as sitk
 
 from ..atomic import write_files_atomic
 from ..errors import DataError, error_summary
+from .nifti import check_nifti
 
 VOLUME_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".dcm")
 PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 SEGMENTATION_SUFFIX = ".seg.nrrd"
 LOSSY_SUFFIXES = (".jpg", ".jpeg")
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
 
 
 def image_suffix(path: str | Path) -> str:
@@ -241,6 +243,8 @@ def read_image(path: str | Path) -> VolumeImage:
             raise DataError("a Slicer segmentation is a label map, not an image (use read_label_map)", path)
         if suffix not in VOLUME_SUFFIXES:
             raise _unsupported(path)
+        if suffix in NIFTI_SUFFIXES:
+            check_nifti(path)  # SimpleITK reads a cut file as zeros and NaN/Inf voxels as 0, silently
         image = _read_sitk(path)
     image = _drop_time_axis(image, path)
     if image.GetNumberOfComponentsPerPixel() == 4:
