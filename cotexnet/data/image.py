@@ -73,6 +73,23 @@ class ImageGeometry:
     def same_grid(self, other: ImageGeometry, atol: float = 1e-4) -> bool:
         return self.shape == other.shape and np.allclose(self.ijk_to_lps(), other.ijk_to_lps(), atol=atol)
 
+    def placement_difference(self, other: ImageGeometry) -> str | None:
+        """How ``other`` lies elsewhere in space than this grid (spacing, origin, direction), or None.
+
+        Tolerances absorb the single precision NIfTI stores: spacing 1e-4 relative, origin a thousandth
+        of the smallest voxel, direction cosines 1e-4.
+        """
+        if self.ndim != other.ndim:
+            return f"{other.ndim}D vs {self.ndim}D"
+        checks = (("spacing", np.allclose(self.spacing, other.spacing, rtol=1e-4, atol=0)),
+                  ("origin", np.allclose(self.origin, other.origin, rtol=0, atol=1e-3 * min(self.spacing))),
+                  ("direction", np.allclose(self.direction, other.direction, rtol=0, atol=1e-4)))
+        for name, same in checks:
+            if not same:
+                ours, theirs = (tuple(round(v, 6) for v in getattr(g, name)) for g in (self, other))
+                return f"{name} {theirs} vs the image's {ours}"
+        return None
+
 
 @dataclass
 class VolumeImage:
@@ -163,11 +180,20 @@ def _unsupported(path: Path) -> DataError:
 
 
 def _dicom_series_files(folder: Path) -> list[str]:
-    """Files of the DICOM series with the most files in ``folder``."""
-    series = [sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid)
-              for uid in sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))]
+    """Files of the DICOM series with the most files in ``folder``.
+
+    ITK prints a warning of its own for a folder without a series; the error raised here says it once.
+    """
+    warnings = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)
+    try:
+        series = [sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid)
+                  for uid in sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))]
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(warnings)
     if not series:
-        raise DataError("folder holds no DICOM series", folder)
+        empty = not any(folder.iterdir())
+        raise DataError("folder is empty" if empty else "folder holds no DICOM series", folder)
     return list(max(series, key=len))
 
 
