@@ -35,9 +35,17 @@ def _umask() -> int:
     return mask
 
 
-def _publish(path: Path, mode: int) -> None:
-    """Give a temporary file or folder the permissions the umask gives new ones, before it is renamed."""
-    os.chmod(path, mode & ~_umask())
+def _publish(path: Path) -> None:
+    """Give a temporary file or folder, and what it holds, the permissions the umask gives new ones, before
+    it is renamed into place (libraries that write into it may be as strict as mkstemp: safetensors is)."""
+    mask = _umask()
+    os.chmod(path, (_FOLDER_MODE if path.is_dir() else _FILE_MODE) & ~mask)
+    if path.is_dir():
+        for root, folders, files in os.walk(path):
+            for name in folders:
+                os.chmod(os.path.join(root, name), _FOLDER_MODE & ~mask)
+            for name in files:
+                os.chmod(os.path.join(root, name), _FILE_MODE & ~mask)
 
 
 def _staging_error(folder: Path, error: OSError) -> CoTexNetError:
@@ -70,7 +78,7 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             handle.write(text)
-        _publish(Path(tmp), _FILE_MODE)
+        _publish(Path(tmp))
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -97,6 +105,7 @@ def write_files_atomic(path: str | os.PathLike, write: Callable[[Path], None]) -
     staging = _mkdtemp(path)
     try:
         write(staging / path.name)
+        _publish(staging)
         for produced in sorted(staging.iterdir(), key=lambda p: p.name == path.name):
             os.replace(produced, path.parent / produced.name)
     finally:
@@ -118,7 +127,7 @@ def write_folder_atomic(path: str | os.PathLike, fill: Callable[[Path], None],
     staging = _mkdtemp(path, PARTIAL_SUFFIX)
     try:
         fill(staging)
-        _publish(staging, _FOLDER_MODE)
+        _publish(staging)
         if path.exists():
             if not may_replace(path):
                 raise FileExistsError(path)
