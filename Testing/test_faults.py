@@ -308,10 +308,11 @@ def test_a_kill_between_the_renames_of_last_is_recovered_by_resume(shapes, tmp_p
 
     assert main(arguments) == 2  # without --resume the staging folders still count as a run: refused
     assert ".last." in capsys.readouterr().err
-    events = []
-    train(quick(shapes, run, epochs=3, max_steps_per_epoch=2, resume=True), on_event=lambda e, **v: events.append((e, v)))
-    assert any(e == "warning" and "restored from .last." in v["message"] for e, v in events)
-    assert next(v for e, v in events if e == "start")["start_epoch"] == 3  # epoch 2's complete checkpoint was used
+    progress = tmp_path / "progress.jsonl"
+    assert main([*arguments, "--resume", "--progress-file", str(progress)]) == 0
+    events = [json.loads(line) for line in progress.read_text().splitlines()]
+    assert any(e["event"] == "warning" and "restored from .last." in e["message"] for e in events)
+    assert next(e for e in events if e["event"] == "start")["start_epoch"] == 3  # epoch 2's complete checkpoint
     assert not list(run.glob(".last.*")) and not list(run.glob(".best.*"))
     assert torch.load(run / "last" / TRAINER_STATE, weights_only=True)["epoch"] == 3
 
@@ -510,4 +511,4 @@ def test_an_empty_dicom_folder_is_said_once_without_library_noise(bundle, tmp_pa
     folder.mkdir()
     assert main(["segment", str(bundle), str(folder), "--out", str(tmp_path / "out"), "--device", "cpu"]) == 1
     err = capfd.readouterr().err
-    assert err.count(str(folder)) == 1 and "folder is empty" in err and "GDCM" not in err, err
+    assert err.count(str(folder)) == 1 and "holds no DICOM series (it is empty)" in err and "GDCM" not in err, err

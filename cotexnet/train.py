@@ -62,7 +62,7 @@ LOSS_TERMS = ("loss", "loss_seg", "loss_kd")
 #: Options a resumed run takes from its checkpoint (model config, optimiser and schedule state): a new
 #: value would be ignored, so resuming with one is refused.
 RESUME_FIXED_OPTIONS = ("backbone", "image_size", "epochs", "batch_size", "lr", "optimizer", "weight_decay",
-                        "slice_axis", "modality", "intensity", "max_steps_per_epoch", "config_overrides")
+                        "slice_axis", "modality", "intensity", "max_steps_per_epoch")
 
 
 class ProgressWriter:
@@ -398,12 +398,16 @@ class Trainer:
         """Refuse a resume whose options differ from the run's where the checkpoint's would silently win."""
         saved = read_training_info(self.last_dir).get("options", {})
         current = json.loads(json.dumps(asdict(self.options), default=str))
-        changed = [name for name in RESUME_FIXED_OPTIONS if name in saved and saved[name] != current[name]]
-        if changed:
+        was = {name: saved[name] for name in RESUME_FIXED_OPTIONS if name in saved and saved[name] != current[name]}
+        now = {name: current[name] for name in was}
+        for name, value in self.options.config_overrides.items():  # model settings: the bundle's config holds them
+            if getattr(self.config, name, value) != value:
+                was[name], now[name] = getattr(self.config, name), value
+        if was:
             raise ConfigError(
                 f"{self.out}: the run being resumed was started with "
-                + ", ".join(f"{name}={saved[name]!r}" for name in changed) + "; now "
-                + ", ".join(f"{name}={current[name]!r}" for name in changed)
+                + ", ".join(f"{name}={value!r}" for name, value in was.items()) + "; now "
+                + ", ".join(f"{name}={value!r}" for name, value in now.items())
                 + ". A resumed run keeps its own settings: pass the run's values, or start a new run")
 
     def check_classes_present(self) -> None:

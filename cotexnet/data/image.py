@@ -193,7 +193,7 @@ def _dicom_series_files(folder: Path) -> list[str]:
         sitk.ProcessObject.SetGlobalWarningDisplay(warnings)
     if not series:
         empty = not any(folder.iterdir())
-        raise DataError("folder is empty" if empty else "folder holds no DICOM series", folder)
+        raise DataError("folder holds no DICOM series" + (" (it is empty)" if empty else ""), folder)
     return list(max(series, key=len))
 
 
@@ -269,9 +269,9 @@ def read_image(path: str | Path) -> VolumeImage:
             raise DataError("a Slicer segmentation is a label map, not an image (use read_label_map)", path)
         if suffix not in VOLUME_SUFFIXES:
             raise _unsupported(path)
+        image = _read_sitk(path)
         if suffix in NIFTI_SUFFIXES:
             check_nifti(path)  # SimpleITK reads a cut file as zeros and NaN/Inf voxels as 0, silently
-        image = _read_sitk(path)
     image = _drop_time_axis(image, path)
     if image.GetNumberOfComponentsPerPixel() == 4:
         image = sitk.Compose([sitk.VectorIndexSelectionCast(image, i) for i in range(3)])
