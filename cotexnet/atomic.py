@@ -48,27 +48,26 @@ def _publish(path: Path) -> None:
                 os.chmod(os.path.join(root, name), _FILE_MODE & ~mask)
 
 
-def _staging_error(folder: Path, error: OSError) -> CoTexNetError:
+def _staging_error(folder: Path) -> CoTexNetError:
     """A temporary name means nothing to the user: say which folder cannot be written and what to do."""
-    reason = "permission denied" if isinstance(error, PermissionError) else error.strerror or type(error).__name__
-    return CoTexNetError(f"{folder}: cannot write in this folder ({reason}); choose another output folder or ask "
-                         f"its owner for write access")
+    return CoTexNetError(f"{folder}: cannot write in this folder (permission denied); choose another output folder "
+                         f"or ask its owner for write access")
 
 
 def _mkstemp(path: Path, suffix: str) -> tuple[int, str]:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         return tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
-    except PermissionError as error:
-        raise _staging_error(path.parent, error) from None
+    except PermissionError:
+        raise _staging_error(path.parent) from None
 
 
 def _mkdtemp(path: Path, suffix: str | None = None) -> Path:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         return Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent))
-    except PermissionError as error:
-        raise _staging_error(path.parent, error) from None
+    except PermissionError:
+        raise _staging_error(path.parent) from None
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
@@ -148,7 +147,10 @@ def staged_versions(path: str | os.PathLike) -> list[Path]:
     versions (newest first), then the replaced ones (newest first)."""
     path = Path(path)
     pattern = glob.escape(f".{path.name}")
-    newest_first = lambda folders: sorted(folders, key=lambda folder: folder.stat().st_mtime, reverse=True)  # noqa: E731
+
+    def newest_first(folders) -> list[Path]:
+        return sorted(folders, key=lambda folder: folder.stat().st_mtime, reverse=True)
+
     return (newest_first(path.parent.glob(f"{pattern}.*{PARTIAL_SUFFIX}"))
             + newest_first(path.parent.glob(f"{pattern}{OLD_INFIX}*")))
 

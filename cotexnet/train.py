@@ -309,7 +309,10 @@ class Trainer:
         if self.options.overwrite:
             for name in existing_run_files(self.out):
                 path = self.out / name
-                shutil.rmtree(path) if path.is_dir() else path.unlink()
+                if path.is_dir():
+                    shutil.rmtree(path)
+                else:
+                    path.unlink()
             return
         for folder, complete_file in ((self.best_dir, TRAINING_NAME), (self.last_dir, TRAINER_STATE)):
             # Both files are the last of their bundle to be written, each atomically.
