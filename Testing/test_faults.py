@@ -302,7 +302,7 @@ def test_a_kill_between_the_renames_of_last_is_recovered_by_resume(shapes, tmp_p
     arguments = ["train", str(shapes), "--classes", "disk", "square", *TINY_TRAIN, "--epochs", "3",
                  "--max-steps-per-epoch", "2", "--out", str(run)]
     killed = subprocess.run([sys.executable, "-c", KILL_AT_SECOND_RENAME, *arguments], env=ENV, capture_output=True,
-                            text=True, timeout=300)
+                            encoding="utf-8", errors="replace", timeout=300)
     assert killed.returncode == 137, killed.stderr[-2000:]
     assert not (run / "last").exists() and any(run.glob(".last.*.partial")) and any(run.glob(".last.old-*"))
 
@@ -414,7 +414,8 @@ def test_ctrl_c_exits_130_and_resume_takes_the_steps_an_uninterrupted_run_takes(
     arguments = ["train", str(shapes), "--classes", "disk", "square", "--backbone", "tiny", "--image-size", "128",
                  "--device", "cpu", "--batch-size", "1", "--epochs", "2", "--out", str(run)]
     process = subprocess.Popen([sys.executable, "-m", "cotexnet.cli", *arguments, "--progress-file", str(progress)],
-                               env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                               env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, encoding="utf-8",
+                               errors="replace")
     deadline = time.time() + 240
     while not (progress.is_file() and '"step"' in progress.read_text()) and time.time() < deadline:
         time.sleep(0.05)

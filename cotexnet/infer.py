@@ -250,8 +250,8 @@ def segment_files(
 ) -> list[dict]:
     """Segment many files; a file that fails is reported (``{"input", "error"}``) and the batch goes on.
 
-    Each input's outputs get a name no other input's have (:func:`output_stems`); the same file given
-    twice is segmented once. Cancellation (``options["cancel"]``) stops the whole batch.
+    Each input's outputs get a name no other input's have (:func:`output_stems`); a file given again
+    after it was segmented is not segmented twice. Cancellation (``options["cancel"]``) stops the whole batch.
     """
     from tqdm.auto import tqdm
 
@@ -259,14 +259,15 @@ def segment_files(
     if len(references) != len(paths):
         raise CoTexNetError(f"{len(references)} reference label maps given for {len(paths)} inputs")
     check_output_folder(Path(out_dir))
-    results, first = [], {}
+    results, segmented = [], {}
     inputs = list(enumerate(zip(paths, references, output_stems(paths))))
     for i, (path, reference, stem) in tqdm(inputs, desc="segmenting", unit="image", disable=not show_progress):
         try:
-            earlier = first.setdefault(Path(path).resolve(), i)
-            if earlier != i:
+            earlier = segmented.get(Path(path).resolve())
+            if earlier is not None:
                 raise DataError(f"given twice (also as input {earlier + 1}, {paths[earlier]}); segmented once", path)
             results.append(segment_file(model, path, out_dir, reference=reference, stem=stem, **options))
+            segmented[Path(path).resolve()] = i
         except Cancelled:
             raise
         except (CoTexNetError, OSError, RuntimeError, ValueError) as error:

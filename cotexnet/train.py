@@ -253,12 +253,10 @@ class Trainer:
         options = self.options
         self.stop.install()
         try:
-            self.check_run_folder()
+            if self.out.exists() and not self.out.is_dir():
+                raise ConfigError(f"{self.out}: the output is a file; --out takes a folder (a new one, or a run "
+                                  f"to resume)")
             with RunLock(self.out) if self.is_main else nullcontext():  # one trainer per run folder
-                if self.is_main:
-                    self.prepare_run_folder()
-                if self.world > 1:
-                    dist.barrier()
                 self.initialize()
                 start_epoch = self.start_epoch
                 self.emit("start", epochs=options.epochs, start_epoch=start_epoch, steps_per_epoch=self.steps,
@@ -295,9 +293,7 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------- set-up
     def check_run_folder(self) -> None:
-        """Refuse, before anything is written, an output that is a file or an earlier run not to be replaced."""
-        if self.out.exists() and not self.out.is_dir():
-            raise ConfigError(f"{self.out}: the output is a file; --out takes a folder (a new one, or a run to resume)")
+        """Refuse, before anything is written, to train over an earlier run that is not to be replaced."""
         found = existing_run_files(self.out)
         if found and not (self.options.resume or self.options.overwrite):
             raise CoTexNetError(f"{self.out}: already holds a training run ({', '.join(found)}); pass --resume to "
@@ -327,6 +323,11 @@ class Trainer:
         options = self.options
         _seed_everything(options.seed + self.rank)
         self.index = load_dataset(options.data, options.classes)
+        self.check_run_folder()
+        if self.is_main:
+            self.prepare_run_folder()
+        if self.world > 1:
+            dist.barrier()
         resume_state = self.build_model()
         config = self.config
         normalization = IntensityNormalization.from_dict(config.intensity)
