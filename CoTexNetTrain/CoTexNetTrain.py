@@ -27,6 +27,7 @@ from CoTexNetSegmentGui import ensureEngineReady  # the dependency setup both mo
 from CoTexNetSegmentLib.errors import formatError
 from CoTexNetTrainLib import (
     CoTexNetTrainLogic,
+    RunExistsError,
     TrainingInputError,
     TrainingRunError,
     TrainingState,
@@ -307,16 +308,20 @@ class CoTexNetTrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.onReadClasses()  # show the classes that will be trained (the logic checks them)
         data = p.dataFolder if p.dataSource == DataSource.Folder else self._pairs()
         self.ui.logTextEdit.clear()
+
+        def start(overwrite: bool) -> None:
+            self.logic.train(data, list(p.classNames) or None, self._outDir(), keywords=list(p.keywords) or None,
+                             modality=p.modality, waitForCompletion=False, overwrite=overwrite,
+                             **self._trainingOptions())
+
         with slicer.util.tryWithErrorDisplay(_("Training could not start."), waitCursor=True):
-            self.logic.train(
-                data,
-                list(p.classNames) or None,
-                self._outDir(),
-                keywords=list(p.keywords) or None,
-                modality=p.modality,
-                waitForCompletion=False,
-                **self._trainingOptions(),
-            )
+            try:
+                start(False)
+            except RunExistsError as error:
+                question = _("{error}\n\nReplace it? Its models and training curve are deleted.").format(error=error)
+                if not slicer.util.confirmYesNoDisplay(question, windowTitle=_("Replace CoTexNet training run")):
+                    return
+                start(True)
             self._started()
 
     def onResume(self):

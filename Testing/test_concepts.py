@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import socket
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -14,6 +15,7 @@ from cotexnet.concepts import (
     ATTRIBUTES, TEMPLATE, ConceptCache, describe, format_summary, get_backend, summarize_dataset,
 )
 from cotexnet.concepts import geometric
+from cotexnet.concepts.http import OpenAIBackend
 from cotexnet.concepts.lmm import LMMBackend
 from cotexnet.concepts.vocabulary import validate
 from cotexnet.errors import ConfigError, DataError
@@ -501,6 +503,49 @@ def test_http_backend_failures_fall_back_with_reasons_and_never_leak_the_key(
     assert SECRET not in json.dumps(record) and SECRET not in caplog.text
     if route == "error":
         assert "Bearer ***" in record["reasons"]["shape"]  # the server echoed the key: redacted
+
+
+def test_unreachable_lmm_is_never_cached_as_its_answer_and_is_asked_again_next_run(llm_server, tmp_path):
+    """Fault: an unreachable server's geometric fallback was cached under the LMM's name for good."""
+    server, url = llm_server
+    image, labels = red_blob()
+    cache_path = tmp_path / "concepts.jsonl"
+    with socket.socket() as probe:  # a loopback port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        dead_url = f"http://127.0.0.1:{probe.getsockname()[1]}/v1"
+
+    class Switchable(OpenAIBackend):  # one backend identity (cache key), a server that comes back later
+        def __init__(self, base_url):
+            super().__init__("llava:13b", base_url=base_url, timeout=2, retries=1, backoff=0.0)
+            self.asked = 0
+
+        def ask(self, *args):
+            self.asked += 1
+            return super().ask(*args)
+
+    down = Switchable(dead_url)
+    cache = ConceptCache(cache_path)
+    record = describe(image, labels, ["polyp"], backend=down, cache=cache)[0]
+    assert record["provisional"] and set(record["sources"].values()) == {"geometric"}
+    assert "cannot reach" in record["reasons"]["shape"] and down.asked == 2
+    assert describe(image, labels, ["polyp"], backend=down, cache=cache)[0]["provisional"]
+    assert down.asked == 2  # this run reuses the stand-in instead of hammering a dead server
+    assert not cache_path.exists() or cache_path.read_text() == ""  # nothing written under the LMM's name
+
+    up = Switchable(f"{url}/valid/v1")  # a later run, the server back
+    record = describe(image, labels, ["polyp"], backend=up, cache=ConceptCache(cache_path))[0]
+    assert up.asked == 1 and not record["provisional"] and set(record["sources"].values()) == {"openai"}
+    again = ConceptCache(cache_path)
+    assert describe(image, labels, ["polyp"], backend=up, cache=again)[0] == record and again.hits == 1
+    assert up.asked == 1
+
+    # An answer the model did give (prose, no JSON) is its answer: cached, not provisional.
+    prose = Switchable(f"{url}/prose/v1")
+    record = describe(image, labels, ["polyp"], backend=prose, cache=tmp_path / "prose.jsonl")[0]
+    assert not record["provisional"] and len(ConceptCache(tmp_path / "prose.jsonl")) == 1
+    summary = summarize_dataset([("case", image, labels, None, None)], ["polyp"], ["polyp"], backend=down,
+                                cache=tmp_path / "down.jsonl", progress=False)
+    assert summary["provisional"] == 1 and "asked again next run" in format_summary(summary)
 
 
 def test_lmm_backends_describe_volumes_geometrically():

@@ -25,6 +25,7 @@ from pathlib import Path
 
 from .atomic import write_folder_atomic, write_json_atomic
 from .config import DEFAULT_IMAGE_SIZE, FORMAT_VERSION, CoTexNetConfig
+from .data.normalization import IntensityNormalization
 from .errors import BundleError, ConfigError, error_summary
 from .prompts import load_tokenizer, offline_clip_tokenizer_dir
 
@@ -150,9 +151,24 @@ def save_bundle(model, directory: str | os.PathLike, training_info: dict | None 
         raise BundleError(f"{directory}: exists and is not a CoTexNet bundle; refusing to overwrite it") from None
 
 
+def unreadable_bundle(error: PermissionError, directory: Path) -> BundleError:
+    """A bundle another user saved owner-only: say which path and how its owner can share it."""
+    return BundleError(f"{error.filename or directory}: no permission to read it; ask the owner of {directory} to "
+                       f"make it readable (chmod -R a+rX {directory}) or copy the bundle somewhere you can read")
+
+
 def read_bundle_config(directory: str | os.PathLike) -> CoTexNetConfig:
     """The config of a bundle, with errors that say what is wrong with the folder."""
     directory = Path(directory)
+    try:
+        return _read_bundle_config(directory)
+    except PermissionError as error:
+        raise unreadable_bundle(error, directory) from None
+
+
+def _read_bundle_config(directory: Path) -> CoTexNetConfig:
+    if not os.access(directory, os.R_OK | os.X_OK) and directory.is_dir():
+        raise unreadable_bundle(PermissionError(13, "Permission denied", str(directory)), directory)
     if not directory.exists():
         raise BundleError(f"{directory}: model bundle not found (no such directory)")
     if not directory.is_dir():
@@ -165,6 +181,10 @@ def read_bundle_config(directory: str | os.PathLike) -> CoTexNetConfig:
         raise BundleError(str(error)) from None
     if config.backbone_config is None:
         raise BundleError(f"{directory / CONFIG_NAME}: backbone_config is missing; the bundle cannot be rebuilt offline")
+    try:
+        IntensityNormalization.from_dict(config.intensity)
+    except ConfigError as error:  # found here, it is the bundle's fault, not that of the image segmented next
+        raise BundleError(f"{directory / CONFIG_NAME}: {error}") from None
     return config
 
 
@@ -180,6 +200,8 @@ def read_bundle_weights(directory: str | os.PathLike) -> tuple[CoTexNetConfig, d
         raise BundleError(f"{weights}: weights file is missing")
     try:
         return config, load_file(str(weights))
+    except PermissionError as error:
+        raise unreadable_bundle(error, directory) from None
     except (SafetensorError, OSError, ValueError) as error:
         raise BundleError(f"{weights}: corrupt or unreadable weights ({error})") from None
 
@@ -222,7 +244,11 @@ class BundleMixin:
         directory = Path(directory)
         config, state = read_bundle_weights(directory)
         backbone = build_clipseg(CLIPSegConfig.from_dict(config.backbone_config))
-        model = cls(config, backbone=backbone, tokenizer=load_tokenizer(directory))
+        try:
+            tokenizer = load_tokenizer(directory)
+        except PermissionError as error:
+            raise unreadable_bundle(error, directory) from None
+        model = cls(config, backbone=backbone, tokenizer=tokenizer)
         _check_state(state, model.state_dict(), directory)
         model.load_state_dict(state)
         return model.to(device).eval()

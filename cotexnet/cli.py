@@ -68,7 +68,8 @@ def _add_train(sub) -> None:
                    help="share of slices without labels kept")
     p.add_argument("--slice-axis", choices=SLICE_AXES, default=train("slice_axis"))
     p.add_argument("--modality", help="CT, MR, US or RGB (default: from dataset.json; sets intensity normalisation)")
-    p.add_argument("--ct-window", help="CT window preset (soft_tissue, lung, bone, brain, liver) or CENTER,WIDTH")
+    p.add_argument("--ct-window", type=_ct_window,
+                   help="CT window preset (soft_tissue, lung, bone, brain, liver) or CENTER,WIDTH")
     p.add_argument("--variant", choices=VARIANTS, default=model("variant"))
     p.add_argument("--clipseg-prompt", default=model("clipseg_prompt"), help="fixed prompt of the clipseg variant")
     for switch in ("real-text", "pseudo-text", "text-encoder", "text-module"):
@@ -87,7 +88,10 @@ def _add_train(sub) -> None:
     p.add_argument("--progress-file", help="append JSON-lines progress events to this file")
     p.add_argument("--progress-json", action="store_true", help="print JSON-lines progress events on stdout")
     p.add_argument("--stop-file", help="stop cleanly when this file appears")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    again = p.add_mutually_exclusive_group()
+    again.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    again.add_argument("--overwrite", action="store_true", help="replace the run already in --out (its best/, last/ "
+                                                                "and metrics.csv are deleted)")
     p.set_defaults(func=_run_train)
 
 
@@ -144,17 +148,20 @@ def _backend_options(args, prefix: str = "") -> dict:
     return options
 
 
-def _intensity(args) -> dict | None:
-    if not args.ct_window:
-        return None
-    if "," in args.ct_window:
-        center, width = (float(v) for v in args.ct_window.split(","))
-        return {"mode": "ct", "window": "custom", "center": center, "width": width}
-    return {"mode": "ct", "window": args.ct_window}
+def _ct_window(text: str) -> dict:
+    """``--ct-window``: a preset name, or CENTER,WIDTH in Hounsfield units (checked by the normalisation)."""
+    if "," not in text:
+        return {"mode": "ct", "window": text}
+    try:
+        center, width = (float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a preset name or two numbers CENTER,WIDTH (e.g. 40,400), "
+                                         f"got {text!r}") from None
+    return {"mode": "ct", "window": "custom", "center": center, "width": width}
 
 
 def _run_train(args) -> int:
-    from .train import TrainOptions, train
+    from .train import TrainOptions, Trainer
 
     overrides = {"variant": args.variant, "clipseg_prompt": args.clipseg_prompt, "kd_mode": args.kd_mode,
                  "kl_form": args.kl_form, "kd_weight": args.kd_weight, "alpha_init": args.alpha_init,
@@ -166,15 +173,20 @@ def _run_train(args) -> int:
         cache_dir=args.cache_dir, image_size=args.image_size, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
         optimizer=args.optimizer, weight_decay=args.weight_decay, patience=args.patience, device=args.device,
         seed=args.seed, grad_clip=args.grad_clip, augment=not args.no_augment, empty_fraction=args.empty_fraction,
-        slice_axis=args.slice_axis, modality=args.modality, intensity=_intensity(args),
+        slice_axis=args.slice_axis, modality=args.modality, intensity=args.ct_window,
         concept_backend=args.concept_backend, concept_options=_backend_options(args, "concept-"),
         concept_cache=args.concept_cache or str(Path(args.out) / "concepts.jsonl"), attributes=args.attributes,
         max_steps_per_epoch=args.max_steps_per_epoch, num_workers=args.workers,
         progress_file=args.progress_file, progress_stdout=args.progress_json, show_progress=not args.progress_json,
-        stop_file=args.stop_file, resume=args.resume, config_overrides=overrides)
-    best = train(options)
+        stop_file=args.stop_file, resume=args.resume, overwrite=args.overwrite, config_overrides=overrides)
+    trainer = Trainer(options)
+    best = trainer.run()
     if not args.progress_json:
         print(f"best model: {best}")
+    if trainer.stop.signal is not None:  # Ctrl-C or kill: what was done is saved, the run is not finished
+        print(f"cotexnet train: interrupted after epoch {trainer.epoch}, step {trainer.step}; continue with "
+              f"--resume", file=sys.stderr)
+        return 128 + trainer.stop.signal
     return 0
 
 
@@ -193,18 +205,20 @@ def _add_segment(sub) -> None:
     p.add_argument("--no-seg-nrrd", action="store_true", help="do not write Slicer .seg.nrrd files")
     p.add_argument("--reference", nargs="+", help="ground-truth label maps, one per input, to report Dice")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
+    p.add_argument("--overwrite", action="store_true", help="replace outputs an earlier run left in --out")
     p.set_defaults(func=_run_segment)
 
 
 def _run_segment(args) -> int:
-    from .infer import resolve_device, segment_files
+    from .infer import check_output_folder, resolve_device, segment_files
     from .model import CoTexNet
 
+    check_output_folder(Path(args.out))
     device = resolve_device(args.device)
     model = CoTexNet.from_pretrained(args.model, device=device)
     options = {**_inference_options(args), "device": device}
     results = segment_files(model, args.inputs, args.out, references=args.reference, seg_nrrd=not args.no_seg_nrrd,
-                            probabilities=args.probabilities, show_progress=not args.json, **options)
+                            probabilities=args.probabilities, show_progress=not args.json, overwrite=args.overwrite, **options)
     failed = [r for r in results if "error" in r]
     if args.json:
         _print_json({"model": args.model, "device": str(device), "results": results})

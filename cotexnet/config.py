@@ -314,9 +314,12 @@ class TrainOptions:
     show_progress: bool = True
     stop_file: str | None = None
     resume: bool = False
+    overwrite: bool = False
     config_overrides: dict = field(default_factory=dict)
 
     def __post_init__(self):
+        if self.resume and self.overwrite:
+            raise ConfigError("resume and overwrite exclude each other: continue the run in out, or replace it")
         for name in ("epochs", "batch_size", "patience", "image_size"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:

@@ -104,12 +104,13 @@ def run_demo(out: str | Path = "cotexnet-demo", *, epochs: int = 60, image_size:
         options = TrainOptions(data=str(data), out=str(out / "model"), backbone="tiny", image_size=image_size,
                                epochs=epochs, batch_size=batch_size, lr=lr, patience=epochs, device=device,
                                max_steps_per_epoch=max_steps_per_epoch, show_progress=show_progress,
-                               progress_file=str(out / "model" / "progress.jsonl"))
+                               progress_file=str(out / "model" / "progress.jsonl"),
+                               overwrite=True)  # the demo's own folder: a second demo replaces the first
         model_path = train(options)
     model = CoTexNet.from_pretrained(model_path, device="cpu")
     test_image = data / "imagesTr" / "mni152_04_0000.nii.gz"
     truth_path = data / "labelsTr" / "mni152_04.nii.gz"
-    result = segment_file(model, test_image, out / "segmentation", device=device)
+    result = segment_file(model, test_image, out / "segmentation", device=device, overwrite=True)
     image = read_image(test_image)
     labels = read_image(result["labels"]).array
     truth = read_label_map(truth_path, reference=image, num_classes=model.config.num_classes)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -22,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import COMPILE_MODES, EVALUATION_SPLITS, PRECISIONS, PROBABILITY_FORMATS, validate_planes
+from .config import COMPILE_MODES, DEVICES, EVALUATION_SPLITS, PRECISIONS, PROBABILITY_FORMATS, validate_planes
 from .data import (IntensityNormalization, VolumeImage, image_suffix, read_image, read_label_map, write_image,
                    write_segmentation_nrrd)
 from .data.laterality import flip_rule, swap_channels
@@ -39,7 +40,13 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     """``auto`` → the first CUDA GPU when there is one, else the CPU; ``cuda[:N]`` checked to exist."""
     if str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
+    name = str(device)
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        device = None
+    if device is None or device.type not in DEVICES:
+        raise CoTexNetError(f"device {name!r}: expected {', '.join(DEVICES)} or cuda:N")
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise CoTexNetError(f"device {device}: CUDA is not available on this machine; use --device cpu or auto")
@@ -158,8 +165,8 @@ def predict_volume(
     array = np.asarray(volume)
     config = model.config
     normalization = IntensityNormalization.from_dict(config.intensity)
-    if rgb is None:
-        rgb = array.ndim == 3 and array.shape[-1] == 3 and normalization.mode == "rgb"
+    if rgb is None:  # the documented array layouts: (y, x, 3) is a picture, whatever the model was trained on
+        rgb = array.ndim == 3 and array.shape[-1] == 3
     _check_volume(array, rgb)
     if batch_size < 1:
         raise CoTexNetError(f"batch_size: expected a positive integer, got {batch_size}")
@@ -302,18 +309,51 @@ def _compiled(model, mode: str):
     return cache[mode]
 
 
-def output_paths(input_path: Path, out_dir: Path) -> tuple[Path, Path]:
-    """Where a label map and a ``.seg.nrrd`` for ``input_path`` go: same stem, format kept where possible."""
+def _input_stem(path: Path) -> str:
+    suffix = image_suffix(path) if path.is_file() else ""
+    return path.name[: len(path.name) - len(suffix)] if suffix else path.name
+
+
+def output_stems(paths: Sequence[str | Path]) -> list[str]:
+    """One output name per input that tells it apart from the others: its name without the suffix, or,
+    where inputs share that, their path below the folder they have in common (``a/scan.nii.gz`` and
+    ``b/scan.nii.gz`` -> ``a_scan``, ``b_scan``), then also their suffix (``scan_nii``, ``scan_nii-gz``).
+    Names are compared case-insensitively, as some file systems do. The same file given twice keeps
+    one name (the caller refuses the second)."""
+    paths = [Path(p) for p in paths]
+    stems = [_input_stem(p) for p in paths]
+
+    def clashing(names: list[str]) -> list[int]:
+        seen: dict[str, list[int]] = {}
+        for i, name in enumerate(names):
+            seen.setdefault(name.casefold(), []).append(i)
+        return [i for group in seen.values() if len({paths[j].resolve() for j in group}) > 1 for i in group]
+
+    clash = clashing(stems)
+    if clash:
+        resolved = {i: paths[i].resolve() for i in clash}
+        common = Path(os.path.commonpath([resolved[i].parent for i in clash]))
+        for i in clash:
+            stems[i] = "_".join((*resolved[i].parent.relative_to(common).parts, stems[i]))
+    for i in clashing(stems):
+        suffix = image_suffix(paths[i]) if paths[i].is_file() else ""
+        stems[i] = f"{stems[i]}_{suffix[1:].replace('.', '-')}" if suffix else f"{stems[i]}_folder"
+    return stems
+
+
+def output_paths(input_path: Path, out_dir: Path, stem: str | None = None) -> tuple[Path, Path]:
+    """Where a label map and a ``.seg.nrrd`` for ``input_path`` go: its stem (or ``stem``), format kept where
+    possible."""
     suffix = image_suffix(input_path) if input_path.is_file() else ""
-    stem = input_path.name[: len(input_path.name) - len(suffix)] if suffix else input_path.name
+    stem = stem or _input_stem(input_path)
     label_suffix = {".nii": ".nii.gz", ".nii.gz": ".nii.gz", ".mha": ".mha", ".png": ".png", ".bmp": ".png",
                     ".jpg": ".png", ".jpeg": ".png", ".tif": ".tif", ".tiff": ".tif"}.get(suffix, ".nrrd")
     return out_dir / f"{stem}_labels{label_suffix}", out_dir / f"{stem}.seg.nrrd"
 
 
-def probability_paths(input_path: Path, out_dir: Path, classes: Sequence[str]) -> list[Path]:
+def probability_paths(input_path: Path, out_dir: Path, classes: Sequence[str], stem: str | None = None) -> list[Path]:
     """Where ``segment --probabilities`` writes each class's map: ``<stem>_prob_<class>`` beside the labels."""
-    label_path, _ = output_paths(input_path, out_dir)
+    label_path, _ = output_paths(input_path, out_dir, stem)
     stem, suffix = label_path.name.split("_labels", 1)
     safe = ["".join(ch if ch.isalnum() else "_" for ch in name) for name in classes]
     return [out_dir / f"{stem}_prob_{name}{suffix}" for name in safe]
@@ -336,28 +376,37 @@ def segment_file(
     seg_nrrd: bool = True,
     reference: str | Path | None = None,
     probabilities: str | None = None,
+    stem: str | None = None,
+    overwrite: bool = False,
     **options,
 ) -> dict:
     """Segment one image file; write its label map (input geometry) and optionally a ``.seg.nrrd``.
 
     With ``reference`` (a ground-truth label map of the same image) the Dice of each class is
     reported too. ``probabilities`` (``uint8`` or ``float32``) also writes each class's probability
-    map on the input's geometry. ``options`` go to :func:`predict_volume`. Returns what was written and
-    measured.
+    map on the input's geometry. Outputs are named after ``stem`` (default: the input's name) and an
+    existing one is refused unless ``overwrite``. ``options`` go to :func:`predict_volume`. Returns what
+    was written and measured.
     """
     from .metrics import segmentation_metrics
 
     path, out_dir = Path(path), Path(out_dir)
     started = time.perf_counter()
+    if probabilities is not None:
+        probability_image(np.zeros(1, np.float32), probabilities)  # a wrong format fails before the work
+    label_path, seg_path = output_paths(path, out_dir, stem)
+    probability_targets = [] if probabilities is None else probability_paths(path, out_dir, model.config.classes, stem)
+    check_output_folder(out_dir)
+    for output in [label_path, *([seg_path] if seg_nrrd else []), *probability_targets]:
+        if output.exists() and not overwrite:
+            raise DataError("exists already (from an earlier run?); pass --overwrite (overwrite=True) to replace "
+                            "it, or choose another output folder", output)
     image = read_image(path)
     truth = None
     if reference is not None:
         truth = read_label_map(reference, reference=image, num_classes=model.config.num_classes)
-    if probabilities is not None:
-        probability_image(np.zeros(1, np.float32), probabilities)  # a wrong format fails before the work
     prediction = predict_volume(model, image, probabilities=probabilities is not None, **options)
     labels = prediction.labels
-    label_path, seg_path = output_paths(path, out_dir)
     write_image(labels, image, label_path)
     result = {"input": str(path), "labels": str(label_path), "shape": list(labels.shape),
               "voxels": {name: int((labels == i).sum()) for i, name in enumerate(model.config.classes, start=1)}}
@@ -366,8 +415,7 @@ def segment_file(
         result["segmentation"] = str(seg_path)
     if probabilities is not None:
         written = {}
-        for index, (name, target) in enumerate(zip(model.config.classes,
-                                                   probability_paths(path, out_dir, model.config.classes)), start=1):
+        for index, (name, target) in enumerate(zip(model.config.classes, probability_targets), start=1):
             written[name] = str(write_image(probability_image(prediction.probabilities[index], probabilities), image, target))
         result["probabilities"] = written
         confidence = prediction.confidence
@@ -391,24 +439,37 @@ def segment_files(
 ) -> list[dict]:
     """Segment many files; a file that fails is reported (``{"input", "error"}``) and the batch goes on.
 
-    Cancellation (``options["cancel"]``) stops the whole batch.
+    Each input's outputs get a name no other input's have (:func:`output_stems`); a file given again
+    after it was segmented is not segmented twice. Cancellation (``options["cancel"]``) stops the whole batch.
     """
     from tqdm.auto import tqdm
 
     references = list(references) if references is not None else [None] * len(paths)
     if len(references) != len(paths):
         raise CoTexNetError(f"{len(references)} reference label maps given for {len(paths)} inputs")
-    results = []
-    for path, reference in tqdm(list(zip(paths, references)), desc="segmenting", unit="image", disable=not show_progress):
+    check_output_folder(Path(out_dir))
+    results, segmented = [], {}
+    inputs = list(enumerate(zip(paths, references, output_stems(paths))))
+    for i, (path, reference, stem) in tqdm(inputs, desc="segmenting", unit="image", disable=not show_progress):
         try:
-            results.append(segment_file(model, path, out_dir, reference=reference, **options))
+            earlier = segmented.get(Path(path).resolve())
+            if earlier is not None:
+                raise DataError(f"given twice (also as input {earlier + 1}, {paths[earlier]}); segmented once", path)
+            results.append(segment_file(model, path, out_dir, reference=reference, stem=stem, **options))
+            segmented[Path(path).resolve()] = i
         except Cancelled:
             raise
         except (CoTexNetError, OSError, RuntimeError, ValueError) as error:
             message = str(error) if str(path) in str(error) else f"{path}: {error}"
-            logger.error("skipped %s", message)
+            logger.debug("skipped %s", message)  # the caller reports it: the CLI prints it, Slicer shows it
             results.append({"input": str(path), "error": message})
     return results
+
+
+def check_output_folder(out_dir: Path) -> None:
+    """An output folder that is a file is refused before any work, not after the first inference."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise CoTexNetError(f"{out_dir}: the output is a file; --out takes a folder")
 
 
 def evaluate(

@@ -159,6 +159,13 @@ def load_tokenizer(directory: str | Path):
     directory = Path(directory)
     if not (directory / "vocab.json").is_file() or not (directory / "merges.txt").is_file():
         raise BundleError(f"{directory}: tokenizer files vocab.json and merges.txt are missing")
+    try:  # transformers meets a broken vocabulary with a misleading ImportError about protobuf
+        vocabulary = json.loads((directory / "vocab.json").read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as error:
+        raise BundleError(f"{directory / 'vocab.json'}: not a valid tokenizer vocabulary ({error})") from None
+    if not isinstance(vocabulary, dict) or not vocabulary:
+        raise BundleError(f"{directory / 'vocab.json'}: not a valid tokenizer vocabulary (expected a non-empty JSON "
+                          f"object of token -> id)")
     return CLIPTokenizer.from_pretrained(str(directory), local_files_only=True)
 
 

@@ -19,11 +19,14 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
+from .atomic import staged_versions
 from .errors import CoTexNetError
 
 logger = logging.getLogger(__name__)
 
 LOCK_NAME = "run.lock"
+#: What a training run writes in its folder besides the lock: any of them means the folder holds a run.
+RUN_FILES = ("best", "last", "metrics.csv", "split.json")
 
 
 class RunLockedError(CoTexNetError):
@@ -76,6 +79,13 @@ def check_unlocked(folder: str | os.PathLike) -> None:
     holder = read_holder(folder)
     if holder is not None and holder.is_alive():
         raise RunLockedError(_locked_message(folder, holder))
+
+
+def existing_run_files(folder: str | os.PathLike) -> list[str]:
+    """Names of an earlier run's files in ``folder``, with the staging folders of a save a kill cut short."""
+    folder = Path(folder)
+    found = [name for name in RUN_FILES if (folder / name).exists()]
+    return found + [version.name for name in ("best", "last") for version in staged_versions(folder / name)]
 
 
 class RunLock:

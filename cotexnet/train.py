@@ -8,12 +8,16 @@ most 500 epochs, early stop after 50 epochs without validation improvement; the 
 (AdamW, 224 px, batch 16, KL ×10) are options. The output folder holds::
 
     best/  last/       bundles (``CoTexNet.from_pretrained``); last/ also holds trainer_state.pt
-    metrics.csv        one row per epoch
+    metrics.csv        one row per completed epoch
     split.json         the case split used
     progress.jsonl     machine-readable progress events (when --progress-file points here)
 
 Under ``torchrun`` the same code runs DistributedDataParallel (NCCL on GPUs, gloo on CPUs) with a
 distributed sampler; only rank 0 writes.
+
+A folder that holds a run is never replaced without ``overwrite`` (``--overwrite``); a stop (Ctrl-C,
+SIGTERM, the stop file) in the middle of an epoch saves ``last/`` at that step, and ``--resume``
+continues the epoch from there, so the resumed run takes as many optimiser steps as an uninterrupted one.
 """
 from __future__ import annotations
 
@@ -24,6 +28,7 @@ import logging
 import math
 import os
 import random
+import shutil
 import signal
 import sys
 import time
@@ -37,22 +42,27 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler
 
-from .atomic import write_text_atomic
-from .bundle import save_bundle
+from .atomic import recover_folder, write_files_atomic, write_text_atomic
+from .bundle import TRAINING_NAME, read_training_info, save_bundle
 from .config import CoTexNetConfig, TrainOptions
 from .data import IntensityNormalization, load_dataset, save_split, split_cases
 from .data.augment import augment_batch
 from .data.slice_dataset import SliceDataset
-from .errors import CoTexNetError, DataError
+from .errors import ConfigError, CoTexNetError, DataError
 from .infer import autocast_dtype, fit_postprocessing, resolve_device
 from .losses import CoTexNetLoss
 from .metrics import DatasetDice
 from .model import CoTexNet
-from .runlock import RunLock
+from .runlock import RunLock, existing_run_files
 
 logger = logging.getLogger(__name__)
 
 TRAINER_STATE = "trainer_state.pt"
+LOSS_TERMS = ("loss", "loss_seg", "loss_kd")
+#: Options a resumed run takes from its checkpoint (model config, optimiser and schedule state): a new
+#: value would be ignored, so resuming with one is refused.
+RESUME_FIXED_OPTIONS = ("backbone", "image_size", "epochs", "batch_size", "lr", "optimizer", "weight_decay",
+                        "slice_axis", "modality", "intensity", "max_steps_per_epoch")
 
 
 class ProgressWriter:
@@ -79,6 +89,7 @@ class StopRequest:
     def __init__(self, stop_file: str | None):
         self.stop_file = Path(stop_file) if stop_file else None
         self.signalled = False
+        self.signal: int | None = None  # the signal that asked to stop (the CLI exits 128 + it)
         self._previous = {}
 
     def install(self) -> None:
@@ -91,7 +102,7 @@ class StopRequest:
             signal.signal(sig, handler)
 
     def _handle(self, signum, frame) -> None:
-        self.signalled = True
+        self.signalled, self.signal = True, signum
 
     def __bool__(self) -> bool:
         return self.signalled or (self.stop_file is not None and self.stop_file.exists())
@@ -226,6 +237,8 @@ class Trainer:
         self.stop = StopRequest(options.stop_file)
         self.stopped = False
         self.epoch, self.best, self.stale, self.history = 0, -math.inf, 0, []
+        self.step = 0  # optimiser steps done in the epoch after ``self.epoch`` (a stop mid-epoch)
+        self.resume_from: dict | None = None  # where in its epoch a resumed checkpoint stopped
 
     def emit(self, event: str, **values) -> None:
         self.writer(event, **values)
@@ -240,6 +253,9 @@ class Trainer:
         options = self.options
         self.stop.install()
         try:
+            if self.out.exists() and not self.out.is_dir():
+                raise ConfigError(f"{self.out}: the output is a file; --out takes a folder (a new one, or a run "
+                                  f"to resume)")
             with RunLock(self.out) if self.is_main else nullcontext():  # one trainer per run folder
                 self.initialize()
                 start_epoch = self.start_epoch
@@ -248,14 +264,17 @@ class Trainer:
                           val_cases=len(self.split.get("val", [])), train_slices=len(self.train_set),
                           val_slices=len(self.val_set), device=str(self.device), world_size=self.world,
                           classes=self.config.classes)
-                self.started = time.time()
+                self.started, self.steps_run = time.time(), 0
                 self.bar = tqdm(total=(options.epochs - start_epoch + 1) * self.steps, desc="training", unit="step",
                                 mininterval=1.0, disable=not (self.is_main and options.show_progress))
                 self.epoch = start_epoch - 1
                 for epoch in range(start_epoch, options.epochs + 1):
                     self.epoch = epoch
                     done, totals = self.train_epoch(epoch)
-                    if done == 0 and self.stopped:
+                    if self.stopped and done < self.steps:  # stopped mid-epoch: keep its place, never count it
+                        self.epoch, self.step = epoch - 1, done
+                        if done > self.first_step and self.is_main:
+                            self.save_checkpoint(False, totals)
                         break
                     self.end_epoch(epoch, done, totals, *self.validate())
                     if self.stopped or self.stale >= options.patience:
@@ -273,11 +292,42 @@ class Trainer:
                 dist.destroy_process_group()
 
     # ------------------------------------------------------------------------------------------- set-up
+    def check_run_folder(self) -> None:
+        """Refuse, before anything is written, to train over an earlier run that is not to be replaced."""
+        found = existing_run_files(self.out)
+        if found and not (self.options.resume or self.options.overwrite):
+            raise CoTexNetError(f"{self.out}: already holds a training run ({', '.join(found)}); pass --resume to "
+                                f"continue it or --overwrite to replace it")
+
+    def prepare_run_folder(self) -> None:
+        """Under the run lock: clear the earlier run (``overwrite``), or put back the checkpoints whose
+        swap a kill cut between its two renames (the newest complete version) and remove stale staging."""
+        if self.options.overwrite:
+            for name in existing_run_files(self.out):
+                path = self.out / name
+                if path.is_dir():
+                    shutil.rmtree(path)
+                else:
+                    path.unlink()
+            return
+        for folder, complete_file in ((self.best_dir, TRAINING_NAME), (self.last_dir, TRAINER_STATE)):
+            # Both files are the last of their bundle to be written, each atomically.
+            restored = recover_folder(folder, lambda version, name=complete_file: (version / name).is_file())
+            if restored is not None:
+                message = f"{folder}: restored from {restored.name}, left there by a save that was interrupted"
+                logger.warning(message)
+                self.emit("warning", message=message)
+
     def initialize(self) -> None:
         """Data, model, split, slices, optimiser, schedule and loaders, restored when resuming."""
         options = self.options
         _seed_everything(options.seed + self.rank)
         self.index = load_dataset(options.data, options.classes)
+        self.check_run_folder()
+        if self.is_main:
+            self.prepare_run_folder()
+        if self.world > 1:
+            dist.barrier()
         resume_state = self.build_model()
         config = self.config
         normalization = IntensityNormalization.from_dict(config.intensity)
@@ -292,6 +342,7 @@ class Trainer:
         self.val_set = SliceDataset(self.index, val_name, empty_fraction=options.empty_fraction, **common)
         if len(self.train_set) == 0:
             raise DataError("no training slice holds any labelled voxel", options.data)
+        self.check_classes_present()
         if self.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             save_split(self.split, self.out / "split.json")
@@ -319,8 +370,8 @@ class Trainer:
             self.steps = min(self.steps, options.max_steps_per_epoch)
         self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer,
                                                                     T_max=max(1, options.epochs * self.steps))
-        self.start_epoch = 1 if resume_state is None else self.load_checkpoint_state(resume_state) + 1
         self.augment_rng = torch.Generator()
+        self.start_epoch = 1 if resume_state is None else self.load_checkpoint_state(resume_state) + 1
 
     def build_model(self) -> dict | None:
         """``self.model``, ``self.config`` and ``self.split``: a new model on the backbone, or the run in
@@ -334,6 +385,7 @@ class Trainer:
             if self.config.classes != index.classes:
                 raise DataError(f"classes {index.classes} differ from the run being resumed ({self.config.classes})",
                                 options.data)
+            self.check_resume_options()
             state = torch.load(self.last_dir / TRAINER_STATE, map_location="cpu", weights_only=True)
             self.split = state["split"]
             return state
@@ -345,6 +397,44 @@ class Trainer:
         self.model = CoTexNet.from_config(self.config, cache_dir=options.cache_dir)
         self.split = split_cases(index, options.seed)
         return None
+
+    def check_resume_options(self) -> None:
+        """Refuse a resume whose options differ from the run's where the checkpoint's would silently win."""
+        saved = read_training_info(self.last_dir).get("options", {})
+        current = json.loads(json.dumps(asdict(self.options), default=str))
+        was = {name: saved[name] for name in RESUME_FIXED_OPTIONS if name in saved and saved[name] != current[name]}
+        now = {name: current[name] for name in was}
+        for name, value in self.options.config_overrides.items():  # model settings: the bundle's config holds them
+            if getattr(self.config, name, value) != value:
+                was[name], now[name] = getattr(self.config, name), value
+        if was:
+            raise ConfigError(
+                f"{self.out}: the run being resumed was started with "
+                + ", ".join(f"{name}={value!r}" for name, value in was.items()) + "; now "
+                + ", ".join(f"{name}={value!r}" for name, value in now.items())
+                + ". A resumed run keeps its own settings: pass the run's values, or start a new run")
+
+    def check_classes_present(self) -> None:
+        """Labels without foreground train a model that predicts background and scores Dice 1.0: refuse them.
+
+        A class in none of the training and validation masks is refused by name; one missing only from
+        the training cases cannot be learnt, which is said as a warning.
+        """
+        train_voxels = self.train_set.class_voxels[1:]
+        all_voxels = train_voxels + self.val_set.class_voxels[1:]
+        classes = self.config.classes
+        if not all_voxels.any():
+            raise DataError(f"the masks hold no foreground (every voxel is 0), so there is nothing to learn for "
+                            f"the classes {classes}", self.options.data)
+        absent = [f"'{name}' (label {i})" for i, name in enumerate(classes, start=1) if not all_voxels[i - 1]]
+        if absent:
+            raise DataError(f"class {', '.join(absent)} appears in none of the training and validation masks; "
+                            f"remove it from the classes or add masks that hold it", self.options.data)
+        untrained = [name for i, name in enumerate(classes) if not train_voxels[i]]
+        if untrained:
+            message = f"classes {untrained} appear in no training case (only in validation): they cannot be learnt"
+            logger.warning(message)
+            self.emit("warning", message=message)
 
     def make_loaders(self, batch_size: int) -> tuple[DataLoader, DataLoader]:
         """Training loader (shuffled; a distributed sampler under torchrun) and validation loader."""
@@ -366,9 +456,18 @@ class Trainer:
         self.train_loader.generator.manual_seed(options.seed + epoch)
         self.augment_rng.manual_seed((options.seed * 1_000_003 + self.rank) * 10_007 + epoch)
         self.net.train()
-        totals = {"loss": 0.0, "loss_seg": 0.0, "loss_kd": 0.0}
+        totals = dict.fromkeys(LOSS_TERMS, 0.0)
         done = 0
         iterator = iter(self.train_loader)
+        if self.resume_from is not None and epoch == self.start_epoch:  # a checkpoint saved mid-epoch
+            done, totals = self.resume_from["step"], dict(self.resume_from["totals"])
+            for _ in range(done):  # the same shuffled order as before the stop; skip what was trained on
+                next(iterator)
+            self.augment_rng.set_state(self.resume_from["augment_rng"])
+            message = f"resuming epoch {epoch} at step {done + 1} of {self.steps}, where it was stopped"
+            logger.info(message)
+            self.emit("resumed", epoch=epoch, step=done, steps=self.steps, message=message)
+        self.first_step = done
         while done < self.steps:
             if any_rank(bool(self.stop), self.device, self.world):
                 self.stopped = True
@@ -384,12 +483,11 @@ class Trainer:
                 iterator = iter(self.train_loader)
                 continue
             done += 1
+            self.steps_run += 1
             for key in totals:
                 totals[key] += terms[key]
-            elapsed = time.time() - self.started
-            finished = (epoch - self.start_epoch) * self.steps + done
             remaining = (options.epochs - epoch) * self.steps + (self.steps - done)
-            eta = elapsed / finished * remaining
+            eta = (time.time() - self.started) / self.steps_run * remaining
             self.emit("step", epoch=epoch, step=done, steps=self.steps, lr=self.scheduler.get_last_lr()[0],
                       eta_s=round(eta, 1), **terms)
             self.bar.set_postfix(epoch=epoch, loss=f"{terms['loss']:.4f}", best_dice=f"{max(self.best, 0):.3f}",
@@ -464,28 +562,40 @@ class Trainer:
                   best_val_dice=self.best, lr=row["lr"], eta_s=round(eta, 1), improved=improved)
 
     # --------------------------------------------------------------------------------------- checkpoints
-    def save_checkpoint(self, improved: bool) -> None:
-        """``best/`` when validation improved, ``last/`` with the trainer state (``--resume``), metrics.csv."""
+    def save_checkpoint(self, improved: bool, totals: dict | None = None) -> None:
+        """``best/`` when validation improved, ``last/`` with the trainer state (``--resume``), metrics.csv.
+
+        ``totals`` (the loss sums so far) marks a checkpoint saved mid-epoch, after ``self.step`` steps.
+        """
         info = self.training_info()
         if improved:
             self.model.save_pretrained(self.best_dir, training_info=info)
-        state = self.checkpoint_state()
-        save_bundle(self.model, self.last_dir, info, extra_files=lambda folder: torch.save(state, folder / TRAINER_STATE))
-        _write_metrics_csv(self.out / "metrics.csv", self.history)
+        state = self.checkpoint_state(totals)
+        save_bundle(self.model, self.last_dir, info, extra_files=lambda folder: write_files_atomic(
+            folder / TRAINER_STATE, lambda target: torch.save(state, target)))  # last, so its presence means complete
+        if self.history:
+            _write_metrics_csv(self.out / "metrics.csv", self.history)
 
-    def checkpoint_state(self) -> dict:
-        """What ``--resume`` needs besides the weights: optimiser, schedule, early-stopping state, RNGs, split."""
-        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(), "epoch": self.epoch,
-                "best": self.best, "stale": self.stale, "history": json.dumps(self.history), "rng": _rng_state(),
-                "split": self.split}
+    def checkpoint_state(self, totals: dict | None = None) -> dict:
+        """What ``--resume`` needs besides the weights: optimiser, schedule, early-stopping state, RNGs, split,
+        and for a stop mid-epoch the step reached, its loss sums and the augmentation stream."""
+        state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                 "epoch": self.epoch, "best": self.best, "stale": self.stale, "history": json.dumps(self.history),
+                 "rng": _rng_state(), "split": self.split, "step": self.step if totals is not None else 0}
+        if totals is not None:
+            state.update(totals=json.dumps(totals), augment_rng=self.augment_rng.get_state())
+        return state
 
     def load_checkpoint_state(self, state: dict) -> int:
-        """Restore :meth:`checkpoint_state`; returns the epoch it was saved after."""
+        """Restore :meth:`checkpoint_state`; returns the last epoch it completed."""
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.best, self.stale = state["best"], state["stale"]
         self.history = json.loads(state["history"])
         _set_rng_state(state["rng"])
+        if state.get("step"):
+            self.resume_from = {"step": state["step"], "totals": json.loads(state["totals"]),
+                                "augment_rng": state["augment_rng"]}
         return state["epoch"]
 
     def finish(self) -> Path:
@@ -497,7 +607,7 @@ class Trainer:
         if self.is_main and self.split.get("val"):  # 3D post-processing chosen on validation (cotexnet.postprocess)
             fit_postprocessing(self.best_dir, index=self.index, case_ids=self.split["val"], device=self.device)
         self.emit("done", bundle=str(self.best_dir), best_val_dice=self.best if self.best > -math.inf else None,
-                  stopped=self.stopped, epoch=self.epoch)
+                  stopped=self.stopped, epoch=self.epoch, step=self.step)
         return self.best_dir
 
     def training_info(self) -> dict:
@@ -508,6 +618,7 @@ class Trainer:
             "split": self.split, "epochs_run": self.epoch, "best_val_dice": best if best > -math.inf else None,
             "history": self.history, "concept_backend": options.concept_backend,
             "attributes": options.attributes or ["number", "shape", "size", "color", "location", "keyword"],
-            "options": {k: v for k, v in asdict(options).items() if k not in ("progress_file", "stop_file")},
+            "options": {k: v for k, v in asdict(options).items()
+                        if k not in ("progress_file", "stop_file", "resume", "overwrite")},
             "torch": torch.__version__, "python": sys.version.split()[0],
         }

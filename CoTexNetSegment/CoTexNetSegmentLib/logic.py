@@ -267,15 +267,17 @@ class CoTexNetSegmentLogic:
         return [self.segment(volumeNode, modelPath, device, **options) for volumeNode in volumeNodes]
 
     def segmentFiles(self, paths: Sequence, modelPath, outDir, device: str = "auto", **options) -> list[dict]:
-        """Segments image files without loading them into the scene; returns the written paths per input.
+        """Segments image files without loading them into the scene; returns one result per input, in order.
 
-        ``options`` go to ``cotexnet.infer.segment_file`` (e.g. ``batch_size``, ``seg_nrrd``).
+        A file that fails does not stop the others, as with ``cotexnet segment``: its result is
+        ``{"input", "error"}``, the others say what was written. ``options`` go to
+        ``cotexnet.infer.segment_files`` (e.g. ``batch_size``, ``seg_nrrd``, ``overwrite``).
         """
-        from cotexnet.infer import segment_file
+        from cotexnet.infer import segment_files
 
         model = self.loadModel(modelPath, device)
         os.makedirs(outDir, exist_ok=True)
-        return [segment_file(model, path, outDir, device=device, **options) for path in paths]
+        return segment_files(model, paths, outDir, device=device, show_progress=False, **options)
 
     def _apply(self, result: EngineResult, volumeId: str, segmentationId: Optional[str], beforeApply) -> object:
         """Writes a finished result into the scene; on failure removes the nodes it created."""

@@ -13,7 +13,7 @@ from .dataset import (
     segmentNames,
 )
 from .engine import TrainingRunError, pythonExecutable
-from .logic import CoTexNetTrainLogic, TrainingState
+from .logic import CoTexNetTrainLogic, RunExistsError, TrainingState
 from .progress import TrainingProgress, formatDuration
 
 
@@ -29,6 +29,7 @@ def __getattr__(name):
 
 __all__ = [
     "CoTexNetTrainLogic",
+    "RunExistsError",
     "TrainingInputError",
     "TrainingProgress",
     "TrainingRunError",

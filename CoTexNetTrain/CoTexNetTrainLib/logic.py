@@ -43,6 +43,11 @@ BUNDLE_FOLDER = "best"
 
 
 
+class RunExistsError(TrainingInputError):
+    """The output folder already holds a training run; ``train(..., overwrite=True)`` replaces it (the widget
+    asks first)."""
+
+
 class TrainingState(str, enum.Enum):
     """Where a training run stands; ``RUNNING`` and ``STOPPING`` have a live process. A ``str`` enum, so
     scripts that compare with the plain names (``logic.state == "finished"``) keep working."""
@@ -141,6 +146,7 @@ class CoTexNetTrainLogic:
         modality: str = "MR",
         waitForCompletion: bool = True,
         timeout: float | None = None,
+        overwrite: bool = False,
         **options,
     ) -> Path:
         """Trains a model and returns the path of its best bundle (``outDir/best``).
@@ -153,15 +159,18 @@ class CoTexNetTrainLogic:
         ``outDir/dataset`` (removed when training finishes) with ``modality`` in its dataset.json,
         which picks the engine's intensity normalisation (CT: a soft-tissue window; others:
         percentiles). With ``waitForCompletion=False`` this returns as soon as the process runs;
-        call :meth:`poll` to follow it.
+        call :meth:`poll` to follow it. A folder that holds a run raises :class:`RunExistsError` unless
+        ``overwrite`` (then the engine deletes that run's bundles and metrics first).
         """
         if self.isRunning:
             raise TrainingRunError(f"a training run is already in progress in {self.outDir}; stop it first")
         outDir = Path(outDir).absolute()
         _checkUnlocked(outDir)
-        if (outDir / RUN_FILE).is_file() and (outDir / "last").exists():
-            raise TrainingInputError(
-                f"{outDir} already holds a training run; resume it or choose another output folder or model name"
+        existing = _existingRunFiles(outDir)
+        if existing and not overwrite:
+            raise RunExistsError(
+                f"{outDir} already holds a training run ({', '.join(existing)}); resume it, replace it, or choose "
+                f"another output folder or model name"
             )
         if isinstance(data, (str, os.PathLike)):
             dataFolder = Path(data).absolute()
@@ -183,7 +192,7 @@ class CoTexNetTrainLogic:
             exportDataset(list(data), classes, datasetFolder, modality)
         run = {"arguments": arguments, "exportedDataset": dataFolder is None}
         (outDir / RUN_FILE).write_text(json.dumps(run, indent=2), encoding="utf-8")
-        self._start(outDir, run, False, python, environment)
+        self._start(outDir, run, False, python, environment, overwrite=bool(existing))
         if not waitForCompletion:
             return outDir / BUNDLE_FOLDER
         return self.wait(timeout)
@@ -211,18 +220,21 @@ class CoTexNetTrainLogic:
         if outDir is None or not (Path(outDir) / RUN_FILE).is_file():
             return f"{outDir}: no training run to resume (no {RUN_FILE})"
         outDir = Path(outDir)
-        if not (outDir / "last").exists():
+        if not any(name == "last" or name.startswith(".last.") for name in _existingRunFiles(outDir)):
             return f"{outDir}: the run saved no checkpoint yet (no last/); start it again instead"
         run = json.loads((outDir / RUN_FILE).read_text(encoding="utf-8"))
         if run.get("exportedDataset") and not (outDir / DATASET_FOLDER).is_dir():
             return f"{outDir}: the run has finished (its exported training data was removed); start a new run"
         return None
 
-    def _start(self, outDir: Path, run: dict, resume: bool, python: str, environment: dict[str, str]) -> None:
+    def _start(self, outDir: Path, run: dict, resume: bool, python: str, environment: dict[str, str],
+               overwrite: bool = False) -> None:
         command = [python, "-m", "cotexnet.cli", "train", *run["arguments"],
                    "--progress-file", str(outDir / PROGRESS_FILE), "--stop-file", str(outDir / STOP_FILE)]
         if resume:
             command.append("--resume")
+        elif overwrite:  # never stored in run.json: a later resume continues this run
+            command.append("--overwrite")
         if not resume or self.outDir != outDir:  # a new run: follow its files from their beginning
             self._events = ProgressEventReader(outDir / PROGRESS_FILE)
             self._log = LogReader(outDir / LOG_FILE)
@@ -405,6 +417,14 @@ class CoTexNetTrainLogic:
             table.GetColumnByName(name).SetNumberOfTuples(rows)
         table.Modified()
         self.tableNode.Modified()
+
+
+def _existingRunFiles(outDir: Path) -> list[str]:
+    """The engine's view of an earlier run in ``outDir`` (bundles, metrics, an interrupted save's staging)."""
+    importEngine()
+    from cotexnet.runlock import existing_run_files
+
+    return existing_run_files(outDir)
 
 
 def _checkUnlocked(outDir: Path) -> None:

@@ -41,6 +41,8 @@ class ConceptCache:
                     key, record = entry["key"], entry["record"]
                     if not isinstance(key, str) or not isinstance(record, dict):
                         raise TypeError("key or record has the wrong type")
+                    if record.setdefault("provisional", False):
+                        continue  # a fallback standing in for an LMM that gave no answer: ask again
                 except (ValueError, KeyError, TypeError) as error:
                     warnings.warn(f"{self.path}:{number}: skipped a corrupt concept-cache line ({error})")
                     continue
@@ -63,9 +65,12 @@ class ConceptCache:
         self.hits += 1
         return copy.deepcopy(record)
 
-    def put(self, key: str, record: dict, context: dict | None = None) -> None:
-        """Store ``record`` and append it to the file; ``context`` (case, class, …) is saved for readers."""
+    def put(self, key: str, record: dict, context: dict | None = None, persist: bool = True) -> None:
+        """Store ``record`` and, if ``persist``, append it to the file; ``context`` (case, class, …) is saved
+        for readers. ``persist=False`` keeps it for this process only (a provisional fallback)."""
         self._records[key] = copy.deepcopy(record)
+        if not persist:
+            return
         data = (json.dumps({"key": key, **(context or {}), "record": record}) + "\n").encode("utf-8")
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self.path.open("ab+") as handle:

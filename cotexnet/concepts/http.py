@@ -19,7 +19,7 @@ import urllib.request
 import numpy as np
 
 from ..errors import ConfigError
-from .lmm import LMMBackend, LMMRequestError
+from .lmm import LMMBackend, LMMUnavailableError
 
 DEFAULT_BASE_URL = "http://localhost:11434/v1"
 DEFAULT_API_KEY_ENV = "OPENAI_API_KEY"
@@ -77,22 +77,22 @@ class OpenAIBackend(LMMBackend):
                 raw = response.read()
         except urllib.error.HTTPError as error:
             detail = error.read(300).decode("utf-8", "replace")
-            raise LMMRequestError(self._redact(f"HTTP {error.code} from {self.url}: {detail}")) from None
+            raise LMMUnavailableError(self._redact(f"HTTP {error.code} from {self.url}: {detail}")) from None
         except TimeoutError:
-            raise LMMRequestError(f"no answer from {self.url} within {self.timeout:g} s") from None
+            raise LMMUnavailableError(f"no answer from {self.url} within {self.timeout:g} s") from None
         except urllib.error.URLError as error:
             if isinstance(error.reason, TimeoutError):
-                raise LMMRequestError(f"no answer from {self.url} within {self.timeout:g} s") from None
-            raise LMMRequestError(self._redact(f"cannot reach {self.url}: {error.reason}")) from None
+                raise LMMUnavailableError(f"no answer from {self.url} within {self.timeout:g} s") from None
+            raise LMMUnavailableError(self._redact(f"cannot reach {self.url}: {error.reason}")) from None
         try:
             content = json.loads(raw)["choices"][0]["message"]["content"]
         except (ValueError, KeyError, IndexError, TypeError):
             excerpt = raw[:120].decode("utf-8", "replace")
-            raise LMMRequestError(self._redact(f"unreadable reply from {self.url}: {excerpt!r}")) from None
+            raise LMMUnavailableError(self._redact(f"unreadable reply from {self.url}: {excerpt!r}")) from None
         if isinstance(content, list):  # content given as parts
             content = "".join(part.get("text", "") for part in content if isinstance(part, dict))
         if not isinstance(content, str):
-            raise LMMRequestError(f"unreadable reply from {self.url}: message content is {type(content).__name__}")
+            raise LMMUnavailableError(f"unreadable reply from {self.url}: message content is {type(content).__name__}")
         return self._redact(content)
 
     def _redact(self, text: str) -> str:

@@ -7,9 +7,11 @@ local directory. transformers and torch are imported only when this backend is c
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
-from ..errors import ConfigError
+from ..errors import ConfigError, error_summary
 from .lmm import LMMBackend
 
 DEFAULT_MODEL = "llava-hf/llava-1.5-7b-hf"
@@ -45,12 +47,18 @@ class LlavaBackend(LMMBackend):
         if dtype not in DTYPES:
             raise ConfigError(f"dtype: expected auto or one of {', '.join(DTYPES)}, got {dtype!r}")
         torch_dtype = getattr(torch, dtype)
-        self.processor = AutoProcessor.from_pretrained(self.model, local_files_only=local_files_only)
+        if str(model).startswith((".", "/", "~")) and not Path(model).expanduser().is_dir():
+            raise ConfigError(f"llava model {model!r}: no such folder (give a LLaVA model folder or a Hugging Face id)")
         # transformers 4.56 renamed ``torch_dtype`` to ``dtype`` (the old name still works, with a warning).
         dtype_key = "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
-        self.network = LlavaForConditionalGeneration.from_pretrained(
-            self.model, local_files_only=local_files_only, **{dtype_key: torch_dtype}
-        ).to(self.device).eval()
+        try:
+            self.processor = AutoProcessor.from_pretrained(self.model, local_files_only=local_files_only)
+            self.network = LlavaForConditionalGeneration.from_pretrained(
+                self.model, local_files_only=local_files_only, **{dtype_key: torch_dtype}
+            ).to(self.device).eval()
+        except (OSError, ValueError, KeyError) as error:  # transformers' ways of saying "not a LLaVA model here"
+            raise ConfigError(f"llava model {model!r}: could not be loaded as a LLaVA model ({error_summary(error)})") \
+                from None
         self.max_new_tokens = max_new_tokens
 
     def ask(self, image: np.ndarray, question: str, temperature: float) -> str:

@@ -6,7 +6,9 @@ requested attributes, each from the vocabulary (:mod:`.vocabulary`). Its answer 
 field validated; ``number`` is capped at the mask's connected-component count. Invalid fields are
 asked again (up to ``retries`` more times, sampling with temperature 0.7 after the first, greedy,
 try). A field that stays invalid keeps the geometric value, and the reason is logged and recorded
-in the record's ``reasons``. LMMs see 2D images only: a volume is described geometrically.
+in the record's ``reasons``; when the last try got no answer at all (:class:`LMMUnavailableError`) the
+record is also marked ``provisional``, so the cache never keeps the fallback as the LMM's answer. LMMs see 2D
+images only: a volume is described geometrically.
 """
 from __future__ import annotations
 
@@ -27,6 +29,14 @@ RETRY_TEMPERATURE = 0.7
 
 class LMMRequestError(CoTexNetError):
     """One request to an LMM failed (server error, timeout, unreadable reply); it may be retried."""
+
+
+class LMMUnavailableError(LMMRequestError):
+    """The LMM gave no answer at all (unreachable, timed out, HTTP error, unreadable reply).
+
+    Unlike an answer it gave that failed validation, this says nothing about the image: a record whose
+    fields fell back for this reason is provisional and is asked again in a later run.
+    """
 
 
 class LMMBackend:
@@ -61,15 +71,17 @@ class LMMBackend:
             return record
         image = roi_image(scene, record["label"])
         question = build_question(keyword, fields, scene.grayscale)
-        pending, why = list(fields), {}
+        pending, why, unanswered = list(fields), {}, False
         for attempt in range(self.retries + 1):
             try:
                 answer = parse_answer(self.ask(image, question, 0.0 if attempt == 0 else RETRY_TEMPERATURE))
             except LMMRequestError as error:
                 why = {field: str(error) for field in pending}
+                unanswered = isinstance(error, LMMUnavailableError)
                 if attempt < self.retries:
                     time.sleep(self.backoff * 2**attempt)
                 continue
+            unanswered = False
             for field in list(pending):
                 word, note = validate(field, answer.get(field), count=record["count"], grayscale=scene.grayscale)
                 if word is None:
@@ -86,6 +98,7 @@ class LMMBackend:
             reason = f"{why[field]} (after {self.retries + 1} tries); kept the geometric value {record[field]!r}"
             record["reasons"][field] = reason
             logger.warning("%s: class %r %s: %s", self.id, record["class"], field, reason)
+        record["provisional"] = bool(pending) and unanswered
         return record
 
 

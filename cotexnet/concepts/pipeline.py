@@ -12,7 +12,9 @@ from .geometric import GeometricBackend, measure_classes
 from .scene import Scene
 from .vocabulary import ATTRIBUTES, FIELDS, build_prompt
 
-RECORD_KEYS = ("class", "label", "keyword", "count", *FIELDS, "prompt", "sources", "reasons", "measures")
+RECORD_KEYS = (
+    "class", "label", "keyword", "count", *FIELDS, "prompt", "sources", "reasons", "provisional", "measures",
+)
 
 
 def get_backend(backend="geometric", **options):
@@ -86,7 +88,8 @@ def describe(
     Each dict holds ``class``, ``label``, ``keyword``, ``count`` (components), the words ``number``,
     ``shape``, ``size``, ``color``, ``location`` (None when left out or the class is absent),
     ``prompt``, ``sources`` (the backend that produced each field), ``reasons`` (why a field is not
-    the backend's plain answer) and the geometric ``measures`` behind the words.
+    the backend's plain answer), ``provisional`` (an LMM gave no answer, so geometric values stand in;
+    kept in memory for this run, never written to the cache file) and the geometric ``measures``.
     """
     classes, keywords = _names(classes, keywords)
     attributes = resolve_attributes(attributes)
@@ -106,7 +109,7 @@ def describe(
     for i, measured in zip(missing, measure_classes(scene, [i + 1 for i in missing])):
         record = {
             "class": classes[i], "label": i + 1, "keyword": keywords[i], **measured,
-            "sources": {f: "geometric" for f in fields}, "reasons": {},
+            "sources": {f: "geometric" for f in fields}, "reasons": {}, "provisional": False,
         }
         record.update({f: None for f in FIELDS if f not in fields})
         record = backend.refine(scene, record, keywords[i], fields)
@@ -115,7 +118,8 @@ def describe(
         if cache is not None:
             context = {"case": scene.content_hash, "class": classes[i], "backend": backend.id,
                        "attributes": list(attributes)}
-            cache.put(keys[i], record, context)
+            # A provisional record (the LMM gave no answer) serves this run only: the next run asks again.
+            cache.put(keys[i], record, context, persist=not record["provisional"])
         records[i] = record
     return records
 
@@ -135,7 +139,8 @@ def summarize_dataset(
     ``cases`` yields ``(case_id, image, label_map, spacing, direction)``. Returns ``cases``,
     ``backend``, ``attributes``, ``values`` (``{field: {word: count}}`` over present classes),
     ``classes`` (per class: ``present``, ``absent`` and its own ``values``), ``fallbacks`` (fields
-    an LMM answered invalidly, by field) and ``cache`` (path, this run's hits and misses, entries).
+    an LMM answered invalidly or not at all, by field), ``provisional`` (class records the LMM gave no
+    answer for; asked again next run) and ``cache`` (path, this run's hits and misses, entries).
     """
     from tqdm.auto import tqdm
 
@@ -148,7 +153,7 @@ def summarize_dataset(
     totals = {f: Counter() for f in fields}
     per_class = {name: {"present": 0, "absent": 0, "values": {f: Counter() for f in fields}} for name in classes}
     fallbacks = Counter()
-    done = 0
+    done = provisional = 0
     bar = tqdm(cases, desc="concepts", unit="case", total=len(cases) if hasattr(cases, "__len__") else None,
                disable=not progress)
     for case_id, image, label_map, spacing, direction in bar:
@@ -159,6 +164,7 @@ def summarize_dataset(
         except DataError as error:
             raise DataError(str(error), path=case_id) from None
         done += 1
+        provisional += sum(record["provisional"] for record in records)
         for record in records:
             stats = per_class[record["class"]]
             if record["count"] == 0:
@@ -176,6 +182,7 @@ def summarize_dataset(
         "values": _plain(totals),
         "classes": {name: {**stats, "values": _plain(stats["values"])} for name, stats in per_class.items()},
         "fallbacks": dict(fallbacks),
+        "provisional": provisional,
         "cache": None if cache is None else {
             "path": str(cache.path), "hits": cache.hits - hits, "misses": cache.misses - misses, "entries": len(cache),
         },
@@ -210,6 +217,8 @@ def format_summary(summary: dict) -> str:
     if summary["fallbacks"]:
         counts = ", ".join(f"{field} {n}" for field, n in summary["fallbacks"].items())
         lines.append(f"LMM answers replaced by geometric values: {counts}")
+    if summary["provisional"]:
+        lines.append(f"{summary['provisional']} class record(s) got no LMM answer: not cached, asked again next run")
     if summary["cache"]:
         cache = summary["cache"]
         lines.append(

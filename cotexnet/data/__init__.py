@@ -7,6 +7,7 @@ Only :mod:`.slice_dataset` and :mod:`.augment` need torch, and they load on firs
 ========================  ==========================================================================
 :mod:`.image`             suffixes, :class:`ImageGeometry`, :class:`VolumeImage`, read/write (SimpleITK)
 :mod:`.labels`            label maps from masks and ``.seg.nrrd``; ``.seg.nrrd`` writing
+:mod:`.nifti`             NIfTI integrity (truncation, NaN/Inf) that SimpleITK does not check
 :mod:`.normalization`     :class:`IntensityNormalization` (CT windows, percentiles, min-max, RGB)
 :mod:`.slicing`           view -> array axis, volume <-> slices, :func:`resize_slices`
 :mod:`.laterality`        left/right class pairs, :class:`FlipRule` (the flips anatomy allows), label swaps

@@ -13,7 +13,7 @@ from pathlib import Path
 from ..errors import DataError
 from .image import (PICTURE_SUFFIXES, SEGMENTATION_SUFFIX, VOLUME_SUFFIXES, image_suffix, read_image_geometry,
                     read_segmentation_file, strip_suffix)
-from .labels import names_match
+from .labels import check_label_placement, names_match
 from .splits import read_json, split_from_files
 
 logger = logging.getLogger(__name__)
@@ -87,7 +87,8 @@ def _pair(images: dict[str, Path], masks: dict[str, Path], masks_dir: Path) -> l
 
 
 def _check_shapes(cases: Iterable[Case]) -> None:
-    """Header-only check that each mask fits its image (a .seg.nrrd is resampled, so it is skipped)."""
+    """Header-only check that each mask fits its image: shape and placement (a .seg.nrrd is resampled onto its
+    image, so it is skipped)."""
     for case in cases:
         image = read_image_geometry(case.image_path)
         if image_suffix(case.label_path) == SEGMENTATION_SUFFIX:
@@ -96,6 +97,7 @@ def _check_shapes(cases: Iterable[Case]) -> None:
         if mask.shape != image.shape:
             raise DataError(f"mask shape {mask.shape} differs from image shape {image.shape} ({case.image_path})",
                             case.label_path)
+        check_label_placement(mask, image)
 
 
 def _ordered_classes(by_value: dict[int, str], path: Path) -> list[str]:

@@ -19,11 +19,13 @@ import SimpleITK as sitk
 
 from ..atomic import write_files_atomic
 from ..errors import DataError, error_summary
+from .nifti import check_nifti
 
 VOLUME_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".dcm")
 PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 SEGMENTATION_SUFFIX = ".seg.nrrd"
 LOSSY_SUFFIXES = (".jpg", ".jpeg")
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
 
 
 def image_suffix(path: str | Path) -> str:
@@ -70,6 +72,23 @@ class ImageGeometry:
 
     def same_grid(self, other: ImageGeometry, atol: float = 1e-4) -> bool:
         return self.shape == other.shape and np.allclose(self.ijk_to_lps(), other.ijk_to_lps(), atol=atol)
+
+    def placement_difference(self, other: ImageGeometry) -> str | None:
+        """How ``other`` lies elsewhere in space than this grid (spacing, origin, direction), or None.
+
+        Tolerances absorb the single precision NIfTI stores: spacing 1e-4 relative, origin a thousandth
+        of the smallest voxel, direction cosines 1e-4.
+        """
+        if self.ndim != other.ndim:
+            return f"{other.ndim}D vs {self.ndim}D"
+        checks = (("spacing", np.allclose(self.spacing, other.spacing, rtol=1e-4, atol=0)),
+                  ("origin", np.allclose(self.origin, other.origin, rtol=0, atol=1e-3 * min(self.spacing))),
+                  ("direction", np.allclose(self.direction, other.direction, rtol=0, atol=1e-4)))
+        for name, same in checks:
+            if not same:
+                ours, theirs = (tuple(round(v, 6) for v in getattr(g, name)) for g in (self, other))
+                return f"{name} {theirs} vs the image's {ours}"
+        return None
 
 
 @dataclass
@@ -161,11 +180,20 @@ def _unsupported(path: Path) -> DataError:
 
 
 def _dicom_series_files(folder: Path) -> list[str]:
-    """Files of the DICOM series with the most files in ``folder``."""
-    series = [sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid)
-              for uid in sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))]
+    """Files of the DICOM series with the most files in ``folder``.
+
+    ITK prints a warning of its own for a folder without a series; the error raised here says it once.
+    """
+    warnings = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)
+    try:
+        series = [sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid)
+                  for uid in sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))]
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(warnings)
     if not series:
-        raise DataError("folder holds no DICOM series", folder)
+        empty = not any(folder.iterdir())
+        raise DataError("folder holds no DICOM series" + (" (it is empty)" if empty else ""), folder)
     return list(max(series, key=len))
 
 
@@ -242,6 +270,8 @@ def read_image(path: str | Path) -> VolumeImage:
         if suffix not in VOLUME_SUFFIXES:
             raise _unsupported(path)
         image = _read_sitk(path)
+        if suffix in NIFTI_SUFFIXES:
+            check_nifti(path)  # SimpleITK reads a cut file as zeros and NaN/Inf voxels as 0, silently
     image = _drop_time_axis(image, path)
     if image.GetNumberOfComponentsPerPixel() == 4:
         image = sitk.Compose([sitk.VectorIndexSelectionCast(image, i) for i in range(3)])

@@ -120,10 +120,23 @@ def read_label_map(
     else:
         image = read_picture(path, label=True) if suffix in PICTURE_SUFFIXES else read_image(path)
         labels = _class_indices(image, path, num_classes)
+        if geometry is not None:
+            check_label_placement(image.geometry, geometry)
     if geometry is not None and labels.shape != geometry.shape:
         where = f" ({geometry.path})" if geometry.path is not None else ""
         raise DataError(f"mask shape {labels.shape} differs from image shape {geometry.shape}{where}", path)
     return labels
+
+
+def check_label_placement(mask: ImageGeometry, image: ImageGeometry) -> None:
+    """Refuse a mask that lies elsewhere in space than its image (another origin, spacing or direction):
+    its voxels would label the wrong anatomy. Pictures store no placement, so they are not compared."""
+    if any(g.path is not None and image_suffix(g.path) in PICTURE_SUFFIXES for g in (mask, image)):
+        return
+    difference = image.placement_difference(mask)
+    if difference is not None:
+        where = f" ({image.path})" if image.path is not None else ""
+        raise DataError(f"mask geometry differs from its image{where}: {difference}", mask.path)
 
 
 def write_segmentation_nrrd(

@@ -28,6 +28,7 @@ class SliceDataset(Dataset):
 
     Items: ``image`` float32 (3, S, S) in [0, 1] (grayscale replicated), ``label`` int64 (S, S),
     ``case`` id, ``index`` slice index along the slicing axis, ``spacing`` float32 (2,) in-plane mm.
+    ``class_voxels[c]`` counts the voxels of class ``c`` (0 = background) in these cases' label maps.
     """
 
     def __init__(
@@ -68,9 +69,11 @@ class SliceDataset(Dataset):
         self._labels: list[torch.Tensor] = []  # per case: (kept, S, S) uint8
         self._rows: list[dict[int, int]] = []  # per case: slice index -> row in the caches
         self._images: dict[int, torch.Tensor] = {}  # per case: (kept, C, S, S) float16
+        self.class_voxels = np.zeros(self.num_classes + 1, dtype=np.int64)
         for position, case in enumerate(self.cases):
             geometry = read_image_geometry(case.image_path)
             labels = read_label_map(case.label_path, geometry, classes=index.classes)
+            self.class_voxels += np.bincount(labels.ravel(), minlength=self.num_classes + 1)
             stack = volume_slices(VolumeImage(labels, geometry.spacing, geometry.origin, geometry.direction), axis)
             foreground = stack.reshape(len(stack), -1).any(axis=1)
             empty = np.flatnonzero(~foreground)
