@@ -326,6 +326,22 @@ class CoTexNet(BundleMixin, nn.Module):
         return self.encode_text(self.text_inputs(text_ids, batch), pseudo if config.use_pseudo_text else None)
 
     # ------------------------------------------------------------------------------------ training
+    def set_encoder_training(self, layers: str) -> None:
+        """Which image-encoder weights train: ``none`` (frozen, the paper), ``all``, or ``last-K`` (the last K
+        layers, the final norm and the projection). A random encoder is no CLIP; training it is what lets a
+        random backbone learn (docs/method.md, "Training")."""
+        vision, projection = self.vision, self.clipseg.clip.visual_projection
+        vision.requires_grad_(False)
+        projection.requires_grad_(False)
+        if layers == "all":
+            modules = [vision, projection]
+        elif layers.startswith("last-"):
+            modules = [*vision.encoder.layers[-int(layers[5:]):], vision.post_layernorm, projection]
+        else:
+            modules = []
+        for module in modules:
+            module.requires_grad_(True)
+
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
 
