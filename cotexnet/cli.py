@@ -280,7 +280,10 @@ def _run_concepts(args) -> int:
 
 # -------------------------------------------------------------------------------------- bench / demo
 def _add_bench(sub) -> None:
-    p = sub.add_parser("bench", help="CoTexNet vs stock CLIPSeg inference speed and memory, same run")
+    p = sub.add_parser("bench", help="CoTexNet vs stock CLIPSeg inference speed and memory, same run; --train: "
+                                     "training steps/s with the feature cache off and on")
+    p.add_argument("--train", action="store_true",
+                   help="measure training steps (cached vs uncached frozen features) instead of inference")
     p.add_argument("--backbone", default="full-random", help="tiny, full-random, a Hugging Face id or a folder")
     _add_device(p)
     p.add_argument("--batch-size", type=int, default=8)
@@ -296,8 +299,19 @@ def _add_bench(sub) -> None:
 
 
 def _run_bench(args) -> int:
-    from .bench import bench, format_report
+    from .bench import bench, bench_train, format_report
 
+    if args.train:
+        report = bench_train(args.backbone, args.device, args.batch_size, args.image_size, args.classes,
+                             iterations=args.iterations)
+        if args.json:
+            _print_json(report)
+        else:
+            print(f"{report['backbone']}, {report['image_size']} px, batch {report['batch_size']}, {report['num_classes']} "
+                  f"classes, {report['device_name']} ({report['precision']}): uncached "
+                  f"{report['uncached']['steps_per_s']:.3f} steps/s, cached {report['cached']['steps_per_s']:.3f} "
+                  f"steps/s, ratio {report['train_ratio']:.1f}x")
+        return 0
     shape = tuple(int(v) for v in args.volume.lower().split("x")) if args.volume else None
     if shape is not None and len(shape) != 3:
         raise CoTexNetError(f"--volume: expected DxHxW, got {args.volume!r}")
