@@ -208,3 +208,15 @@ def test_init_from_keeps_weights_and_adds_classes_by_name(tmp_path, tiny_model):
     with pytest.raises(ValueError, match=r"\['csf'\] are not among"):
         Trainer(TrainOptions(data=str(data), out=str(tmp_path / "run2"), backbone="tiny", device="cpu",
                              init_from=str(tmp_path / "other"))).initialize()
+
+
+def test_slicer_continue_from_this_model_reaches_the_engine(tmp_path):
+    """CoTexNetTrain's "Continue from model" becomes ``--init-from``, which the engine's parser reads."""
+    from CoTexNetTrainLib.logic import _trainArguments
+
+    from cotexnet.cli import build_parser
+
+    arguments = _trainArguments(tmp_path / "data", ["gm"], tmp_path / "run", None,
+                                {"backbone": "tiny", "initFrom": str(tmp_path / "old"), "epochs": None})
+    assert arguments[-2:] == ["--init-from", str(tmp_path / "old")] and "--epochs" not in arguments
+    assert build_parser().parse_args(["train", *arguments]).init_from == str(tmp_path / "old")
