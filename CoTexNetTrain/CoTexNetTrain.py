@@ -25,6 +25,7 @@ from slicer.util import VTKObservationMixin
 from cotexnet.config import CONCEPT_BACKENDS, DEFAULT_BACKBONE, DEVICES
 from CoTexNetSegmentGui import ensureEngineReady  # the dependency setup both modules share
 from CoTexNetSegmentLib.errors import formatError
+from CoTexNetSegmentLib.settings import isChosenPath
 from CoTexNetTrainLib import (
     CoTexNetTrainLogic,
     RunExistsError,
@@ -100,6 +101,7 @@ class CoTexNetTrainParameterNode:
     device: Annotated[str, Choice(DEVICES)] = "auto"
     outputFolder: pathlib.Path = pathlib.Path.home() / "CoTexNet" / "models"
     modelName: str = "MyModel"
+    initFrom: pathlib.Path = pathlib.Path("")
     segmentVolume: vtkMRMLScalarVolumeNode
 
 
@@ -298,6 +300,7 @@ class CoTexNetTrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             "imageSize": p.imageSize,
             "device": p.device,
             "conceptBackend": p.conceptBackend,
+            "initFrom": str(p.initFrom) if isChosenPath(p.initFrom) else None,
         }
 
     def onStart(self):

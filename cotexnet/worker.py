@@ -38,11 +38,11 @@ class ModelCache:
         self.loads = 0
 
     def get(self, directory: str | os.PathLike, device: str = "auto"):
-        from .bundle import CONFIG_NAME, WEIGHTS_NAME
+        from .bundle import CONFIG_NAME, WEIGHTS_NAME, bundle_folder
         from .infer import resolve_device
         from .model import CoTexNet
 
-        path = Path(directory).expanduser().resolve()
+        path = bundle_folder(directory).resolve()
         resolved = str(resolve_device(device))
         # The config changes alone when post-processing is chosen after training: it counts too.
         versions = tuple(f.stat().st_mtime_ns if f.is_file() else None for f in (path / WEIGHTS_NAME, path / CONFIG_NAME))

@@ -13,7 +13,7 @@ Only :mod:`.slice_dataset` and :mod:`.augment` need torch, and they load on firs
 :mod:`.laterality`        left/right class pairs, :class:`FlipRule` (the flips anatomy allows), label swaps
 :mod:`.datasets`          :class:`Case`, :class:`DatasetIndex`, :func:`load_dataset` (folder, nnU-Net, MSD)
 :mod:`.splits`            patient-grouped splits, split files
-:mod:`.slice_dataset`     :class:`SliceDataset`, the training items (torch)
+:mod:`.slice_dataset`     :class:`SliceDataset`, the training items; :class:`ForegroundBatchSampler` (torch)
 :mod:`.augment`           :func:`augment_batch`, random zoom and flips (torch)
 ========================  ==========================================================================
 """
@@ -37,15 +37,15 @@ from .slicing import in_plane_spacing, resize_slices, slice_axis_index, stack_sl
 from .splits import SPLIT_NAMES, load_split, make_split, save_split, split_cases
 
 #: Names whose modules import torch, loaded on first access.
-_LAZY = {"SliceDataset": "slice_dataset", "augment_batch": "augment"}
+_LAZY = {"SliceDataset": "slice_dataset", "ForegroundBatchSampler": "slice_dataset", "augment_batch": "augment"}
 
 __all__ = [
     "CT_WINDOWS", "LOSSY_SUFFIXES", "PICTURE_SUFFIXES", "SEGMENTATION_SUFFIX", "SPLIT_NAMES", "VOLUME_SUFFIXES",
-    "Case", "DatasetIndex", "FlipRule", "ImageGeometry", "IntensityNormalization", "SliceDataset", "VolumeImage",
-    "augment_batch", "case_group", "flip_rule", "image_suffix", "in_plane_spacing", "lateral_pairs", "load_dataset",
-    "load_split", "make_split", "read_image", "read_image_geometry", "read_label_map", "resize_slices",
-    "save_split", "slice_axis_index", "split_cases", "stack_slices", "swap_channels", "swap_labels",
-    "unpaired_lateral", "volume_slices", "write_image", "write_segmentation_nrrd",
+    "Case", "DatasetIndex", "FlipRule", "ForegroundBatchSampler", "ImageGeometry", "IntensityNormalization",
+    "SliceDataset", "VolumeImage", "augment_batch", "case_group", "flip_rule", "image_suffix", "in_plane_spacing",
+    "lateral_pairs", "load_dataset", "load_split", "make_split", "read_image", "read_image_geometry",
+    "read_label_map", "resize_slices", "save_split", "slice_axis_index", "split_cases", "stack_slices",
+    "swap_channels", "swap_labels", "unpaired_lateral", "volume_slices", "write_image", "write_segmentation_nrrd",
 ]
 
 
