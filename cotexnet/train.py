@@ -546,8 +546,10 @@ class Trainer:
         if options.oversample > 0:
             batches = ForegroundBatchSampler(self.train_set.class_presence(), batch_size, options.oversample,
                                              options.seed, self.rank, self.world, drop_last)
+            # A loader without its own generator draws each epoch's worker seed from torch's global RNG, which
+            # would shift the dropout stream of a run resumed mid-epoch.
             train_loader = DataLoader(self.train_set, batch_sampler=batches, num_workers=options.num_workers,
-                                      pin_memory=self.device.type == "cuda")
+                                      generator=torch.Generator(), pin_memory=self.device.type == "cuda")
             return train_loader, DataLoader(self.val_set, batch_size=batch_size, num_workers=options.num_workers)
         sampler = (DistributedSampler(self.train_set, self.world, self.rank, shuffle=True, seed=options.seed)
                    if self.world > 1 else None)
@@ -563,10 +565,9 @@ class Trainer:
         options = self.options
         if isinstance(self.train_loader.batch_sampler, ForegroundBatchSampler):
             self.train_loader.batch_sampler.set_epoch(epoch)
-        else:
-            if isinstance(self.train_loader.sampler, DistributedSampler):
-                self.train_loader.sampler.set_epoch(epoch)
-            self.train_loader.generator.manual_seed(options.seed + epoch)
+        elif isinstance(self.train_loader.sampler, DistributedSampler):
+            self.train_loader.sampler.set_epoch(epoch)
+        self.train_loader.generator.manual_seed(options.seed + epoch)
         self.augment_rng.manual_seed((options.seed * 1_000_003 + self.rank) * 10_007 + epoch)
         self.net.train()
         totals = dict.fromkeys(LOSS_TERMS, 0.0)
