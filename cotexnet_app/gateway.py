@@ -156,7 +156,7 @@ class Gateway:
         if refusal:
             return web.Response(status=403, text=refusal)
         if self.token and "token" in request.query:  # keep the token out of the address bar and history
-            reply = web.HTTPFound(request.rel_url.without_query("token"))
+            reply = web.HTTPFound(request.rel_url.with_query([(k, v) for k, v in request.query.items() if k != "token"]))
             reply.set_cookie(TOKEN_COOKIE, self.token, httponly=True, samesite="Strict")
             return reply
         session, new_key = await self._session_for(request)
