@@ -74,7 +74,7 @@ def app(data_root):
     log = tempfile.TemporaryFile("w+")
     process = subprocess.Popen(
         [sys.executable, "-m", "cotexnet.cli", "app", "--data-root", str(root), "--model", str(model), "--port",
-         str(port), "--token", TOKEN, "--device", "cpu"],
+         str(port), "--token", TOKEN, "--device", "cpu", "--max-sessions", "8"],
         cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONPATH": str(REPO)})
     base = f"http://127.0.0.1:{port}/"
     deadline = time.monotonic() + 60
@@ -214,6 +214,19 @@ def test_segment_the_demo_case_in_the_browser(app, browsers, tmp_path):
     for name, color in shown:
         assert pixels_of_color(after, color) > 50 + 2 * pixels_of_color(before, color), \
             f"{name} ({color}) is not drawn in the slice view"
+
+
+def test_cancel_stops_the_worker_and_leaves_the_scene_as_it_was(app, browsers):
+    driver = browsers()
+    open_page(driver, app["url"])
+    open_volume(driver, CASE)
+    wait_for(lambda: "Opened" in text(driver, "cx-message"), 60, "the volume to open")
+    driver.find_element(By.ID, "cx-segment").click()
+    wait_for(lambda: driver.find_element(By.ID, "cx-cancel").is_enabled(), 30, "Cancel to be enabled")
+    driver.find_element(By.ID, "cx-cancel").click()
+    wait_for(lambda: "Cancelled" in text(driver, "cx-message"), 30, "the cancellation")
+    assert not driver.find_elements(By.CSS_SELECTOR, ".cx-concept-row")
+    assert driver.find_element(By.ID, "cx-segment").is_enabled()  # ready for the next run (a new worker)
 
 
 def test_traversal_paths_and_a_missing_token_are_refused(app, browsers):

@@ -347,12 +347,12 @@ def _add_app(sub) -> None:
 
 def _run_app(args) -> int:
     try:
-        import cotexnet_app
         import trame_slicer  # noqa: F401  (checked here so the message names the missing extra)
+        from cotexnet_app.launch import serve
     except ImportError as error:
         raise CoTexNetError(f"the web app needs the 'app' extra ({error}); run scripts/setup-app.sh "
                             "and use .venv-app/bin/cotexnet app") from error
-    cotexnet_app.serve(data_root=args.data_root, models=args.model, host=args.host, port=args.port, token=args.token,
+    serve(data_root=args.data_root, models=args.model, host=args.host, port=args.port, token=args.token,
                        device=args.device, upload_limit_mb=args.upload_limit_mb, max_sessions=args.max_sessions,
                        idle_timeout=args.idle_timeout)
     return 0

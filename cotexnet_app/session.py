@@ -244,6 +244,7 @@ class CoTexNetWebApp(TrameApp):
     # ------------------------------------------------------------------ page
     def _build_ui(self) -> None:
         with ViewerLayout(self.server, title="CoTexNet", is_drawer_visible=True) as self.ui:
+            self.ui.drawer.width = 560  # room for the concept table
             with self.ui.drawer:
                 self._build_panel()
                 self.editor_ui = SegmentEditorUI()
