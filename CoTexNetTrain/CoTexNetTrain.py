@@ -25,6 +25,7 @@ from slicer.util import VTKObservationMixin
 from cotexnet.config import CONCEPT_BACKENDS, DEFAULT_BACKBONE, DEVICES
 from CoTexNetSegmentGui import ensureEngineReady  # the dependency setup both modules share
 from CoTexNetSegmentLib.errors import formatError
+from CoTexNetSegmentLib.settings import isChosenPath
 from CoTexNetTrainLib import (
     CoTexNetTrainLogic,
     TrainingInputError,
@@ -106,6 +107,7 @@ class CoTexNetTrainParameterNode:
     device: Annotated[str, Choice(DEVICES)] = "auto"
     outputFolder: pathlib.Path = pathlib.Path.home() / "CoTexNet" / "models"
     modelName: str = "MyModel"
+    initFrom: pathlib.Path = pathlib.Path("")
     segmentVolume: vtkMRMLScalarVolumeNode
 
 
@@ -304,6 +306,7 @@ class CoTexNetTrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             "imageSize": p.imageSize,
             "device": p.device,
             "conceptBackend": p.conceptBackend,
+            "initFrom": str(p.initFrom) if isChosenPath(p.initFrom) else None,
         }
 
     def onStart(self):

@@ -196,3 +196,75 @@ def format_report(report: dict) -> str:
     memory_kind = "GPU max_memory_allocated" if report["device"].startswith("cuda") else "process peak RSS"
     lines.append(f"peak memory: {memory_kind}, each side in its own process")
     return "\n".join(lines)
+
+
+# -------------------------------------------------------------------------------------------- training
+def _training_dataset(folder: Path, num_classes: int, count: int, size: int) -> Path:
+    """A 2D images/ + masks/ dataset of ``count`` random pictures, each holding every class as a rectangle."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    (folder / "images").mkdir(parents=True)
+    (folder / "masks").mkdir()
+    for i in range(count):
+        image = rng.integers(0, 255, (size, size), dtype=np.uint8)
+        mask = np.zeros((size, size), np.uint8)
+        for c in range(1, num_classes + 1):
+            y, x = rng.integers(0, size * 3 // 4, 2)
+            mask[y:y + size // 5, x:x + size // 5] = c
+        Image.fromarray(image).save(folder / "images" / f"case{i:03d}.png")
+        Image.fromarray(mask).save(folder / "masks" / f"case{i:03d}.png")
+    return folder
+
+
+def bench_train(backbone: str = "full-random", device: str = "auto", batch_size: int = 4, image_size: int = 352,
+                num_classes: int = 3, batches: int = 2, iterations: int = 3) -> dict:
+    """Training steps per second with the frozen-feature cache off and on, side by side in one run.
+
+    Both sides run :meth:`cotexnet.train.Trainer.train_step` on the same ``batches`` batches (augmentation
+    off, one view per slice; the trainer's precision: bf16 on a GPU, fp32 on the CPU). Uncached: a warm-up
+    step, then ``iterations`` timed steps. Cached: one pass over the batches fills the cache (the first
+    epoch, timed apart), then ``iterations`` timed steps read it. ``train_ratio`` is cached / uncached.
+    """
+    import tempfile
+
+    from .train import TrainOptions, Trainer
+
+    resolved = resolve_device(device)
+    sides = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        count = batch_size * batches * 10 // 8 + 3  # the 8:1:1 split leaves ``batches`` training batches
+        data = _training_dataset(Path(tmp) / "data", num_classes, count, image_size)
+        for cache in ("off", "auto"):
+            options = TrainOptions(data=str(data), out=str(Path(tmp) / cache), backbone=backbone,
+                                   classes=[f"class {i + 1}" for i in range(num_classes)], image_size=image_size,
+                                   batch_size=batch_size, epochs=1, device=str(resolved), augment=False, oversample=0,
+                                   train_encoder="none", feature_cache=cache, show_progress=False)
+            trainer = Trainer(options)
+            trainer.initialize()
+            if cache == "auto" and trainer.cache is None:
+                raise RuntimeError("the feature cache did not fit; lower --batch-size or --image-size")
+            loader = list(trainer.train_loader)[:batches]
+            if resolved.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(resolved)
+            started = time.perf_counter()
+            for batch in loader if cache == "auto" else loader[:1]:  # first epoch (fills the cache) / warm-up
+                trainer.train_step(batch)
+            _sync(resolved)
+            first = time.perf_counter() - started
+            started = time.perf_counter()
+            for i in range(iterations):
+                trainer.train_step(loader[i % len(loader)])
+            _sync(resolved)
+            seconds = time.perf_counter() - started
+            sides[cache] = {"steps_per_s": iterations / seconds, "first_pass_s": first,
+                            "peak_gpu_memory_mib": (torch.cuda.max_memory_allocated(resolved) / 2**20
+                                                    if resolved.type == "cuda" else None)}
+            if trainer.cache is not None:
+                trainer.cache.close()
+    precision = {None: "fp32"}.get(trainer.dtype, str(trainer.dtype).removeprefix("torch."))
+    return {"mode": "train", "backbone": backbone, "device": str(resolved), "device_name": _device_name(resolved),
+            "precision": precision, "batch_size": batch_size, "image_size": image_size, "num_classes": num_classes,
+            "iterations": iterations, "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "uncached": sides["off"], "cached": sides["auto"],
+            "train_ratio": sides["auto"]["steps_per_s"] / sides["off"]["steps_per_s"]}

@@ -19,12 +19,13 @@ can be read (in Slicer, before dependencies are installed) without it.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Callable
 from pathlib import Path
 
 from .atomic import write_folder_atomic, write_json_atomic
-from .config import DEFAULT_IMAGE_SIZE, FORMAT_VERSION, CoTexNetConfig
+from .config import DEFAULT_IMAGE_SIZE, FORMAT_VERSION, SYNTHETIC_BACKBONES, CoTexNetConfig
 from .errors import BundleError, ConfigError, error_summary
 from .prompts import load_tokenizer, offline_clip_tokenizer_dir
 
@@ -36,7 +37,11 @@ TRAINING_NAME = "training.json"
 #: Files of a Hugging Face CLIPSeg repository that loading needs (the pickle only as a fallback).
 BACKBONE_FILES = ("config.json", "model.safetensors", "vocab.json", "merges.txt", "tokenizer_config.json",
                   "special_tokens_map.json", "preprocessor_config.json")
-SYNTHETIC_BACKBONES = ("tiny", "full-random")
+#: The bundle a training run folder stands for wherever a bundle is expected (see cotexnet.train).
+RUN_BEST = "best"
+
+logger = logging.getLogger(__name__)
+_announced_runs: set[Path] = set()
 
 
 def clipseg_architecture(name: str, image_size: int):
@@ -150,9 +155,21 @@ def save_bundle(model, directory: str | os.PathLike, training_info: dict | None 
         raise BundleError(f"{directory}: exists and is not a CoTexNet bundle; refusing to overwrite it") from None
 
 
+def bundle_folder(directory: str | os.PathLike) -> Path:
+    """The bundle ``directory`` names: itself, or ``RUN/best`` when it is a training run folder (said once)."""
+    directory = Path(directory).expanduser()
+    best = directory / RUN_BEST
+    if not (directory / CONFIG_NAME).is_file() and (best / CONFIG_NAME).is_file():
+        if directory.resolve() not in _announced_runs:
+            _announced_runs.add(directory.resolve())
+            logger.info("%s is a training run folder: using its best model, %s", directory, best)
+        return best
+    return directory
+
+
 def read_bundle_config(directory: str | os.PathLike) -> CoTexNetConfig:
-    """The config of a bundle, with errors that say what is wrong with the folder."""
-    directory = Path(directory)
+    """The config of a bundle (or of a run folder's best bundle), with errors that say what is wrong."""
+    directory = bundle_folder(directory)
     if not directory.exists():
         raise BundleError(f"{directory}: model bundle not found (no such directory)")
     if not directory.is_dir():
@@ -173,7 +190,7 @@ def read_bundle_weights(directory: str | os.PathLike) -> tuple[CoTexNetConfig, d
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    directory = Path(directory)
+    directory = bundle_folder(directory)
     config = read_bundle_config(directory)
     weights = directory / WEIGHTS_NAME
     if not weights.is_file():
@@ -212,14 +229,14 @@ class BundleMixin:
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, device="cpu"):
-        """Load a bundle written by :meth:`save_pretrained`, offline, without unpickling anything.
+        """Load a bundle written by :meth:`save_pretrained` (or a run folder's best), offline, without unpickling.
 
         The architecture is rebuilt from the config's ``backbone_config`` and every tensor's presence
         and shape is checked before the weights are loaded.
         """
         from transformers import CLIPSegConfig
 
-        directory = Path(directory)
+        directory = bundle_folder(directory)
         config, state = read_bundle_weights(directory)
         backbone = build_clipseg(CLIPSegConfig.from_dict(config.backbone_config))
         model = cls(config, backbone=backbone, tokenizer=load_tokenizer(directory))
@@ -229,5 +246,5 @@ class BundleMixin:
 
 
 def read_training_info(directory: str | os.PathLike) -> dict:
-    path = Path(directory) / TRAINING_NAME
+    path = bundle_folder(directory) / TRAINING_NAME
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}

@@ -13,8 +13,9 @@ import sys
 from pathlib import Path
 
 from .atomic import json_default
-from .config import (CONCEPT_BACKENDS, DEFAULT_IMAGE_SIZE, DEVICES, EVALUATION_SPLITS, KD_MODES, KL_FORMS, OPTIMIZERS,
-                     PRECISIONS, SLICE_AXES, VARIANTS, CoTexNetConfig, TrainOptions)
+from .config import (CONCEPT_BACKENDS, DEFAULT_IMAGE_SIZE, DEVICES, EVALUATION_SPLITS, FEATURE_CACHE_MODES, FLIP_MODES,
+                     KD_MODES, KL_FORMS, OPTIMIZERS, PRECISIONS, RECIPES, SLICE_AXES, TRAIN_ENCODER_HELP, VARIANTS,
+                     CoTexNetConfig, TrainOptions)
 from .errors import CoTexNetError
 
 
@@ -41,9 +42,11 @@ def _default(cls, name: str):
 # --------------------------------------------------------------------------------------------- train
 def _add_train(sub) -> None:
     train, model = (lambda name: _default(TrainOptions, name)), (lambda name: _default(CoTexNetConfig, name))
+    recipes = "; ".join(f"{name}: " + ", ".join(f"{k} {v}" for k, v in values.items()) for name, values in RECIPES.items())
     p = sub.add_parser("train", help="train a CoTexNet model on a labelled dataset",
-                       description="Train CoTexNet (paper defaults: Adam, cosine, lr 3e-4, batch 8, <=500 epochs, "
-                                   "early stop after 50). DATA: images/+masks/ folder, nnU-Net v2 raw or MSD dataset.")
+                       description="Train CoTexNet. Options not given come from the backbone's recipe (pretrained "
+                                   f"CLIPSeg: paper; tiny, full-random: random) - {recipes}. "
+                                   "DATA: images/+masks/ folder, nnU-Net v2 raw or MSD dataset.")
     p.add_argument("data", help="dataset folder")
     p.add_argument("--out", required=True, help="output folder (best/ and last/ bundles, metrics.csv)")
     p.add_argument("--classes", nargs="+", help="class names in label order (default: from dataset.json)")
@@ -51,18 +54,31 @@ def _add_train(sub) -> None:
     p.add_argument("--backbone", default=train("backbone"), help="Hugging Face id, local folder, or 'tiny'")
     p.add_argument("--cache-dir", help="where a Hugging Face backbone is downloaded once (default: the HF cache; "
                                        "HF_HUB_OFFLINE=1 uses the cache only)")
-    p.add_argument("--image-size", type=int, default=train("image_size"))
-    p.add_argument("--epochs", type=int, default=train("epochs"))
-    p.add_argument("--batch-size", type=int, default=train("batch_size"))
-    p.add_argument("--lr", type=float, default=train("lr"))
+    p.add_argument("--image-size", type=int, help="default: the recipe's")
+    p.add_argument("--epochs", type=int, help="default: the recipe's")
+    p.add_argument("--batch-size", type=int, help="default: the recipe's")
+    p.add_argument("--lr", type=float, help="default: the recipe's")
+    p.add_argument("--train-encoder", help=f"image-encoder layers that train: {TRAIN_ENCODER_HELP} (default: the "
+                                           "recipe's); anything but none turns the feature cache off")
+    p.add_argument("--init-from", help="start from this bundle's (or run folder's) weights: same classes, or "
+                                       "matched by name with new classes added")
     p.add_argument("--optimizer", choices=OPTIMIZERS, default=train("optimizer"))
     p.add_argument("--weight-decay", type=float, default=train("weight_decay"))
-    p.add_argument("--patience", type=int, default=train("patience"),
-                   help="early stop after this many epochs without improvement")
+    p.add_argument("--patience", type=int, help="early stop after this many epochs without improvement "
+                                                "(default: the recipe's)")
     _add_device(p, train("device"))
     p.add_argument("--seed", type=int, default=train("seed"))
     p.add_argument("--grad-clip", type=float, default=train("grad_clip"), help="max gradient norm (0 disables)")
     p.add_argument("--no-augment", action="store_true", help="no random zoom/flip")
+    p.add_argument("--flips", choices=FLIP_MODES, default=train("flips"),
+                   help="anatomy: left-right only, left/right classes swapped; all: both axes, labels untouched")
+    p.add_argument("--oversample", type=float, default=train("oversample"),
+                   help="share of each batch drawn from slices holding a class (0: off)")
+    p.add_argument("--feature-cache", choices=FEATURE_CACHE_MODES, default=train("feature_cache"),
+                   help="cache the frozen encoders' outputs per slice and view under OUT (auto: when it fits)")
+    p.add_argument("--views", type=int, default=train("views"), help="cached augmented views per slice")
+    p.add_argument("--cache-limit-gb", type=float, default=train("cache_limit_gb"),
+                   help="size cap of the feature cache; beyond it features are computed on the fly")
     p.add_argument("--empty-fraction", type=float, default=train("empty_fraction"),
                    help="share of slices without labels kept")
     p.add_argument("--slice-axis", choices=SLICE_AXES, default=train("slice_axis"))
@@ -132,6 +148,8 @@ def _run_train(args) -> int:
     options = TrainOptions(
         data=args.data, out=args.out, classes=args.classes, keywords=args.keywords, backbone=args.backbone,
         cache_dir=args.cache_dir, image_size=args.image_size, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+        train_encoder=args.train_encoder, init_from=args.init_from, flips=args.flips, oversample=args.oversample,
+        feature_cache=args.feature_cache, views=args.views, cache_limit_gb=args.cache_limit_gb,
         optimizer=args.optimizer, weight_decay=args.weight_decay, patience=args.patience, device=args.device,
         seed=args.seed, grad_clip=args.grad_clip, augment=not args.no_augment, empty_fraction=args.empty_fraction,
         slice_axis=args.slice_axis, modality=args.modality, intensity=_intensity(args),
@@ -151,7 +169,7 @@ def _add_segment(sub) -> None:
     p = sub.add_parser("segment", help="segment images or volumes with a trained model",
                        description="Segment NIfTI, NRRD, MHA, DICOM series folders and PNG/JPG/TIFF images. Writes "
                                    "<name>_labels.<ext> (input geometry) and <name>.seg.nrrd per input.")
-    p.add_argument("model", help="model bundle folder")
+    p.add_argument("model", help="model bundle folder, or a training run folder (RUN means RUN/best)")
     p.add_argument("inputs", nargs="+", help="image files or DICOM folders")
     p.add_argument("--out", required=True, help="output folder")
     _add_device(p)
@@ -190,7 +208,7 @@ def _run_segment(args) -> int:
 # ------------------------------------------------------------------------------------------ evaluate
 def _add_evaluate(sub) -> None:
     p = sub.add_parser("evaluate", help="Dice, IoU, HD95 and pixel accuracy of a model on a labelled dataset")
-    p.add_argument("model", help="model bundle folder")
+    p.add_argument("model", help="model bundle folder, or a training run folder (RUN means RUN/best)")
     p.add_argument("data", help="labelled dataset folder")
     p.add_argument("--split", choices=EVALUATION_SPLITS, default="test")
     _add_device(p)
@@ -262,7 +280,10 @@ def _run_concepts(args) -> int:
 
 # -------------------------------------------------------------------------------------- bench / demo
 def _add_bench(sub) -> None:
-    p = sub.add_parser("bench", help="CoTexNet vs stock CLIPSeg inference speed and memory, same run")
+    p = sub.add_parser("bench", help="CoTexNet vs stock CLIPSeg inference speed and memory, same run; --train: "
+                                     "training steps/s with the feature cache off and on")
+    p.add_argument("--train", action="store_true",
+                   help="measure training steps (cached vs uncached frozen features) instead of inference")
     p.add_argument("--backbone", default="full-random", help="tiny, full-random, a Hugging Face id or a folder")
     _add_device(p)
     p.add_argument("--batch-size", type=int, default=8)
@@ -278,8 +299,19 @@ def _add_bench(sub) -> None:
 
 
 def _run_bench(args) -> int:
-    from .bench import bench, format_report
+    from .bench import bench, bench_train, format_report
 
+    if args.train:
+        report = bench_train(args.backbone, args.device, args.batch_size, args.image_size, args.classes,
+                             iterations=args.iterations)
+        if args.json:
+            _print_json(report)
+        else:
+            print(f"{report['backbone']}, {report['image_size']} px, batch {report['batch_size']}, {report['num_classes']} "
+                  f"classes, {report['device_name']} ({report['precision']}): uncached "
+                  f"{report['uncached']['steps_per_s']:.3f} steps/s, cached {report['cached']['steps_per_s']:.3f} "
+                  f"steps/s, ratio {report['train_ratio']:.1f}x")
+        return 0
     shape = tuple(int(v) for v in args.volume.lower().split("x")) if args.volume else None
     if shape is not None and len(shape) != 3:
         raise CoTexNetError(f"--volume: expected DxHxW, got {args.volume!r}")

@@ -22,6 +22,8 @@ FORMAT_VERSION = 1
 # Choice lists and defaults: defined here once; the config, the trainer, the CLI and both Slicer modules
 # read them from this module.
 DEFAULT_BACKBONE = "CIDAS/clipseg-rd64-refined"
+#: Random-init backbones built in code (cotexnet.bundle): for tests, demos and offline speed measurements.
+SYNTHETIC_BACKBONES = ("tiny", "full-random")
 #: CLIPSeg's native resolution, the paper's training size.
 DEFAULT_IMAGE_SIZE = 352
 VARIANTS = ("cotexnet", "clipseg")
@@ -44,6 +46,20 @@ DEVICES = ("auto", "cpu", "cuda")
 OPTIMIZERS = ("adam", "adamw")
 #: What ``cotexnet evaluate`` scores: one part of the split, or every labelled case.
 EVALUATION_SPLITS = ("test", "val", "train", "all")
+#: Training flips: ``anatomy`` only across the patient's left-right axis with left/right classes swapped
+#: (cotexnet.data.laterality); ``all`` both in-plane axes, labels untouched (blind to laterality); ``none``.
+FLIP_MODES = ("anatomy", "all", "none")
+#: Frozen-feature cache of the training step: ``auto`` on when it fits under the size cap, ``off`` never.
+FEATURE_CACHE_MODES = ("auto", "off")
+#: Which image-encoder layers train: ``none`` (the paper: frozen), ``all``, or ``last-K``.
+TRAIN_ENCODER_HELP = "none, all or last-K"
+#: Options set per backbone unless given (``None`` in :class:`TrainOptions`). ``paper`` suits the pretrained
+#: CLIPSeg decoder (docs/method.md, "Training"); ``random`` suits the random-init backbones, where a frozen
+#: random encoder is what holds the model back, so the encoder trains, at a small size and a higher rate.
+RECIPES = {
+    "paper": dict(image_size=DEFAULT_IMAGE_SIZE, epochs=500, batch_size=8, lr=3e-4, patience=50, train_encoder="none"),
+    "random": dict(image_size=96, epochs=40, batch_size=4, lr=3e-3, patience=40, train_encoder="all"),
+}
 
 #: Colors (RGB in 0..1) given to classes in order when a config names none; distinct on Slicer's
 #: dark and light backgrounds.
@@ -227,17 +243,29 @@ class TrainOptions:
     keywords: list[str] | None = None
     backbone: str = DEFAULT_BACKBONE
     cache_dir: str | None = None
-    image_size: int = DEFAULT_IMAGE_SIZE
-    epochs: int = 500
-    batch_size: int = 8
-    lr: float = 3e-4
+    #: ``None``: from the backbone's recipe (:data:`RECIPES`, :func:`recipe_name`).
+    image_size: int | None = None
+    epochs: int | None = None
+    batch_size: int | None = None
+    lr: float | None = None
+    train_encoder: str | None = None
     optimizer: str = "adam"
     weight_decay: float = 0.0
-    patience: int = 50
+    patience: int | None = None
     device: str = "auto"
     seed: int = 0
     grad_clip: float = 1.0
     augment: bool = True
+    flips: str = "anatomy"
+    #: Share of each batch drawn from slices holding a class (nnU-Net's foreground oversampling); 0 turns it off.
+    oversample: float = 0.33
+    feature_cache: str = "auto"
+    #: Augmented views per slice kept in the feature cache (one without augmentation).
+    views: int = 4
+    #: Size cap of the feature cache on disk; beyond it the step encodes on the fly.
+    cache_limit_gb: float = 8.0
+    #: A bundle (or run folder) whose weights start this run: same classes, or matched by name.
+    init_from: str | None = None
     empty_fraction: float = 0.1
     slice_axis: str = "axial"
     modality: str | None = None
@@ -254,8 +282,25 @@ class TrainOptions:
     stop_file: str | None = None
     resume: bool = False
     config_overrides: dict = field(default_factory=dict)
+    #: The recipe that filled the options left at ``None`` (set on construction).
+    recipe: str | None = None
 
     def __post_init__(self):
+        self.recipe = recipe_name(self.backbone)
+        for name, value in RECIPES[self.recipe].items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
+        encoder = self.train_encoder
+        last = encoder.startswith("last-") and encoder[5:].isdigit() and int(encoder[5:]) > 0
+        if encoder not in ("none", "all") and not last:
+            raise ConfigError(f"train_encoder: expected {TRAIN_ENCODER_HELP}, got {encoder!r}")
+        for name, choices in (("flips", FLIP_MODES), ("feature_cache", FEATURE_CACHE_MODES)):
+            if getattr(self, name) not in choices:
+                raise ConfigError(f"{name}: expected one of {', '.join(choices)}, got {getattr(self, name)!r}")
+        if not 0.0 <= self.oversample <= 1.0:
+            raise ConfigError(f"oversample: expected a share in [0, 1], got {self.oversample!r}")
+        if not isinstance(self.views, int) or self.views < 1:
+            raise ConfigError(f"views: expected a positive integer, got {self.views!r}")
         for name in ("epochs", "batch_size", "patience", "image_size"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
@@ -266,3 +311,8 @@ class TrainOptions:
                               ("concept_backend", CONCEPT_BACKENDS)):
             if getattr(self, name) not in choices:
                 raise ConfigError(f"{name}: expected one of {', '.join(choices)}, got {getattr(self, name)!r}")
+
+
+def recipe_name(backbone: str) -> str:
+    """``random`` for the random-init backbones (``tiny``, ``full-random``), ``paper`` for pretrained CLIPSeg."""
+    return "random" if backbone in SYNTHETIC_BACKBONES else "paper"

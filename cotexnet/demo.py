@@ -9,6 +9,7 @@ split file: training, validation and test cases share the anatomy but never a sl
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -41,13 +42,19 @@ def mni152_volumes(resolution: int = 2) -> tuple[VolumeImage, VolumeImage]:
     return image, VolumeImage(labels, image.spacing, image.origin, image.direction)
 
 
-def write_mni152_dataset(folder: str | Path, cases: int = 5, resolution: int = 2) -> Path:
+def write_mni152_dataset(folder: str | Path, cases: int = 5, resolution: int = 2,
+                         relabel: Callable[[VolumeImage, VolumeImage], tuple[np.ndarray, list[str]]] | None = None) -> Path:
     """Write the interleaved MNI152 cases as an nnU-Net v2 raw dataset with ``split.json``.
 
-    Case ``cases-1`` is the test case, case ``cases-2`` the validation case, the rest train.
+    Case ``cases-1`` is the test case, case ``cases-2`` the validation case, the rest train. ``relabel(image,
+    labels)`` may give other classes on the same anatomy: (label array in the image's shape, class names).
     """
     folder = Path(folder)
     image, labels = mni152_volumes(resolution)
+    classes = CLASSES
+    if relabel is not None:
+        array, classes = relabel(image, labels)
+        labels = VolumeImage(array.astype(np.uint8), labels.spacing, labels.origin, labels.direction)
     (folder / "imagesTr").mkdir(parents=True, exist_ok=True)
     (folder / "labelsTr").mkdir(parents=True, exist_ok=True)
     direction = np.reshape(image.direction, (3, 3))
@@ -60,7 +67,7 @@ def write_mni152_dataset(folder: str | Path, cases: int = 5, resolution: int = 2
         write_image(grid.array.astype(np.float32), grid, folder / "imagesTr" / f"{case_id}_0000.nii.gz")
         write_image(labels.array[k::cases], grid, folder / "labelsTr" / f"{case_id}.nii.gz")
         ids.append(case_id)
-    meta = {"channel_names": {"0": "MR"}, "labels": {"background": 0, CLASSES[0]: 1, CLASSES[1]: 2},
+    meta = {"channel_names": {"0": "MR"}, "labels": {"background": 0, **{c: i for i, c in enumerate(classes, 1)}},
             "numTraining": cases, "file_ending": ".nii.gz", "name": "MNI152 grey/white matter (nilearn)"}
     write_json_atomic(folder / "dataset.json", meta)
     save_split({"train": ids[:-2], "val": [ids[-2]], "test": [ids[-1]]}, folder / "split.json")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import os
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -41,6 +42,16 @@ class CoTexNetOutput:
     concept_logits: torch.Tensor | None = None  # Map(C)
     mixed: torch.Tensor | None = None  # T' = sigmoid(mixed_logits)
     mixed_logits: torch.Tensor | None = None  # (1-α)·T_e + α·T_c
+
+
+@dataclass
+class EncodedFeatures:
+    """What the frozen encoders give a training step: the same for a slice (and view) in every epoch, so the
+    trainer may cache them (cotexnet.feature_cache). ``roi_embeds`` is ``None`` when no ROI branch runs."""
+
+    activations: list[torch.Tensor]  # the decoder's inputs, one (B, tokens, width) per extract layer
+    image_embeds: torch.Tensor  # projected CLS of the image, C (B, P)
+    roi_embeds: torch.Tensor | None = None  # projected CLS of each ROI R_i (B, n, P)
 
 
 class ConceptMapper(nn.Sequential):
@@ -231,11 +242,37 @@ class CoTexNet(BundleMixin, nn.Module):
         return torch.sigmoid(self.concept_logits(image_embeds)) * self.sigma + self.mu
 
     # ------------------------------------------------------------------------------------ forward
-    def forward(self, images: torch.Tensor, masks: torch.Tensor | None = None, text_ids: list[list[int]] | None = None):
+    @property
+    def encoder_trains(self) -> bool:
+        """Whether any image-encoder weight trains (``--train-encoder``); then its pass keeps gradients."""
+        return any(p.requires_grad for p in self.vision.parameters())
+
+    @property
+    def uses_roi_branch(self) -> bool:
+        config = self.config
+        return config.variant == "cotexnet" and config.use_text_module and (
+            config.use_pseudo_text or not config.use_text_encoder)
+
+    def encode_frozen(self, images: torch.Tensor, masks: torch.Tensor) -> EncodedFeatures:
+        """The image-encoder passes of a training step: the image (with gradients when the encoder trains) and
+        the ``n`` ROIs ``R_i = I * M_i`` (never: they only feed the pseudo-tokens)."""
+        with nullcontext() if self.encoder_trains else torch.no_grad():
+            activations, image_embeds = self.encode_image(images)
+        roi_embeds = None
+        if self.uses_roi_branch:
+            rois = images.unsqueeze(1) * masks.unsqueeze(2).to(images.dtype)  # R_i = I * M_i
+            with torch.no_grad():
+                _, roi_embeds = self.encode_image(rois.flatten(0, 1), need_activations=False)
+            roi_embeds = roi_embeds.view(masks.shape[0], masks.shape[1], -1)
+        return EncodedFeatures(activations, image_embeds, roi_embeds)
+
+    def forward(self, images: torch.Tensor, masks: torch.Tensor | None = None, text_ids: list[list[int]] | None = None,
+                encoded: EncodedFeatures | None = None):
         """Test time (``masks is None``): logits ``(B, n+1, H, W)``. Training: :class:`CoTexNetOutput`.
 
         ``images``: (B, 1 or 3, S, S) in [0, 1]. ``masks``: (B, n, S, S) binary, one per class.
         ``text_ids``: real-text prompt token ids per image (from :meth:`encode_prompts`), no SOS/EOS.
+        ``encoded``: the training step's :meth:`encode_frozen` of these images and masks, when already known.
         """
         if self.config.variant == "clipseg":
             with torch.no_grad():
@@ -246,22 +283,22 @@ class CoTexNet(BundleMixin, nn.Module):
         if masks is None:
             activations, image_embeds = self.encode_image(images)
             return self.decode(activations, self.test_condition(image_embeds))
-        return self._training_forward(images, masks, text_ids)
+        return self._training_forward(images, masks, text_ids, encoded)
 
-    def _training_forward(self, images, masks, text_ids) -> CoTexNetOutput:
+    def _training_forward(self, images, masks, text_ids, encoded: EncodedFeatures | None) -> CoTexNetOutput:
         config = self.config
         batch, num_classes = masks.shape[:2]
         if num_classes != config.num_classes:
             raise ValueError(f"masks: expected {config.num_classes} class masks per image, got {num_classes}")
-        with torch.no_grad():
-            activations, image_embeds = self.encode_image(images)
+        encoded = encoded if encoded is not None else self.encode_frozen(images, masks)
+        activations, image_embeds = encoded.activations, encoded.image_embeds
         concept_logits = self.concept_logits(image_embeds)
         concept = torch.sigmoid(concept_logits)
         if not config.use_text_module:
             condition = self.noise_dropout(concept * self.sigma + self.mu)
             return CoTexNetOutput(self.decode(activations, condition), condition, concept=concept, concept_logits=concept_logits)
 
-        text_embeds = self.text_embeddings(images, masks, text_ids)
+        text_embeds = self.text_embeddings(encoded.roi_embeds, text_ids, batch)
         if config.kd_mode == "no_noise":
             mixed_logits = text_embeds
         else:
@@ -278,22 +315,33 @@ class CoTexNet(BundleMixin, nn.Module):
             mixed_logits=mixed_logits,
         )
 
-    def text_embeddings(self, images, masks, text_ids) -> torch.Tensor:
-        """``T_e`` from ROI pseudo-tokens and real text (or, without the text encoder, from the ROIs alone)."""
+    def text_embeddings(self, roi_embeds: torch.Tensor | None, text_ids, batch: int) -> torch.Tensor:
+        """``T_e`` from ROI pseudo-tokens and real text (or, without the text encoder, from the ROIs alone);
+        ``roi_embeds`` (B, n, P) from :meth:`encode_frozen`."""
         config = self.config
-        batch, num_classes = masks.shape[:2]
-        pseudo = None
-        if config.use_pseudo_text or not config.use_text_encoder:
-            rois = images.unsqueeze(1) * masks.unsqueeze(2).to(images.dtype)  # R_i = I * M_i
-            with torch.no_grad():
-                _, roi_embeds = self.encode_image(rois.flatten(0, 1), need_activations=False)
-            pseudo = self.pseudo_mapper(roi_embeds).view(batch, num_classes, -1)
+        pseudo = None if roi_embeds is None else self.pseudo_mapper(roi_embeds)
         if not config.use_text_encoder:
             # Text-encoder ablation: the pseudo-tokens skip E_T and go straight to its projection.
             return self.clipseg.clip.text_projection(pseudo.mean(dim=1))
         return self.encode_text(self.text_inputs(text_ids, batch), pseudo if config.use_pseudo_text else None)
 
     # ------------------------------------------------------------------------------------ training
+    def set_encoder_training(self, layers: str) -> None:
+        """Which image-encoder weights train: ``none`` (frozen, the paper), ``all``, or ``last-K`` (the last K
+        layers, the final norm and the projection). A random encoder is no CLIP; training it is what lets a
+        random backbone learn (docs/method.md, "Training")."""
+        vision, projection = self.vision, self.clipseg.clip.visual_projection
+        vision.requires_grad_(False)
+        projection.requires_grad_(False)
+        if layers == "all":
+            modules = [vision, projection]
+        elif layers.startswith("last-"):
+            modules = [*vision.encoder.layers[-int(layers[5:]):], vision.post_layernorm, projection]
+        else:
+            modules = []
+        for module in modules:
+            module.requires_grad_(True)
+
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
 

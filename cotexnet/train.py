@@ -40,10 +40,13 @@ from torch.utils.data import DataLoader, DistributedSampler
 from .atomic import write_text_atomic
 from .bundle import save_bundle
 from .config import CoTexNetConfig, TrainOptions
-from .data import IntensityNormalization, load_dataset, save_split, split_cases
+from .config import DEFAULT_PALETTE, RECIPES
+from .data import (IntensityNormalization, flip_rule, load_dataset, read_image_geometry, save_split, split_cases)
 from .data.augment import augment_batch
-from .data.slice_dataset import SliceDataset
-from .errors import CoTexNetError, DataError
+from .data.laterality import FlipRule
+from .data.slice_dataset import ForegroundBatchSampler, SliceDataset
+from .data.slicing import array_slice_axis
+from .errors import CoTexNetError, ConfigError, DataError
 from .infer import autocast_dtype, resolve_device
 from .losses import CoTexNetLoss
 from .metrics import DatasetDice
@@ -196,6 +199,47 @@ def _write_metrics_csv(path: Path, rows: list[dict]) -> None:
     write_text_atomic(path, buffer.getvalue())
 
 
+def initialized_from(bundle: str | Path, config: CoTexNetConfig) -> CoTexNet:
+    """A model for ``config``'s classes starting from a trained bundle (or run folder): its architecture,
+    weights, image size, slicing and intensity normalisation. The same classes keep every weight; otherwise
+    classes are matched by name (case ignored), each of the bundle's classes must be among the new ones,
+    and the output head's channels of new classes start from the background channel, negated."""
+    from transformers import CLIPSegConfig
+
+    from .bundle import build_clipseg
+
+    source = CoTexNet.from_pretrained(bundle)
+    old = source.config
+    if old.classes == config.classes:
+        return source
+    names = [c.casefold() for c in config.classes]
+    lost = [c for c in old.classes if c.casefold() not in names]
+    if lost:
+        raise ConfigError(f"--init-from {bundle}: its classes {lost} are not among the dataset's {config.classes}; "
+                          "fine-tuning keeps a model's classes and may add new ones")
+    old_names = [c.casefold() for c in old.classes]
+    colors = [old.colors[old_names.index(name)] if name in old_names else DEFAULT_PALETTE[i % len(DEFAULT_PALETTE)]
+              for i, name in enumerate(names)]
+    new_config = CoTexNetConfig(**{**old.to_dict(), "classes": config.classes, "keywords": config.keywords,
+                                   "colors": [list(c) for c in colors]})
+    model = CoTexNet(new_config, build_clipseg(CLIPSegConfig.from_dict(old.backbone_config)), source.tokenizer)
+    state = source.state_dict()
+    head = [k for k, v in model.state_dict().items() if k in state and v.shape != state[k].shape]
+    target = model.state_dict()
+    for key in head:  # weight (in, n+1, k, k) or bias (n+1,): channel 0 is background
+        dim = 1 if target[key].ndim == 4 else 0
+        old_channels = state[key].movedim(dim, 0)
+        new_channels = target[key].movedim(dim, 0).clone()
+        new_channels[0] = old_channels[0]
+        for i, name in enumerate(names, start=1):
+            new_channels[i] = old_channels[old_names.index(name) + 1] if name in old_names else -old_channels[0]
+        state[key] = new_channels.movedim(0, dim)
+    model.load_state_dict(state)
+    logger.info("initialised from %s: classes %s kept, %s new", bundle, old.classes,
+                [c for c, name in zip(config.classes, names) if name not in old_names])
+    return model
+
+
 def train(options: TrainOptions, on_event: Callable[..., None] | None = None) -> Path:
     """Train CoTexNet on a dataset folder; returns the path of the best bundle (``OUT/best``).
 
@@ -247,7 +291,8 @@ class Trainer:
                           batch_size=self.batch_size, train_cases=len(self.split["train"]),
                           val_cases=len(self.split.get("val", [])), train_slices=len(self.train_set),
                           val_slices=len(self.val_set), device=str(self.device), world_size=self.world,
-                          classes=self.config.classes)
+                          classes=self.config.classes, recipe=self.training_info()["recipe"],
+                          augmentation=self.flips_info(), feature_cache=self.cache is not None)
                 self.started = time.time()
                 self.bar = tqdm(total=(options.epochs - start_epoch + 1) * self.steps, desc="training", unit="step",
                                 mininterval=1.0, disable=not (self.is_main and options.show_progress))
@@ -296,6 +341,7 @@ class Trainer:
             self.out.mkdir(parents=True, exist_ok=True)
             save_split(self.split, self.out / "split.json")
 
+        self.model.set_encoder_training(options.train_encoder)
         model = self.model.to(self.device)
         optimizer_class = torch.optim.AdamW if options.optimizer == "adamw" else torch.optim.Adam
         self.optimizer = optimizer_class(model.trainable_parameters(), lr=options.lr, weight_decay=options.weight_decay)
@@ -308,7 +354,8 @@ class Trainer:
         self.dice = DatasetDice(config.num_classes)
         self.prompts = (PromptSource(options, config)
                         if config.uses_text_encoder_in_training and config.use_real_text else None)
-        self.flips = options.augment and (self.prompts is None or not self.prompts.cached_per_slice)
+        self.flips = self.choose_flips() if options.augment and (
+            self.prompts is None or not self.prompts.cached_per_slice) else False
         self.dtype = autocast_dtype(self.device, "auto")
         # fp16 (GPUs without bf16) needs loss scaling against gradient underflow; bf16 and fp32 do not.
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
@@ -321,6 +368,58 @@ class Trainer:
                                                                     T_max=max(1, options.epochs * self.steps))
         self.start_epoch = 1 if resume_state is None else self.load_checkpoint_state(resume_state) + 1
         self.augment_rng = torch.Generator()
+        self.cache = self.make_cache()
+        recipe = {name: getattr(options, name) for name in RECIPES[options.recipe]}
+        logger.info("recipe '%s' for backbone %s: %s", options.recipe, options.backbone,
+                    ", ".join(f"{k} {v}" for k, v in recipe.items()))
+        logger.info("augmentation %s", self.flips_info()["rule"])
+
+    def choose_flips(self) -> FlipRule | bool:
+        """The flips of ``--flips``: ``anatomy`` gives the :class:`FlipRule` of the training cases' slice plane
+        and orientation (none when the cases disagree), ``all`` both axes label-blind, ``none`` no flips."""
+        mode = self.options.flips
+        if mode != "anatomy":
+            return mode == "all"
+        classes, rules = self.config.classes, set()
+        for case_id in self.split["train"]:
+            geometry = read_image_geometry(self.index.case(case_id).image_path)
+            direction = geometry.direction if geometry.ndim == 3 else None
+            rules.add(flip_rule(array_slice_axis(geometry.ndim, direction, self.config.slice_axis), direction, classes))
+        if len(rules) > 1:
+            return FlipRule(axes=(), left_right_axis=None, pairs=(), reason="training cases differ in orientation")
+        return rules.pop()
+
+    def flips_info(self) -> dict:
+        """The flip rule for the log and training.json."""
+        if isinstance(self.flips, FlipRule):
+            return {"mode": "anatomy", "rule": self.flips.describe(self.config.classes),
+                    **self.flips.to_json(self.config.classes)}
+        mode = "off" if not self.options.augment else self.options.flips if self.flips else "none"
+        return {"mode": mode, "rule": "flips: both axes, labels untouched" if self.flips else "flips: none"}
+
+    def make_cache(self):
+        """A :class:`~cotexnet.feature_cache.FeatureCache` when ``--feature-cache auto`` and it can work: frozen
+        encoder, one process, the CoTexNet variant, and room under the cap; else ``None`` (said why)."""
+        from .feature_cache import CACHE_FOLDER, CacheLayout, FeatureCache, plan_views
+
+        options = self.options
+        if options.feature_cache == "off":
+            return None
+        reasons = [why for why, blocked in (
+            (f"the encoder trains (--train-encoder {options.train_encoder})", self.model.encoder_trains),
+            ("torchrun", self.world > 1), ("the clipseg variant", self.config.variant != "cotexnet")) if blocked]
+        if reasons:
+            logger.info("feature cache off: %s", ", ".join(reasons))
+            return None
+        views = options.views if options.augment else 1
+        layout = CacheLayout.of(self.model)
+        folder = self.out / CACHE_FOLDER
+        views, message = plan_views(layout, len(self.train_set), views, options.cache_limit_gb * 2**30, folder)
+        logger.info(message)
+        if views == 0:
+            self.emit("warning", message=message)
+            return None
+        return FeatureCache(folder, layout, len(self.train_set), views)
 
     def build_model(self) -> dict | None:
         """``self.model``, ``self.config`` and ``self.split``: a new model on the backbone, or the run in
@@ -342,17 +441,28 @@ class Trainer:
         else:
             normalization = IntensityNormalization.for_modality(options.modality or index.modality)
         self.config = _build_config(options, index.classes, normalization, options.modality or index.modality)
-        self.model = CoTexNet.from_config(self.config, cache_dir=options.cache_dir)
+        if options.init_from:
+            self.model = initialized_from(options.init_from, self.config)
+            self.config = self.model.config
+        else:
+            self.model = CoTexNet.from_config(self.config, cache_dir=options.cache_dir)
         self.split = split_cases(index, options.seed)
         return None
 
     def make_loaders(self, batch_size: int) -> tuple[DataLoader, DataLoader]:
         """Training loader (shuffled; a distributed sampler under torchrun) and validation loader."""
         options = self.options
+        drop_last = len(self.train_set) > batch_size * self.world
+        if options.oversample > 0:
+            batches = ForegroundBatchSampler(self.train_set.class_presence(), batch_size, options.oversample,
+                                             options.seed, self.rank, self.world, drop_last)
+            train_loader = DataLoader(self.train_set, batch_sampler=batches, num_workers=options.num_workers,
+                                      pin_memory=self.device.type == "cuda")
+            return train_loader, DataLoader(self.val_set, batch_size=batch_size, num_workers=options.num_workers)
         sampler = (DistributedSampler(self.train_set, self.world, self.rank, shuffle=True, seed=options.seed)
                    if self.world > 1 else None)
         train_loader = DataLoader(self.train_set, batch_size=batch_size, shuffle=sampler is None, sampler=sampler,
-                                  num_workers=options.num_workers, drop_last=len(self.train_set) > batch_size * self.world,
+                                  num_workers=options.num_workers, drop_last=drop_last,
                                   generator=torch.Generator(), pin_memory=self.device.type == "cuda")
         val_loader = DataLoader(self.val_set, batch_size=batch_size, num_workers=options.num_workers)
         return train_loader, val_loader
@@ -361,9 +471,12 @@ class Trainer:
     def train_epoch(self, epoch: int) -> tuple[int, dict[str, float]]:
         """Up to ``steps`` optimiser steps; returns (steps done, summed loss terms). Halves the batch on GPU OOM."""
         options = self.options
-        if isinstance(self.train_loader.sampler, DistributedSampler):
-            self.train_loader.sampler.set_epoch(epoch)
-        self.train_loader.generator.manual_seed(options.seed + epoch)
+        if isinstance(self.train_loader.batch_sampler, ForegroundBatchSampler):
+            self.train_loader.batch_sampler.set_epoch(epoch)
+        else:
+            if isinstance(self.train_loader.sampler, DistributedSampler):
+                self.train_loader.sampler.set_epoch(epoch)
+            self.train_loader.generator.manual_seed(options.seed + epoch)
         self.augment_rng.manual_seed((options.seed * 1_000_003 + self.rank) * 10_007 + epoch)
         self.net.train()
         totals = {"loss": 0.0, "loss_seg": 0.0, "loss_kd": 0.0}
@@ -407,21 +520,61 @@ class Trainer:
         logger.warning("out of GPU memory: retrying with batch size %d", self.batch_size)
         self.train_loader, self.val_loader = self.make_loaders(self.batch_size)
 
+    def _class_masks(self, labels: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        return torch.stack([(labels == c).to(dtype) for c in range(1, self.config.num_classes + 1)], dim=1)
+
+    def _augmented(self, images: torch.Tensor, labels: torch.Tensor, generator: torch.Generator):
+        """(images, labels, prompts or ``None``) of a batch after augmentation."""
+        described = (images, labels)  # LMM answers are cached per original slice
+        if self.options.augment:
+            images, labels = augment_batch(images, labels, generator, flips=self.flips)
+        if self.prompts is not None and not self.prompts.cached_per_slice:
+            described = (images, labels)  # geometric attributes are exact for the augmented slice
+        return images, labels, self.prompts(*described) if self.prompts is not None else None
+
+    def cached_inputs(self, batch: dict, images: torch.Tensor, labels: torch.Tensor):
+        """(labels, prompts, encoded features) of the batch from the feature cache, encoding and storing the
+        (item, view) entries seen for the first time. Each sample draws one of its ``views``; view ``v`` of
+        item ``i`` is the augmentation seeded by (seed, i, v), so it is the same whenever it is encoded."""
+        cache, options = self.cache, self.options
+        views = torch.randint(cache.views, (len(images),), generator=self.augment_rng).tolist()
+        keys = [(int(item), view) for item, view in zip(batch["item"], views)]
+        missing = cache.missing(keys)
+        if missing:
+            parts = []
+            for k in missing:
+                generator = torch.Generator().manual_seed((options.seed * 1_000_003 + keys[k][0]) * 101 + keys[k][1])
+                parts.append(self._augmented(images[k:k + 1], labels[k:k + 1], generator))
+            view_images = torch.cat([p[0] for p in parts])
+            view_labels = torch.cat([p[1] for p in parts])
+            prompts = [p[2][0] for p in parts] if self.prompts is not None else None
+            with torch.no_grad(), self._autocast():
+                encoded = self.model.encode_frozen(view_images, self._class_masks(view_labels, view_images.dtype))
+            cache.put([keys[k] for k in missing], encoded, view_labels, prompts)
+        encoded, labels, prompts = cache.get(keys, self.device)
+        return labels, prompts, encoded
+
+    def _autocast(self):
+        return torch.autocast(self.device.type, dtype=self.dtype) if self.dtype is not None else nullcontext()
+
     def train_step(self, batch: dict) -> dict[str, float]:
-        """Augment, describe (real-text prompts), forward, score with :class:`CoTexNetLoss`, one optimiser step."""
+        """Augment, describe (real-text prompts), forward, score with :class:`CoTexNetLoss`, one optimiser step.
+
+        With the feature cache, the frozen encoders' outputs (and the view's labels and prompts) come from
+        :meth:`cached_inputs` instead of being recomputed.
+        """
         model, device = self.model, self.device
         images = batch["image"].to(device, non_blocking=True)
         labels = batch["label"].to(device, non_blocking=True)
-        described = (images, labels)  # LMM answers are cached per original slice
-        if self.options.augment:
-            images, labels = augment_batch(images, labels, self.augment_rng, flips=self.flips)
-        if self.prompts is not None and not self.prompts.cached_per_slice:
-            described = (images, labels)  # geometric attributes are exact for the augmented slice
-        masks = torch.stack([(labels == c).to(images.dtype) for c in range(1, self.config.num_classes + 1)], dim=1)
-        text_ids = model.encode_prompts(self.prompts(*described)) if self.prompts is not None else None
-        autocast = torch.autocast(device.type, dtype=self.dtype) if self.dtype is not None else nullcontext()
-        with autocast:
-            output = self.net(images, masks, text_ids)
+        encoded = None
+        if self.cache is not None:
+            labels, prompts, encoded = self.cached_inputs(batch, images, labels)
+        else:
+            images, labels, prompts = self._augmented(images, labels, self.augment_rng)
+        masks = self._class_masks(labels, images.dtype)
+        text_ids = model.encode_prompts(prompts) if prompts is not None else None
+        with self._autocast():
+            output = self.net(images, masks, text_ids, encoded)
         terms = self.loss(output, labels)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(terms.total).backward()
@@ -437,8 +590,7 @@ class Trainer:
         """Dice of each class over all validation slices, and their mean (test-time path, no text)."""
         self.model.eval()
         self.dice.reset()
-        autocast = torch.autocast(self.device.type, dtype=self.dtype) if self.dtype is not None else nullcontext()
-        with torch.inference_mode(), autocast:
+        with torch.inference_mode(), self._autocast():
             for batch in self.val_loader:
                 logits = self.model(batch["image"].to(self.device))
                 self.dice(logits.float().argmax(1).cpu(), batch["label"])
@@ -494,6 +646,8 @@ class Trainer:
         if not (self.best_dir / "config.json").is_file() and self.is_main:
             # Stopped before the first validation: the current weights are the best there are.
             self.model.save_pretrained(self.best_dir, training_info=self.training_info())
+        if self.cache is not None:
+            self.cache.close()
         self.emit("done", bundle=str(self.best_dir), best_val_dice=self.best if self.best > -math.inf else None,
                   stopped=self.stopped, epoch=self.epoch)
         return self.best_dir
@@ -505,6 +659,8 @@ class Trainer:
             "data": str(Path(options.data).resolve()), "format": self.index.format, "classes": self.config.classes,
             "split": self.split, "epochs_run": self.epoch, "best_val_dice": best if best > -math.inf else None,
             "history": self.history, "concept_backend": options.concept_backend,
+            "recipe": {"name": options.recipe, **{name: getattr(options, name) for name in RECIPES[options.recipe]}},
+            "augmentation": self.flips_info() if hasattr(self, "flips") else None,
             "attributes": options.attributes or ["number", "shape", "size", "color", "location", "keyword"],
             "options": {k: v for k, v in asdict(options).items() if k not in ("progress_file", "stop_file")},
             "torch": torch.__version__, "python": sys.version.split()[0],

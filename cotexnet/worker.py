@@ -38,11 +38,11 @@ class ModelCache:
         self.loads = 0
 
     def get(self, directory: str | os.PathLike, device: str = "auto"):
-        from .bundle import WEIGHTS_NAME
+        from .bundle import WEIGHTS_NAME, bundle_folder
         from .infer import resolve_device
         from .model import CoTexNet
 
-        path = Path(directory).expanduser().resolve()
+        path = bundle_folder(directory).resolve()
         resolved = str(resolve_device(device))
         weights = path / WEIGHTS_NAME
         key = (str(path), resolved, weights.stat().st_mtime_ns if weights.is_file() else None)

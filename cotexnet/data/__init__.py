@@ -9,9 +9,10 @@ Only :mod:`.slice_dataset` and :mod:`.augment` need torch, and they load on firs
 :mod:`.labels`            label maps from masks and ``.seg.nrrd``; ``.seg.nrrd`` writing
 :mod:`.normalization`     :class:`IntensityNormalization` (CT windows, percentiles, min-max, RGB)
 :mod:`.slicing`           view -> array axis, volume <-> slices, :func:`resize_slices`
+:mod:`.laterality`        left/right class pairs, :class:`FlipRule` (the flips anatomy allows), label swaps
 :mod:`.datasets`          :class:`Case`, :class:`DatasetIndex`, :func:`load_dataset` (folder, nnU-Net, MSD)
 :mod:`.splits`            patient-grouped splits, split files
-:mod:`.slice_dataset`     :class:`SliceDataset`, the training items (torch)
+:mod:`.slice_dataset`     :class:`SliceDataset`, the training items; :class:`ForegroundBatchSampler` (torch)
 :mod:`.augment`           :func:`augment_batch`, random zoom and flips (torch)
 ========================  ==========================================================================
 """
@@ -29,19 +30,21 @@ from .image import (
     write_image,
 )
 from .labels import read_label_map, write_segmentation_nrrd
+from .laterality import FlipRule, flip_rule, lateral_pairs, swap_channels, swap_labels, unpaired_lateral
 from .normalization import CT_WINDOWS, IntensityNormalization
 from .slicing import in_plane_spacing, resize_slices, slice_axis_index, stack_slices, volume_slices
 from .splits import SPLIT_NAMES, load_split, make_split, save_split, split_cases
 
 #: Names whose modules import torch, loaded on first access.
-_LAZY = {"SliceDataset": "slice_dataset", "augment_batch": "augment"}
+_LAZY = {"SliceDataset": "slice_dataset", "ForegroundBatchSampler": "slice_dataset", "augment_batch": "augment"}
 
 __all__ = [
     "CT_WINDOWS", "LOSSY_SUFFIXES", "PICTURE_SUFFIXES", "SEGMENTATION_SUFFIX", "SPLIT_NAMES", "VOLUME_SUFFIXES",
-    "Case", "DatasetIndex", "ImageGeometry", "IntensityNormalization", "SliceDataset", "VolumeImage",
-    "augment_batch", "case_group", "image_suffix", "in_plane_spacing", "load_dataset", "load_split", "make_split",
-    "read_image", "read_image_geometry", "read_label_map", "resize_slices", "save_split", "slice_axis_index",
-    "split_cases", "stack_slices", "volume_slices", "write_image", "write_segmentation_nrrd",
+    "Case", "DatasetIndex", "FlipRule", "ForegroundBatchSampler", "ImageGeometry", "IntensityNormalization",
+    "SliceDataset", "VolumeImage", "augment_batch", "case_group", "flip_rule", "image_suffix", "in_plane_spacing",
+    "lateral_pairs", "load_dataset", "load_split", "make_split", "read_image", "read_image_geometry",
+    "read_label_map", "resize_slices", "save_split", "slice_axis_index", "split_cases", "stack_slices",
+    "swap_channels", "swap_labels", "unpaired_lateral", "volume_slices", "write_image", "write_segmentation_nrrd",
 ]
 
 

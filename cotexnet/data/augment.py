@@ -1,4 +1,7 @@
-"""Training augmentation on batches of slices (torch): random zoom and flips, the same for image and labels."""
+"""Training augmentation on batches of slices (torch): random zoom and flips, the same for image and labels.
+
+Which flips are allowed, and which classes a left-right flip swaps, is a :class:`~.laterality.FlipRule`.
+"""
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -6,6 +9,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from .laterality import FlipRule, swap_labels
 from .slicing import resize_slices
 
 
@@ -27,14 +31,18 @@ def augment_batch(
     labels: torch.Tensor,
     generator: torch.Generator | None = None,
     scale: tuple[float, float] = (0.95, 1.2),
-    flips: bool = True,
+    flips: FlipRule | bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Random zoom (``scale``, then crop or zero-pad back), horizontal and vertical flips, per sample.
+    """Random zoom (``scale``, then crop or zero-pad back) and random flips, per sample.
 
     The same transform is applied to ``images`` (B, C, H, W) and ``labels`` (B, H, W); labels are
-    resized nearest. Works on any device; ``generator`` is a CPU generator. ``flips=False`` keeps the
-    zoom only (the random draws stay the same, so a seed gives the same zoom either way).
+    resized nearest. ``flips``: a :class:`FlipRule` (its axes; a flip of its left-right axis swaps its class
+    pairs in the labels), ``True`` both axes with labels untouched, ``False`` none. The random draws are
+    the same whatever ``flips`` is, so a seed gives the same zoom either way. Works on any device;
+    ``generator`` is a CPU generator.
     """
+    if isinstance(flips, bool):
+        flips = FlipRule(axes=(0, 1) if flips else (), left_right_axis=None, pairs=())
     size = tuple(images.shape[-2:])
     draws = torch.rand(images.shape[0], 5, generator=generator).tolist()
     out_images, out_labels = [], []
@@ -43,9 +51,10 @@ def augment_batch(
         zoomed = (max(1, round(size[0] * factor)), max(1, round(size[1] * factor)))
         image = _crop_or_pad(resize_slices(images[b:b + 1], zoomed, "bilinear"), size, (dy, dx))
         label = _crop_or_pad(resize_slices(labels[b:b + 1], zoomed, "nearest"), size, (dy, dx))
-        dims = [d for d, draw in ((-1, flip_h), (-2, flip_v)) if flips and draw < 0.5]
-        if dims:
-            image, label = image.flip(dims), label.flip(dims)
+        axes = [axis for axis, draw in ((1, flip_h), (0, flip_v)) if axis in flips.axes and draw < 0.5]
+        if axes:
+            image, label = image.flip([axis - 2 for axis in axes]), label.flip([axis - 2 for axis in axes])
+            label = swap_labels(label, flips.pairs_for(axes))
         out_images.append(image)
         out_labels.append(label)
     return torch.cat(out_images), torch.cat(out_labels)

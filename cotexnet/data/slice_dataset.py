@@ -1,11 +1,12 @@
 """Training slices: a torch ``Dataset`` of 2D items at the model size, cut from a dataset's volumes."""
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Sampler
 
 from ..errors import ConfigError, DataError
 from .datasets import DatasetIndex
@@ -27,7 +28,8 @@ class SliceDataset(Dataset):
     you save with the model; without one, :func:`split_cases` is used with ``seed``.
 
     Items: ``image`` float32 (3, S, S) in [0, 1] (grayscale replicated), ``label`` int64 (S, S),
-    ``case`` id, ``index`` slice index along the slicing axis, ``spacing`` float32 (2,) in-plane mm.
+    ``case`` id, ``index`` slice index along the slicing axis, ``spacing`` float32 (2,) in-plane mm,
+    ``item`` the item's own position (the feature cache's key).
     """
 
     def __init__(
@@ -85,6 +87,12 @@ class SliceDataset(Dataset):
     def __len__(self) -> int:
         return len(self.slices)
 
+    def class_presence(self) -> np.ndarray:
+        """(items, n) bool: which classes each item's label slice holds (at the model size)."""
+        rows = [(self._labels[position][self._rows[position][index]]) for position, index in self.slices]
+        stacked = torch.stack(rows).flatten(1) if rows else torch.zeros(0, 1, dtype=torch.uint8)
+        return np.stack([(stacked == c).any(1).numpy() for c in range(1, self.num_classes + 1)], axis=1)
+
     def _case_images(self, position: int) -> torch.Tensor:
         if position not in self._images:
             image = read_image(self.cases[position].image_path)
@@ -107,4 +115,46 @@ class SliceDataset(Dataset):
             "case": self.cases[position].case_id,
             "index": slice_index,
             "spacing": torch.tensor(self._spacing[position], dtype=torch.float32),
+            "item": item,
         }
+
+
+class ForegroundBatchSampler(Sampler):
+    """Batches of item indices where a share is drawn from slices that hold a class (nnU-Net's rule).
+
+    Each batch's last ``round(share * batch_size)`` places (at least one when ``share > 0``) each pick a
+    class uniformly among the classes present anywhere, then a slice holding it; the other places go
+    through a shuffled pass over all items. So a class on few slices is seen in about ``share / n`` of
+    every batch instead of its share of the slices. Seeded by (seed, rank, epoch) through
+    :meth:`set_epoch`; under torchrun every rank draws its own batches.
+    """
+
+    def __init__(self, presence: np.ndarray, batch_size: int, share: float, seed: int = 0, rank: int = 0,
+                 world: int = 1, drop_last: bool = True):
+        self.holding = [np.flatnonzero(presence[:, c]) for c in range(presence.shape[1])]
+        self.holding = [items for items in self.holding if len(items)]
+        self.count, self.batch_size, self.seed, self.rank = len(presence), batch_size, seed, rank
+        self.forced = max(1, round(share * batch_size)) if share > 0 and self.holding else 0
+        self.forced = min(self.forced, batch_size)
+        per_rank = self.count / world
+        self.batches = max(1, int(per_rank // batch_size) if drop_last else math.ceil(per_rank / batch_size))
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.batches
+
+    def __iter__(self):
+        rng = np.random.default_rng((self.seed, self.rank, self.epoch))
+        free = self.batch_size - self.forced
+        order = rng.permutation(self.count)
+        while len(order) < self.batches * free:
+            order = np.concatenate([order, rng.permutation(self.count)])
+        for b in range(self.batches):
+            batch = [int(i) for i in order[b * free:(b + 1) * free]]
+            for _ in range(self.forced):
+                items = self.holding[rng.integers(len(self.holding))]
+                batch.append(int(items[rng.integers(len(items))]))
+            yield batch

@@ -1,0 +1,222 @@
+"""Training users can rely on: laterality kept under flips, rare classes learned, cached steps equal to
+uncached ones, fine-tuning from a bundle, recipes per backbone, and run folders accepted as bundles."""
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from cotexnet import CoTexNet
+from cotexnet.cli import main
+from cotexnet.data import ForegroundBatchSampler, load_dataset, read_image
+from cotexnet.demo import write_mni152_dataset
+from cotexnet.infer import evaluate, segment_volume
+from cotexnet.train import TrainOptions, Trainer, train
+
+HEMISPHERES = ["left grey matter", "right grey matter"]
+
+
+def world_x(image) -> np.ndarray:
+    """LPS x (mm) of every voxel of a 3D image, from its geometry (x > 0 is the patient's left)."""
+    matrix = image.geometry.ijk_to_lps()
+    k, j, i = np.indices(image.shape)  # array (z, y, x) = index (k, j, i)
+    return matrix[0, 0] * i + matrix[0, 1] * j + matrix[0, 2] * k + matrix[0, 3]
+
+
+def split_hemispheres(image, labels):
+    """Grey matter split at the midline by each voxel's world x: 1 left, 2 right; white matter dropped."""
+    grey, x = labels.array == 1, world_x(image)
+    return np.where(grey & (x > 0), 1, np.where(grey & (x <= 0), 2, 0)), HEMISPHERES
+
+
+def add_rare_class(image, labels):
+    """Grey and white matter plus "deep grey": grey matter within 12 mm of the centre on 6 axial slices of 91,
+    a class present on under 10% of the slices that hold any label."""
+    array = labels.array.copy()
+    x = world_x(image)
+    matrix = image.geometry.ijk_to_lps()
+    k, j, _ = np.indices(image.shape)
+    y = matrix[1, 0] * np.indices(image.shape)[2] + matrix[1, 1] * j + matrix[1, 2] * k + matrix[1, 3]
+    middle = image.shape[0] // 2
+    rare = (labels.array >= 1) & (np.hypot(x, y + 18) < 12) & (np.abs(k - middle) < 3)
+    array[rare] = 3
+    return array, ["grey matter", "white matter", "deep grey"]
+
+
+@pytest.fixture(scope="module")
+def hemispheres(tmp_path_factory):
+    return write_mni152_dataset(tmp_path_factory.mktemp("hemispheres"), relabel=split_hemispheres)
+
+
+def own_side_shares(bundle, data) -> list[float]:
+    """Share of each class's predicted voxels on its own side of the midline, on the held-out case."""
+    model = CoTexNet.from_pretrained(bundle)
+    image = read_image(data / "imagesTr" / "mni152_04_0000.nii.gz")
+    labels = segment_volume(model, image, device="cpu")
+    x = world_x(image)
+    return [float((x[labels == 1] > 0).mean()), float((x[labels == 2] <= 0).mean())]
+
+
+def test_left_right_flips_swap_paired_classes_and_keep_laterality(hemispheres, tmp_path):
+    """With anatomy-aware flips (a left-right flip swaps "left/right grey matter"), at least 95% of each
+    class's predicted voxels lie on its own side; the same run with label-blind flips fails that."""
+    common = dict(data=str(hemispheres), backbone="tiny", image_size=64, epochs=12, device="cpu",
+                  show_progress=False)
+    events = []
+    aware = train(TrainOptions(out=str(tmp_path / "aware"), flips="anatomy", **common),
+                  on_event=lambda event, **values: events.append((event, values)))
+    blind = train(TrainOptions(out=str(tmp_path / "blind"), flips="all", **common))
+    start = next(values for event, values in events if event == "start")
+    assert start["augmentation"]["axes"] == ["x"] and start["augmentation"]["left_right_axis"] == "x"
+    info = json.loads((aware / "training.json").read_text(encoding="utf-8"))
+    assert info["augmentation"]["pairs"] == [HEMISPHERES]
+    aware_shares, blind_shares = own_side_shares(aware, hemispheres), own_side_shares(blind, hemispheres)
+    print(f"own-side share (left, right): anatomy flips {aware_shares}, label-blind flips {blind_shares}")
+    assert min(aware_shares) >= 0.95
+    assert min(blind_shares) < 0.95
+
+
+def test_rare_class_is_learned_and_reported_per_class(tmp_path):
+    """A class on under 10% of the labelled slices reaches validation Dice > 0 with foreground oversampling;
+    per-class validation Dice is in metrics.csv and in the epoch events."""
+    data = write_mni152_dataset(tmp_path / "data", relabel=add_rare_class)
+    events = []
+    options = TrainOptions(data=str(data), out=str(tmp_path / "run"), backbone="tiny", image_size=64, epochs=10,
+                           device="cpu", show_progress=False)
+    trainer = Trainer(options, on_event=lambda event, **values: events.append((event, values)))
+    trainer.run()
+    presence = trainer.train_set.class_presence()
+    share = presence[:, 2].mean()
+    assert 0 < share < 0.10
+    rows = list(csv.DictReader((tmp_path / "run" / "metrics.csv").open(encoding="utf-8")))
+    rare = [float(row["val_dice_deep grey"]) for row in rows]
+    epochs = [values for event, values in events if event == "epoch"]
+    assert [e["val_dice_per_class"]["deep grey"] for e in epochs] == pytest.approx(rare, abs=1e-6)
+    print(f"rare class on {share:.1%} of training slices; validation Dice per epoch {rare}")
+    assert max(rare) > 0
+
+
+def test_foreground_sampler_draws_its_share_from_each_class():
+    presence = np.zeros((100, 2), dtype=bool)
+    presence[:90, 0] = True
+    presence[95:, 1] = True  # 5% of the items
+    sampler = ForegroundBatchSampler(presence, batch_size=6, share=0.33, seed=1)
+    sampler.set_epoch(3)
+    batches = list(sampler)
+    assert len(batches) == len(sampler) == 16 and all(len(b) == 6 for b in batches)
+    assert batches == list(sampler)  # the same for the same (seed, rank, epoch)
+    forced = [i for b in batches for i in b[4:]]
+    rare = np.mean([presence[i, 1] for i in forced])
+    assert 0.3 < rare < 0.7  # the forced places pick either class with equal odds
+    sampler.set_epoch(4)
+    assert list(sampler) != batches
+
+
+def step_losses(data, out, cache: str) -> list[float]:
+    losses = []
+    options = TrainOptions(data=str(data), out=str(out), backbone="tiny", image_size=64, epochs=2, device="cpu",
+                           show_progress=False, augment=False, train_encoder="none", feature_cache=cache,
+                           config_overrides={"dropout": 0.0})
+    trainer = Trainer(options, on_event=lambda event, **values: event == "step" and losses.append(values["loss"]))
+    trainer.run()
+    assert (trainer.cache is not None) == (cache == "auto")
+    return losses
+
+
+def test_cached_and_uncached_training_give_the_same_losses(mni152_dataset, tmp_path):
+    """Augmentation off: every step's loss with the frozen encoders' outputs from the cache equals the loss
+    computed on the fly, epoch 2 reading what epoch 1 stored. The first step agrees to 16-bit rounding of the
+    stored features; later steps drift by the optimiser steps taken on those rounded features (~0.3%)."""
+    cached = step_losses(mni152_dataset, tmp_path / "cached", "auto")
+    direct = step_losses(mni152_dataset, tmp_path / "direct", "off")
+    assert len(cached) == len(direct) > 4
+    assert cached[0] == pytest.approx(direct[0], rel=1e-4)
+    np.testing.assert_allclose(cached, direct, rtol=1e-2)
+    assert not (tmp_path / "cached" / "feature_cache").exists()  # dropped at the end of the run
+
+
+def test_feature_cache_falls_back_over_its_cap(mni152_dataset, tmp_path):
+    options = TrainOptions(data=str(mni152_dataset), out=str(tmp_path / "run"), backbone="tiny", image_size=64,
+                           epochs=1, device="cpu", show_progress=False, train_encoder="none", cache_limit_gb=1e-6)
+    warnings = []
+    trainer = Trainer(options, on_event=lambda event, **values: event == "warning" and warnings.append(values))
+    trainer.run()
+    assert trainer.cache is None and "feature cache off" in warnings[0]["message"]
+
+
+def test_recipes_per_backbone_are_recorded():
+    tiny = TrainOptions(data="d", out="o", backbone="tiny")
+    paper = TrainOptions(data="d", out="o", backbone="CIDAS/clipseg-rd64-refined")
+    assert (tiny.recipe, tiny.train_encoder, tiny.lr, tiny.image_size) == ("random", "all", 3e-3, 96)
+    assert (paper.recipe, paper.train_encoder, paper.lr, paper.image_size, paper.batch_size) == (
+        "paper", "none", 3e-4, 352, 8)
+    assert TrainOptions(data="d", out="o", backbone="tiny", lr=1e-4).lr == 1e-4  # given options win
+    with pytest.raises(ValueError, match="train_encoder"):
+        TrainOptions(data="d", out="o", backbone="tiny", train_encoder="last-x")
+
+
+def test_train_encoder_last_k_trains_only_those_layers(tiny_model):
+    model = tiny_model()
+    model.set_encoder_training("last-1")
+    layers = model.vision.encoder.layers
+    assert all(p.requires_grad for p in layers[-1].parameters())
+    assert not any(p.requires_grad for layer in layers[:-1] for p in layer.parameters())
+    assert model.encoder_trains
+    model.set_encoder_training("none")
+    assert not model.encoder_trains and not any(p.requires_grad for p in model.clipseg.clip.text_model.parameters())
+
+
+def test_default_tiny_recipe_learns_the_demo_task(mni152_dataset, tmp_path):
+    """``cotexnet train DATA --backbone tiny --out RUN`` with no other option: held-out mean Dice >= 0.7, and
+    the run folder is accepted where a bundle is (RUN means RUN/best)."""
+    assert main(["train", str(mni152_dataset), "--backbone", "tiny", "--out", str(tmp_path / "run"),
+                 "--device", "cpu"]) == 0
+    result = evaluate(tmp_path / "run", mni152_dataset, split="test", device="cpu", show_progress=False)
+    print(f"held-out mean Dice of the tiny defaults: {result['mean']['dice']:.3f}")
+    assert result["mean"]["dice"] >= 0.7
+    info = json.loads((tmp_path / "run" / "best" / "training.json").read_text(encoding="utf-8"))
+    assert info["recipe"]["name"] == "random" and info["recipe"]["train_encoder"] == "all"
+
+
+def test_init_from_keeps_weights_and_adds_classes_by_name(tmp_path, tiny_model):
+    """A bundle of (grey, white matter) starts a run on (white matter, grey matter, deep grey): every weight
+    but the head is kept, head channels follow the names, the new class starts as the negated background."""
+    source = tiny_model(classes=("grey matter", "white matter"), image_size=64)
+    source.save_pretrained(tmp_path / "source")
+
+    def reordered(image, labels):
+        array, _ = add_rare_class(image, labels)
+        return np.choose(array, [0, 2, 1, 3]), ["white matter", "grey matter", "deep grey"]
+
+    data = write_mni152_dataset(tmp_path / "data", relabel=reordered)
+    trainer = Trainer(TrainOptions(data=str(data), out=str(tmp_path / "run"), backbone="tiny", device="cpu",
+                                   init_from=str(tmp_path / "source")))
+    trainer.index = load_dataset(str(data))
+    trainer.build_model()
+    model, old = trainer.model, source.state_dict()
+    new = model.state_dict()
+    assert model.config.classes == ["white matter", "grey matter", "deep grey"] and model.config.image_size == 64
+    for key in ("clipseg.decoder.transposed_convolution.4.bias", "clipseg.decoder.transposed_convolution.4.weight"):
+        dim = 0 if key.endswith("bias") else 1
+        old_head, new_head = old[key].movedim(dim, 0), new[key].movedim(dim, 0)
+        assert torch.equal(new_head[:3], old_head[[0, 2, 1]]) and torch.equal(new_head[3], -old_head[0])
+    assert all(torch.equal(new[k], v) for k, v in old.items() if "transposed_convolution.4" not in k)
+    tiny_model(classes=("grey matter", "csf"), image_size=64).save_pretrained(tmp_path / "other")
+    with pytest.raises(ValueError, match=r"\['csf'\] are not among"):
+        Trainer(TrainOptions(data=str(data), out=str(tmp_path / "run2"), backbone="tiny", device="cpu",
+                             init_from=str(tmp_path / "other"))).initialize()
+
+
+def test_slicer_continue_from_this_model_reaches_the_engine(tmp_path):
+    """CoTexNetTrain's "Continue from model" becomes ``--init-from``, which the engine's parser reads."""
+    from CoTexNetTrainLib.logic import _trainArguments
+
+    from cotexnet.cli import build_parser
+
+    arguments = _trainArguments(tmp_path / "data", ["gm"], tmp_path / "run", None,
+                                {"backbone": "tiny", "initFrom": str(tmp_path / "old"), "epochs": None})
+    assert arguments[-2:] == ["--init-from", str(tmp_path / "old")] and "--epochs" not in arguments
+    assert build_parser().parse_args(["train", *arguments]).init_from == str(tmp_path / "old")

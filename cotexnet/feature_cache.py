@@ -1,0 +1,124 @@
+"""The frozen encoders' outputs of training slices, kept on disk so later epochs skip the encoders.
+
+With the image encoder frozen, what it gives a slice (and an augmentation view of it) never changes: the
+decoder's activations, the image's CLS embedding and the ``n`` ROI CLS embeddings (docs/method.md). Those
+passes are nearly all of a step's time, so each (slice, view) is encoded once, on first use, and stored
+in 16-bit in memory-mapped files under the run folder, with the view's label map and real-text prompt.
+With augmentation, each slice has ``views`` fixed random views; a step draws one of them at random.
+
+The files are sized up front; when ``views`` do not fit under the cap (and half the free disk), fewer
+views are kept, and when one view does not fit the cache is off and the step encodes on the fly.
+"""
+from __future__ import annotations
+
+import logging
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .model import CoTexNet, EncodedFeatures
+
+logger = logging.getLogger(__name__)
+
+CACHE_FOLDER = "feature_cache"
+
+
+@dataclass(frozen=True)
+class CacheLayout:
+    """Shapes of one (slice, view) entry, from the model's architecture."""
+
+    layers: int
+    tokens: int
+    width: int
+    projection: int
+    classes: int
+    image_size: int
+    roi: bool
+
+    @classmethod
+    def of(cls, model: CoTexNet) -> "CacheLayout":
+        vision = model.vision.config
+        size = model.config.image_size
+        return cls(layers=len(model.extract_layers), tokens=(size // vision.patch_size) ** 2 + 1,
+                   width=vision.hidden_size, projection=model.clipseg.config.projection_dim,
+                   classes=model.config.num_classes, image_size=size, roi=model.uses_roi_branch)
+
+    @property
+    def entry_bytes(self) -> int:
+        floats = self.layers * self.tokens * self.width + self.projection * (1 + (self.classes if self.roi else 0))
+        return 2 * floats + self.image_size ** 2
+
+
+def plan_views(layout: CacheLayout, items: int, views: int, limit_bytes: float, folder: Path) -> tuple[int, str]:
+    """(views that fit, a line saying so): at most ``views``; 0 means no cache."""
+    folder.mkdir(parents=True, exist_ok=True)
+    budget = min(limit_bytes, 0.5 * shutil.disk_usage(folder).free)
+    per_view = layout.entry_bytes * items
+    fit = min(views, int(budget // per_view))
+    needed = f"{items} slices x {views} view(s) x {layout.entry_bytes / 2**20:.2f} MB = {views * per_view / 2**30:.2f} GB"
+    if fit == 0:
+        return 0, (f"feature cache off: {needed}, over the cap of {budget / 2**30:.2f} GB (--cache-limit-gb, half the "
+                   "free disk); the frozen encoders run on the fly every step")
+    if fit < views:
+        return fit, f"feature cache: {fit} of {views} views per slice fit ({needed} is over {budget / 2**30:.2f} GB)"
+    return fit, f"feature cache: {needed} under {folder}"
+
+
+class FeatureCache:
+    """Memory-mapped :class:`~cotexnet.model.EncodedFeatures`, label maps and prompts per (item, view)."""
+
+    def __init__(self, folder: Path, layout: CacheLayout, items: int, views: int):
+        self.folder, self.layout, self.views = Path(folder), layout, views
+        self.folder.mkdir(parents=True, exist_ok=True)
+        L = layout
+
+        def array(name, shape, dtype):
+            return np.memmap(self.folder / f"{name}.bin", dtype=dtype, mode="w+", shape=(items, views, *shape))
+
+        self.activations = array("activations", (L.layers, L.tokens, L.width), np.float16)
+        self.image_embeds = array("image_embeds", (L.projection,), np.float16)
+        self.roi_embeds = array("roi_embeds", (L.classes, L.projection), np.float16) if L.roi else None
+        self.labels = array("labels", (L.image_size, L.image_size), np.uint8)
+        self.filled = np.zeros((items, views), dtype=bool)
+        self.prompts: dict[tuple[int, int], str | None] = {}
+
+    def missing(self, keys: list[tuple[int, int]]) -> list[int]:
+        """Positions in ``keys`` whose entry is not stored yet."""
+        return [k for k, (item, view) in enumerate(keys) if not self.filled[item, view]]
+
+    def put(self, keys: list[tuple[int, int]], encoded: EncodedFeatures, labels: torch.Tensor,
+            prompts: list[str] | None) -> None:
+        for row, (item, view) in enumerate(keys):
+            self.activations[item, view] = torch.stack([a[row] for a in encoded.activations]).half().cpu().numpy()
+            self.image_embeds[item, view] = encoded.image_embeds[row].half().cpu().numpy()
+            if self.roi_embeds is not None:
+                self.roi_embeds[item, view] = encoded.roi_embeds[row].half().cpu().numpy()
+            self.labels[item, view] = labels[row].to(torch.uint8).cpu().numpy()
+            self.prompts[item, view] = prompts[row] if prompts is not None else None
+            self.filled[item, view] = True
+
+    def get(self, keys: list[tuple[int, int]], device: torch.device) -> tuple[EncodedFeatures, torch.Tensor, list | None]:
+        """(features as float32 on ``device``, label maps int64, prompts or ``None``) of stored entries."""
+        items, views = (np.asarray(k) for k in zip(*keys))
+
+        def tensor(array):
+            return torch.from_numpy(np.ascontiguousarray(array[items, views])).to(device).float()
+
+        activations = tensor(self.activations)
+        encoded = EncodedFeatures(list(activations.unbind(1)), tensor(self.image_embeds),
+                                  tensor(self.roi_embeds) if self.roi_embeds is not None else None)
+        labels = torch.from_numpy(np.ascontiguousarray(self.labels[items, views])).to(device).long()
+        prompts = [self.prompts[key] for key in keys]
+        return encoded, labels, None if prompts[0] is None else prompts
+
+    def close(self) -> None:
+        """Drop the files (they are rebuilt by the next run; a resumed run re-encodes)."""
+        for name in ("activations", "image_embeds", "roi_embeds", "labels"):
+            array = getattr(self, name)
+            if array is not None:
+                array._mmap.close()
+            setattr(self, name, None)
+        shutil.rmtree(self.folder, ignore_errors=True)
