@@ -364,7 +364,8 @@ def _add_app(sub) -> None:
                        description="Starts the web app: open volumes from --data-root, segment, read the concept "
                                    "table, correct and save. Binds to 127.0.0.1 unless --host says otherwise; any "
                                    "other host needs a token (a random one is printed when --token is not given).")
-    p.add_argument("--model", action="append", default=[], help="model bundle folder offered in the page (repeatable)")
+    p.add_argument("--model", action="append", default=[],
+                   help="model bundle or training run folder offered in the page (repeatable)")
     p.add_argument("--data-root", default=".", help="the only folder the page may read and write")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8080)

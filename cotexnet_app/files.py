@@ -20,6 +20,10 @@ from cotexnet.errors import CoTexNetError
 DEFAULT_UPLOAD_LIMIT_MB = 512
 #: Folder of the data root that receives uploads.
 UPLOADS_FOLDER = "uploads"
+#: Folder of the data root that receives the training runs started from the page.
+RUNS_FOLDER = "runs"
+#: A training run folder's best bundle (cotexnet.bundle.bundle_folder resolves RUN to RUN/best).
+RUN_BEST = "best"
 #: Files a model bundle folder holds (docs/bundle-format.md).
 BUNDLE_FILES = ("config.json", "model.safetensors")
 _SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]+")
@@ -86,6 +90,13 @@ class DataRoot:
             if len(found) >= limit:
                 break
         return found
+
+    def runs(self) -> list[str]:
+        """Relative paths of the training run folders under the root (those with a ``best/`` bundle): a run
+        folder is accepted wherever a bundle is, and stands for its best model."""
+        bundles = self.models()
+        return sorted({bundle.rpartition("/")[0] for bundle in bundles
+                       if bundle.rpartition("/")[2] == RUN_BEST and bundle.count("/") >= 1})
 
     def save_upload(self, name: str, content: bytes) -> Path:
         """Writes an uploaded file into ``uploads/`` under a safe name; returns its path."""

@@ -10,6 +10,7 @@ from typing import Optional
 
 from .files import DEFAULT_UPLOAD_LIMIT_MB, DataRoot
 from .gateway import LOOPBACK_HOSTS, Gateway
+from .recent import is_model_folder
 
 
 def is_loopback(host: str) -> bool:
@@ -25,10 +26,11 @@ def serve(*, data_root: str, models: list[str], host: str = "127.0.0.1", port: i
     """Starts the gateway; prints the address to open. Blocks until interrupted."""
     DataRoot(data_root, upload_limit_mb)  # a wrong --data-root fails here, not in the first session
     for model in models:
-        if not (Path(model) / "config.json").is_file():
+        if not is_model_folder(model):
             from cotexnet.errors import BundleError
 
-            raise BundleError(f"--model {model}: not a CoTexNet model folder (no config.json)")
+            raise BundleError(f"--model {model}: not a CoTexNet model folder (no config.json) nor a training run "
+                              "folder (no best/config.json)")
     if not is_loopback(host) and not token:
         token = secrets.token_urlsafe(24)
     session_args = ["--data-root", str(Path(data_root).resolve()), "--device", device,
