@@ -3,11 +3,13 @@
 Runs in the app's own virtualenv (scripts/test-app.sh sets up .venv-app and runs this file); elsewhere it
 skips and says what is missing. A tiny model is trained here on the MNI152 demo data, the app is started
 on a free loopback port with a token, and the page is used as a person would: open the demo case,
-Segment, read the segment list and the concept table, save, and look at the slice view.
+Segment, read the segment list and the concept table, jump to a segment, paint and undo, upload, save,
+look at the slice view, and train from the page.
 """
 from __future__ import annotations
 
 import io
+import json
 import os
 import re
 import shutil
@@ -31,11 +33,15 @@ pytestmark = pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER),
                                 reason="Chromium and its driver are absent: apt-get install chromium chromium-driver")
 
 from selenium import webdriver  # noqa: E402
+from selenium.webdriver.common.action_chains import ActionChains  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 TOKEN = "test-token-0123456789"
 CASE = "cases/mni152_04_0000.nii.gz"  # the demo's held-out MNI152 case
+SAVED = "cases/mni152_04_0000.seg.nrrd"  # where Save writes its segmentation
+#: Upload cap of the app under test, in MiB: the demo case (about 70 KiB) fits, a 1 MiB file does not.
+UPLOAD_LIMIT_MB = 0.5
 #: Where screenshots go (scripts/test-app.sh keeps them for the README); a temporary folder otherwise.
 SCREENSHOTS = os.environ.get("COTEXNET_APP_SCREENSHOTS")
 
@@ -67,15 +73,19 @@ def data_root(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def app(data_root):
-    """The app as a user starts it, on a free loopback port, with a token."""
+def app(data_root, tmp_path_factory):
+    """The app as a user starts it, on a free loopback port, with a token (and a config folder of its own,
+    where it keeps its recent models)."""
     root, model = data_root
     port = free_port()
     log = tempfile.TemporaryFile("w+")
+    config = tmp_path_factory.mktemp("config")
     process = subprocess.Popen(
         [sys.executable, "-m", "cotexnet.cli", "app", "--data-root", str(root), "--model", str(model), "--port",
-         str(port), "--token", TOKEN, "--device", "cpu", "--max-sessions", "8"],
-        cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONPATH": str(REPO)})
+         str(port), "--token", TOKEN, "--device", "cpu", "--max-sessions", "8", "--upload-limit-mb",
+         str(UPLOAD_LIMIT_MB)],
+        cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+        env={**os.environ, "PYTHONPATH": str(REPO), "XDG_CONFIG_HOME": str(config)})
     base = f"http://127.0.0.1:{port}/"
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
@@ -86,7 +96,7 @@ def app(data_root):
         except OSError:
             assert process.poll() is None, "the app ended at start"
             time.sleep(0.2)
-    yield {"url": base, "process": process, "root": root, "model": model}
+    yield {"url": base, "process": process, "root": root, "model": model, "config": config}
     import psutil
 
     descendants = psutil.Process(process.pid).children(recursive=True)
@@ -259,3 +269,173 @@ def test_two_sessions_keep_separate_scenes(app, browsers):
     assert first.find_element(By.ID, "cx-segment").is_enabled()
     assert first.get_cookie("cotexnet_session")["value"] != second.get_cookie("cotexnet_session")["value"]
     assert first.get_cookie("cotexnet_session")["httpOnly"]
+
+
+def state(driver, name):
+    return driver.execute_script("return window.trame.state.get(arguments[0])", name)
+
+
+@pytest.fixture(scope="module")
+def segmented(app, browsers):
+    """A page with the demo case opened and segmented, shared by the tests of what follows a segmentation."""
+    driver = browsers()
+    open_page(driver, app["url"])
+    open_volume(driver, CASE)
+    wait_for(lambda: "Opened" in text(driver, "cx-message"), 60, "the volume to open")
+    driver.find_element(By.ID, "cx-segment").click()
+    wait_for(lambda: driver.find_elements(By.CSS_SELECTOR, ".cx-concept-row"), 300, "the concept table")
+    return driver
+
+
+def slice_positions(driver) -> tuple:
+    """Where the red, green and yellow slice views are (trame-slicer's slice sliders, in mm)."""
+    return tuple(round(float(state(driver, f"{view}__SliderState__value")), 2) for view in ("Red", "Green", "Yellow"))
+
+
+def test_a_concept_row_click_jumps_the_slice_views_to_its_segment(segmented):
+    """Each row centres the slice views on its own segment (CoTexNetSegmentLogic.showConceptRow, which jumps
+    all slices to the segment's centre) and makes it the active segment of the editor."""
+    driver = segmented
+    segments = {s["name"]: s["segment_id"] for s in state(driver, "SegmentEditorState__segment_list__SegmentListState__segments")}
+    rows = driver.find_elements(By.CSS_SELECTOR, ".cx-concept-row")
+    positions = []
+    for index in (len(rows) - 1, 0, len(rows) - 1):
+        row = driver.find_elements(By.CSS_SELECTOR, ".cx-concept-row")[index]
+        name = row.find_elements(By.TAG_NAME, "td")[0].text
+        before = slice_positions(driver)
+        row.click()
+        wait_for(lambda: state(driver, "SegmentEditorState__segment_list__SegmentListState__active_segment_id")
+                 == segments[name], 30, f"{name} to become the active segment")
+        time.sleep(0.5)
+        positions.append(slice_positions(driver))
+        print(f"row {name}: slices {before} -> {positions[-1]}")
+    assert positions[0] != positions[1], "two segments with different centres gave the same slice positions"
+    assert positions[2] == positions[0], "the same row jumped to another place the second time"
+
+
+def saved_counts(app, driver, num_classes) -> list[int]:
+    """Saves the segmentation from the page and counts each class's voxels in the written file."""
+    from cotexnet.data import read_image, read_label_map
+
+    saved = app["root"] / SAVED
+    before = saved.stat().st_mtime_ns if saved.exists() else None
+    driver.find_element(By.ID, "cx-save").click()
+    wait_for(lambda: saved.exists() and saved.stat().st_mtime_ns != before and "Saved" in text(driver, "cx-message"),
+             30, "the saved segmentation")
+    labels = read_label_map(saved, reference=read_image(app["root"] / CASE), num_classes=num_classes)
+    return [int((labels == index).sum()) for index in range(1, num_classes + 1)]
+
+
+def editor_button(driver, icon):
+    """trame-slicer's effect and undo buttons are icons (mdi-brush, mdi-eraser, mdi-undo); the toolbar beside
+    the views holds the last of each."""
+    buttons = driver.find_elements(By.XPATH, f"//button[.//i[contains(@class, '{icon}')]]")
+    return [button for button in buttons if button.is_displayed()][-1]
+
+
+def choose_effect(driver, icon, effect):
+    editor_button(driver, icon).click()
+    wait_for(lambda: (state(driver, "SegmentEditorState__active_effect_name") or "").endswith(effect), 30,
+             f"the {effect} effect")
+
+
+def drag_across_the_main_view(driver, offset=(-40, 0), steps=12):
+    views = [e for e in driver.find_elements(By.CSS_SELECTOR, "img, canvas, video") if e.size["width"] > 100]
+    view = max(views, key=lambda e: e.size["width"] * e.size["height"])
+    actions = ActionChains(driver).move_to_element_with_offset(view, *offset).click_and_hold()
+    for _ in range(steps):
+        actions.move_by_offset(6, 2)
+    actions.release().perform()
+
+
+def test_paint_and_erase_change_the_segment_and_undo_brings_it_back(app, segmented):
+    """A brush stroke in the axial view adds voxels to the active segment, an eraser stroke over it removes
+    some, and Undo takes each back in turn: counted in the .seg.nrrd that Save writes."""
+    from cotexnet.bundle import read_bundle_config
+
+    driver = segmented
+    num_classes = read_bundle_config(app["model"]).num_classes
+    driver.find_elements(By.CSS_SELECTOR, ".cx-concept-row")[0].click()  # the first class becomes the active one
+    time.sleep(1)
+    original = saved_counts(app, driver, num_classes)
+
+    choose_effect(driver, "mdi-brush", "Paint")
+    drag_across_the_main_view(driver)
+    wait_for(lambda: state(driver, "SegmentEditorState__can_undo"), 30, "the stroke to be undoable")
+    painted = saved_counts(app, driver, num_classes)
+    assert painted[0] > original[0], f"painting added no voxel to the first segment: {original} -> {painted}"
+
+    choose_effect(driver, "mdi-eraser", "Erase")
+    drag_across_the_main_view(driver)  # over the painted stroke
+    time.sleep(1)
+    erased = saved_counts(app, driver, num_classes)
+    assert erased[0] < painted[0], f"erasing removed no voxel of the first segment: {painted} -> {erased}"
+
+    editor_button(driver, "mdi-undo").click()
+    time.sleep(1)
+    assert saved_counts(app, driver, num_classes) == painted
+    editor_button(driver, "mdi-undo").click()
+    time.sleep(1)
+    assert saved_counts(app, driver, num_classes) == original
+    choose_effect(driver, "mdi-cursor-default", "NoTool")  # back to no tool for the tests that follow
+
+
+def test_training_from_the_page_plots_each_epoch_and_becomes_the_current_model(app, segmented):
+    """Two epochs on the opened case from the current model: loss and per-class Dice get a point per epoch
+    while it runs, and the run becomes the chosen model, listed among the recent models, and segments."""
+    from cotexnet.bundle import read_bundle_config
+
+    driver = segmented
+    classes = read_bundle_config(app["model"]).classes
+    set_state(driver, "cx_epochs", 2)
+    time.sleep(0.3)
+    driver.find_element(By.ID, "cx-train").click()
+    started = time.perf_counter()
+    wait_for(lambda: driver.find_elements(By.CSS_SELECTOR, ".cx-point") or text(driver, "cx-error"), 300,
+             "the first point of the training curves")
+    print(f"training start to first plot point: {time.perf_counter() - started:.1f} s")
+    assert text(driver, "cx-error") == ""
+    assert driver.find_element(By.ID, "cx-stop").is_enabled()
+    wait_for(lambda: not state(driver, "cx_training"), 300, "the training to end")
+    assert text(driver, "cx-error") == ""
+    charts = state(driver, "cx_charts")
+    assert [chart["title"] for chart in charts] == ["loss", "validation Dice"]
+    assert [len(series["dots"]) for series in charts[0]["series"]] == [2]
+    assert [series["name"] for series in charts[1]["series"]] == list(classes)
+    assert all(len(series["dots"]) == 2 for series in charts[1]["series"])
+    assert len(driver.find_elements(By.CSS_SELECTOR, ".cx-point")) == 2 * (1 + len(classes))
+
+    run = state(driver, "cx_model")
+    assert run.startswith("runs/mni152_04_0000-"), run
+    last = json.loads((app["root"] / run / "last" / "training.json").read_text())  # best/ is the best epoch's
+    assert last["epochs_run"] == 2 and Path(last["options"]["init_from"]) == app["model"]
+    assert (app["root"] / run / "best" / "config.json").is_file()
+    chooser = driver.find_element(By.ID, "cx-model").find_element(By.XPATH, "ancestor::div[contains(@class, 'v-select')][1]")
+    assert chooser.find_element(By.CSS_SELECTOR, ".v-select__selection-text").text.startswith(run)
+    recent = json.loads((app["config"] / "cotexnet" / "app-recent-models.json").read_text())["models"]
+    assert recent[0] == str((app["root"] / run).resolve())
+
+    driver.find_element(By.ID, "cx-segment").click()
+    wait_for(lambda: "Segmented" in text(driver, "cx-message") and not state(driver, "cx_busy"), 300,
+             "a segmentation with the new model")
+    assert text(driver, "cx-error") == ""
+
+
+def test_upload_within_the_cap_opens_and_one_over_it_is_refused(app, browsers, tmp_path):
+    driver = browsers()
+    open_page(driver, app["url"])
+    upload = driver.find_element(By.CSS_SELECTOR, "#cotexnet-panel input[type=file]")
+    big = tmp_path / "big.nii.gz"
+    big.write_bytes(os.urandom(int(2 * UPLOAD_LIMIT_MB * 2**20)))
+    upload.send_keys(str(big))
+    wait_for(lambda: "over the upload limit" in text(driver, "cx-error"), 30, "the refusal of an oversized upload")
+    assert not (app["root"] / "uploads" / "big.nii.gz").exists()
+
+    small = tmp_path / "my case.nii.gz"
+    shutil.copy(app["root"] / CASE, small)
+    upload.send_keys(str(small))
+    wait_for(lambda: "Opened uploads/my_case.nii.gz" in text(driver, "cx-message") or
+             (text(driver, "cx-error") and "over the upload" not in text(driver, "cx-error")), 60, "the uploaded case")
+    assert "Opened uploads/my_case.nii.gz" in text(driver, "cx-message"), text(driver, "cx-error")
+    assert (app["root"] / "uploads" / "my_case.nii.gz").read_bytes() == small.read_bytes()
+    assert driver.find_element(By.ID, "cx-segment").is_enabled()

@@ -421,7 +421,10 @@ class CoTexNetWebApp(TrameApp):
                 with html.Tbody():
                     with html.Tr(v_for="(row, index) in cx_concepts", key="index", classes="cx-concept-row",
                                  style="cursor: pointer", click=(self.show_concept_row, "[index]")):
-                        html.Td("{{ row[column.key] }}", v_for="column in cx_concept_columns", key="column.key")
+                        # One line per class; a long prompt is cut, with the whole of it on hover.
+                        html.Td("{{ row[column.key] }}", v_for="column in cx_concept_columns", key="column.key",
+                                title=("row[column.key]",),
+                                style="white-space: nowrap; max-width: 160px; overflow: hidden; text-overflow: ellipsis")
             self._build_training_panel()
 
     def _build_training_panel(self) -> None:
