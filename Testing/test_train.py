@@ -274,7 +274,8 @@ def test_lmm_concepts_are_asked_once_per_original_slice_and_cached(shapes, tmp_p
             if event == "epoch":
                 requests_after_epoch.append(len(server.requests))
 
-        options = quick(shapes, tmp_path / "run", epochs=2, concept_backend="openai",
+        # oversample=0: epoch 1 then visits every training slice once, so epoch 2 only reads the cache
+        options = quick(shapes, tmp_path / "run", epochs=2, oversample=0, concept_backend="openai",
                         concept_options={"model": "llava", "base_url": server.url, "api_key_env": None},
                         concept_cache=str(tmp_path / "concepts.jsonl"))
         train(options, on_event=count)
