@@ -421,6 +421,25 @@ def test_training_from_the_page_plots_each_epoch_and_becomes_the_current_model(a
     assert text(driver, "cx-error") == ""
 
 
+def test_stop_ends_a_training_after_its_step_and_keeps_its_best_model(app, segmented):
+    """Stop writes the run's stop file (CoTexNetTrainLogic.requestStop); the process saves and exits long
+    before its 50 epochs, and the stopped run still becomes the chosen model."""
+    driver = segmented
+    set_state(driver, "cx_epochs", 50)
+    time.sleep(0.3)
+    driver.find_element(By.ID, "cx-train").click()
+    wait_for(lambda: driver.find_elements(By.CSS_SELECTOR, ".cx-point") and state(driver, "cx_training"), 300,
+             "the first epoch")
+    driver.find_element(By.ID, "cx-stop").click()
+    wait_for(lambda: not state(driver, "cx_training"), 120, "the training to stop")
+    assert text(driver, "cx-error") == ""
+    assert text(driver, "cx-train-message").startswith("Stopped")
+    epochs = len(state(driver, "cx_charts")[0]["series"][0]["dots"])
+    assert 1 <= epochs < 50
+    run = app["root"] / state(driver, "cx_model")
+    assert (run / "best" / "config.json").is_file() and (run / "stop-training").exists()
+
+
 def test_upload_within_the_cap_opens_and_one_over_it_is_refused(app, browsers, tmp_path):
     driver = browsers()
     open_page(driver, app["url"])
