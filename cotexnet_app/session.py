@@ -78,6 +78,7 @@ class CoTexNetWebApp(TrameApp):
         self.volume_node = self.volume_path = None
         self.job = None
         self.curves: Optional[TrainingCurves] = None
+        self._segmenting_with: Optional[Path] = None
         self._segment_clicked_at = self._training_started_at = 0.0
         self._set_defaults()
         self._build_ui()
@@ -345,9 +346,10 @@ class CoTexNetWebApp(TrameApp):
             await asyncio.sleep(TRAINING_POLL_INTERVAL_S)
         with self.state:
             self.state.cx_training = False
-            if training.state == TrainingState.FAILED:
-                self.state.cx_train_message = ""
-                return self._fail(f"Training failed: {training.errorMessage}")
+            if training.state == TrainingState.FAILED:  # a segmentation may be running: cx_busy stays as it is
+                self.state.cx_train_message, self.state.cx_error = "", f"Training failed: {training.errorMessage}"
+                log.warning(self.state.cx_error)
+                return
             bundle = training.bundlePath
             self.state.cx_train_message = training.progress.summary()
             if bundle is not None:
