@@ -436,6 +436,38 @@ def _run_demo(args) -> int:
     return 0
 
 
+def _add_app(sub) -> None:
+    p = sub.add_parser("app", help="serve CoTexNet in the browser (trame-slicer; optional extra 'app')",
+                       description="Starts the web app: open volumes from --data-root, segment, read the concept "
+                                   "table, correct and save. Binds to 127.0.0.1 unless --host says otherwise; any "
+                                   "other host needs a token (a random one is printed when --token is not given).")
+    p.add_argument("--model", action="append", default=[],
+                   help="model bundle or training run folder offered in the page (repeatable)")
+    p.add_argument("--data-root", default=".", help="the only folder the page may read and write")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--token", help="required on every connection (default: random when --host is not loopback)")
+    p.add_argument("--upload-limit-mb", type=float, default=512.0)
+    p.add_argument("--max-sessions", type=int, default=4, help="browser sessions served at once (one scene each)")
+    p.add_argument("--idle-timeout", type=float, default=120.0,
+                   help="seconds after a browser session's last connection closed before its scene is dropped")
+    _add_device(p)
+    p.set_defaults(func=_run_app)
+
+
+def _run_app(args) -> int:
+    try:
+        import trame_slicer  # noqa: F401  (checked here so the message names the missing extra)
+        from cotexnet_app.launch import serve
+    except ImportError as error:
+        raise CoTexNetError(f"the web app needs the 'app' extra ({error}); run scripts/setup-app.sh "
+                            "and use .venv-app/bin/cotexnet app") from error
+    serve(data_root=args.data_root, models=args.model, host=args.host, port=args.port, token=args.token,
+                       device=args.device, upload_limit_mb=args.upload_limit_mb, max_sessions=args.max_sessions,
+                       idle_timeout=args.idle_timeout)
+    return 0
+
+
 # ------------------------------------------------------------------------------------------------ main
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
@@ -444,7 +476,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"cotexnet {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging and full tracebacks")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_train, _add_segment, _add_evaluate, _add_postprocess, _add_concepts, _add_bench, _add_demo):
+    for add in (_add_train, _add_segment, _add_evaluate, _add_postprocess, _add_concepts, _add_bench, _add_demo,
+                _add_app):
         add(sub)
     return parser
 
