@@ -279,6 +279,19 @@ class CoTexNetSegmentLogic:
         os.makedirs(outDir, exist_ok=True)
         return segment_files(model, paths, outDir, device=device, show_progress=False, **options)
 
+    def _companion(self, segmentationNode, role: str, className: str, suffix: str, volumeNode, created: list):
+        """The node ``segmentationNode`` references under ``role`` (its concept table, its confidence volume), made
+        next to ``volumeNode`` and added to ``created`` the first time."""
+        node = segmentationNode.GetNodeReference(role)
+        if node is None:
+            node = self.scene.AddNewNodeByClass(className,
+                                                self.scene.GenerateUniqueName(f"{segmentationNode.GetName()} {suffix}"))
+            created.append(node)
+            node.AddDefaultStorageNode()  # saved with the scene
+            segmentationNode.SetNodeReferenceID(role, node.GetID())
+            mrml.placeNextTo(node, volumeNode)
+        return node
+
     def _apply(self, result: EngineResult, volumeId: str, segmentationId: Optional[str], beforeApply) -> object:
         """Writes a finished result into the scene; on failure removes the nodes it created."""
         volumeNode = self.scene.GetNodeByID(volumeId)
@@ -303,25 +316,12 @@ class CoTexNetSegmentLogic:
             if segmentationId is None:
                 created.append(segmentationNode)
             if result.concepts is not None:
-                table = segmentationNode.GetNodeReference(CONCEPTS_REFERENCE_ROLE)
-                if table is None:
-                    table = self.scene.AddNewNodeByClass(
-                        "vtkMRMLTableNode", self.scene.GenerateUniqueName(f"{segmentationNode.GetName()} concepts")
-                    )
-                    created.append(table)
-                    table.AddDefaultStorageNode()
-                    segmentationNode.SetNodeReferenceID(CONCEPTS_REFERENCE_ROLE, table.GetID())
-                    mrml.placeNextTo(table, volumeNode)
+                table = self._companion(segmentationNode, CONCEPTS_REFERENCE_ROLE, "vtkMRMLTableNode", "concepts",
+                                        volumeNode, created)
                 writeConceptTable(table, result.concepts)
             if result.confidence is not None:
-                confidenceNode = segmentationNode.GetNodeReference(CONFIDENCE_REFERENCE_ROLE)
-                if confidenceNode is None:
-                    confidenceNode = self.scene.AddNewNodeByClass(
-                        "vtkMRMLScalarVolumeNode", self.scene.GenerateUniqueName(f"{segmentationNode.GetName()} confidence")
-                    )
-                    created.append(confidenceNode)
-                    segmentationNode.SetNodeReferenceID(CONFIDENCE_REFERENCE_ROLE, confidenceNode.GetID())
-                    mrml.placeNextTo(confidenceNode, volumeNode)
+                confidenceNode = self._companion(segmentationNode, CONFIDENCE_REFERENCE_ROLE, "vtkMRMLScalarVolumeNode",
+                                                 "confidence", volumeNode, created)
                 mrml.arrayToVolume(result.confidence, volumeNode, confidenceNode)
                 _showAsColourMap(self.scene, confidenceNode)
         except Exception:
