@@ -463,8 +463,8 @@ def _run_app(args) -> int:
         raise CoTexNetError(f"the web app needs the 'app' extra ({error}); run scripts/setup-app.sh "
                             "and use .venv-app/bin/cotexnet app") from error
     serve(data_root=args.data_root, models=args.model, host=args.host, port=args.port, token=args.token,
-                       device=args.device, upload_limit_mb=args.upload_limit_mb, max_sessions=args.max_sessions,
-                       idle_timeout=args.idle_timeout)
+          device=args.device, upload_limit_mb=args.upload_limit_mb, max_sessions=args.max_sessions,
+          idle_timeout=args.idle_timeout)
     return 0
 
 

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from .atomic import json_default, write_json_atomic, write_text_atomic  # noqa: F401  (imported from here too)
+from .atomic import write_json_atomic
 from .errors import ConfigError
 
 #: Version of the bundle/config format written by this code. Loading refuses newer versions.
