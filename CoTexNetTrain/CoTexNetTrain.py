@@ -22,7 +22,7 @@ from slicer.ScriptedLoadableModule import (
 from slicer.parameterNodeWrapper import Choice, Decimals, SingleStep, WithinRange, parameterNodeWrapper
 from slicer.util import VTKObservationMixin
 
-from cotexnet.config import CONCEPT_BACKENDS, DEFAULT_BACKBONE, DEVICES
+from cotexnet.config import CONCEPT_BACKENDS, DEFAULT_BACKBONE, DEVICES, recipe_name
 from CoTexNetSegmentGui import ensureEngineReady  # the dependency setup both modules share
 from CoTexNetSegmentLib.errors import formatError
 from CoTexNetSegmentLib.settings import isChosenPath
@@ -32,9 +32,12 @@ from CoTexNetTrainLib import (
     TrainingInputError,
     TrainingRunError,
     TrainingState,
+    continuedClasses,
     findScenePairs,
     folderClasses,
     formatDuration,
+    modelClasses,
+    recipeFields,
     segmentNames,
 )
 
@@ -113,6 +116,7 @@ class CoTexNetTrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNode = None
         self._parameterNodeGuiTag = None
         self._segmentJob = None
+        self._shownRecipe = None  # the backbone recipe the training fields show (cotexnet.config.RECIPES)
         self._timer = qt.QTimer()
         self._timer.setInterval(POLL_INTERVAL_MS)
         self._timer.timeout.connect(self.onPoll)
@@ -181,6 +185,7 @@ class CoTexNetTrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGUI)
         self._parameterNode = inputParameterNode
         if self._parameterNode:
+            self._shownRecipe = recipe_name(self._parameterNode.backbone.strip())  # keep the values a scene saved
             self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
             self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGUI)
             self.updateGUI()
@@ -197,6 +202,12 @@ class CoTexNetTrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         """Shows the parameter node's pairs and classes, and enables what the run state allows."""
         if not self._parameterNode:
             return
+        recipe = recipe_name(self._parameterNode.backbone.strip())
+        if recipe != self._shownRecipe:  # another kind of backbone: its recipe's epochs, lr, size... (editable)
+            self._shownRecipe = recipe
+            with slicer.util.NodeModify(self._parameterNode):
+                for field, value in recipeFields(self._parameterNode.backbone).items():
+                    setattr(self._parameterNode, field, value)
         source = self._parameterNode.dataSource
         fromScene = source != DataSource.Folder
         self.ui.sceneDataWidget.setVisible(fromScene)
@@ -267,11 +278,14 @@ class CoTexNetTrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 del self._parameterNode.pairSegmentations[row]
 
     def onReadClasses(self):
-        """Classes from the first segmentation's segments (or dataset.json); keywords kept for names that stay."""
+        """Classes from the first segmentation's segments (or dataset.json), or when continuing from a model, its
+        classes and then the segments it lacks; keywords kept for names that stay."""
         with slicer.util.tryWithErrorDisplay(_("Could not read the classes."), waitCursor=True):
             if self._parameterNode.dataSource == DataSource.Folder:
                 typed = [n.strip() for n in self._parameterNode.folderClassNames.split(",") if n.strip()]
                 classes = folderClasses(self._parameterNode.dataFolder, typed or None)
+            elif isChosenPath(self._parameterNode.initFrom):
+                classes = continuedClasses(self._pairs(), modelClasses(self._parameterNode.initFrom))
             else:
                 pairs = self._pairs()
                 classes = segmentNames(pairs[0][1]) if pairs and pairs[0][1] is not None else []
@@ -307,7 +321,7 @@ class CoTexNetTrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if not ensureEngineReady():  # torch and the engine's packages, after one confirmation
             return
         p = self._parameterNode
-        if not p.classNames and p.dataSource != DataSource.Folder:
+        if (not p.classNames or isChosenPath(p.initFrom)) and p.dataSource != DataSource.Folder:
             self.onReadClasses()  # show the classes that will be trained (the logic checks them)
         data = p.dataFolder if p.dataSource == DataSource.Folder else self._pairs()
         self.ui.logTextEdit.clear()

@@ -40,6 +40,8 @@ REPO = Path(__file__).resolve().parents[1]
 TOKEN = "test-token-0123456789"
 CASE = "cases/mni152_04_0000.nii.gz"  # the demo's held-out MNI152 case
 SAVED = "cases/mni152_04_0000.seg.nrrd"  # where Save writes its segmentation
+SECOND_CASE = "cases/mni152_03_0000.nii.gz"  # another MNI152 case, for training on several opened cases
+DICOM_CASE = "cases/mni152_04_dicom"  # CASE written as a DICOM series (one file per slice)
 #: Upload cap of the app under test, in MiB: the demo case (about 70 KiB) fits, a 1 MiB file does not.
 UPLOAD_LIMIT_MB = 0.5
 #: Where screenshots go (scripts/test-app.sh keeps them for the README); a temporary folder otherwise.
@@ -52,19 +54,49 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+def write_dicom_series(image_path: Path, folder: Path) -> None:
+    """Writes a volume as an MR DICOM series, one file per slice, with the geometry tags a reader sorts and
+    places slices by (ImagePositionPatient, ImageOrientationPatient, PixelSpacing, SliceThickness). The
+    intensities (0..1 in the demo's template) are stored as integers times 1000."""
+    import SimpleITK as sitk
+
+    image = sitk.ReadImage(str(image_path))
+    stored = sitk.Cast(sitk.Round(image * 1000.0), sitk.sitkInt16)
+    direction = np.reshape(image.GetDirection(), (3, 3))
+    orientation = "\\".join(f"{v:.6f}" for v in (*direction[:, 0], *direction[:, 1]))
+    study, series = "1.2.826.0.1.3680043.2.1125.1.1", "1.2.826.0.1.3680043.2.1125.1.2"
+    folder.mkdir(parents=True)
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    for k in range(stored.GetDepth()):
+        slice_ = stored[:, :, k]
+        position = image.TransformIndexToPhysicalPoint((0, 0, k))
+        for tag, value in (("0008|0060", "MR"), ("0020|000d", study), ("0020|000e", series),
+                           ("0008|0018", f"{series}.{k + 1}"), ("0020|0013", str(k + 1)),
+                           ("0020|0032", "\\".join(f"{v:.6f}" for v in position)), ("0020|0037", orientation),
+                           ("0018|0050", f"{image.GetSpacing()[2]:.6f}"), ("0010|0010", "MNI152^Template"),
+                           ("0008|103e", "MNI152 T1 test series")):
+            slice_.SetMetaData(tag, value)
+        writer.SetFileName(str(folder / f"slice_{k:03d}.dcm"))
+        writer.Execute(slice_)
+
+
 @pytest.fixture(scope="module")
 def data_root(tmp_path_factory):
-    """The demo data with a tiny model trained on it; the root holds the test case, and a symlink out."""
+    """The demo data with a tiny model trained on it (20 epochs: enough to find both classes on the test
+    case); the root holds two cases, the first also as a DICOM series, and a symlink out."""
     from cotexnet.demo import write_mni152_dataset
     from cotexnet.train import TrainOptions, train
 
     work = tmp_path_factory.mktemp("app")
     data = write_mni152_dataset(work / "data")
-    model = train(TrainOptions(data=str(data), out=str(work / "run"), backbone="tiny", image_size=64, epochs=3,
-                               batch_size=4, lr=3e-3, patience=3, device="cpu", show_progress=False))
+    model = train(TrainOptions(data=str(data), out=str(work / "run"), backbone="tiny", image_size=64, epochs=20,
+                               batch_size=4, lr=3e-3, patience=20, device="cpu", show_progress=False))
     root = work / "root"
     (root / "cases").mkdir(parents=True)
     shutil.copy(data / "imagesTr" / "mni152_04_0000.nii.gz", root / CASE)
+    shutil.copy(data / "imagesTr" / "mni152_03_0000.nii.gz", root / SECOND_CASE)
+    write_dicom_series(root / CASE, root / DICOM_CASE)
     outside = work / "outside"
     outside.mkdir()
     shutil.copy(data / "imagesTr" / "mni152_03_0000.nii.gz", outside / "secret.nii.gz")
@@ -159,23 +191,37 @@ def open_volume(driver, relative):
     driver.find_element(By.ID, "cx-open").click()
 
 
-def slice_view_picture(driver) -> np.ndarray:
-    """RGB pixels of the largest view on the page (the axial slice view of the layout)."""
+def view_pictures(driver) -> dict[str, np.ndarray]:
+    """RGB pixels of each view as the page lays them out: the large axial slice view on the left, and on the
+    right from the top the 3D, coronal and sagittal views."""
     from PIL import Image
 
-    views = [e for e in driver.find_elements(By.CSS_SELECTOR, "img, canvas, video") if e.size["width"] > 100]
-    view = max(views, key=lambda e: e.size["width"] * e.size["height"])
+    boxes = sorted({(e.location["x"], e.location["y"], e.size["width"], e.size["height"])
+                    for e in driver.find_elements(By.CSS_SELECTOR, ".remote-controlled-area img") if e.size["width"] > 100})
+    assert len(boxes) == 4, f"expected four views, found {boxes}"
     page = np.asarray(Image.open(io.BytesIO(driver.get_screenshot_as_png())).convert("RGB"))
     scale = page.shape[1] / driver.execute_script("return window.innerWidth")
-    x, y = int(view.location["x"] * scale), int(view.location["y"] * scale)
-    w, h = int(view.size["width"] * scale), int(view.size["height"] * scale)
-    return page[y:y + h, x:x + w]
+    pictures = {}
+    for name, (x, y, w, h) in zip(("axial", "3d", "coronal", "sagittal"), [boxes[0], *sorted(boxes[1:], key=lambda b: b[1])]):
+        x, y, w, h = (int(v * scale) for v in (x, y, w, h))
+        pictures[name] = page[y:y + h, x:x + w]
+    return pictures
 
 
 def pixels_of_color(picture: np.ndarray, color) -> int:
     """Pixels within 40 of a class colour in every channel (segment outlines are drawn in the pure colour)."""
     target = np.round(np.asarray(color) * 255)
     return int((np.abs(picture.astype(int) - target).max(axis=2) <= 40).sum())
+
+
+def pixels_of_hue(picture: np.ndarray, color) -> int:
+    """Lit pixels whose chromaticity (r, g, b over their sum) is within 0.06 of a class colour's: a shaded
+    surface keeps its colour's chromaticity while lighting scales its brightness; grey scale has none."""
+    rgb = picture.astype(float)
+    total = rgb.sum(axis=2, keepdims=True)
+    target = np.asarray(color, float) / sum(color)
+    close = np.abs(rgb / np.maximum(total, 1) - target).max(axis=2) <= 0.06
+    return int((close & (total[..., 0] > 60)).sum())
 
 
 def save_screenshot(driver, name, tmp_path):
@@ -196,7 +242,7 @@ def test_segment_the_demo_case_in_the_browser(app, browsers, tmp_path):
     open_volume(driver, CASE)
     wait_for(lambda: "Opened" in text(driver, "cx-message"), 60, "the volume to open")
     time.sleep(2)  # the views render the new volume
-    before = slice_view_picture(driver)
+    before = view_pictures(driver)
 
     driver.find_element(By.ID, "cx-segment").click()
     clicked = time.perf_counter()
@@ -210,20 +256,25 @@ def test_segment_the_demo_case_in_the_browser(app, browsers, tmp_path):
         assert len(re.findall(re.escape(name), panel)) >= 2, f"{name!r} missing from the segment list"
 
     driver.find_element(By.ID, "cx-save").click()
-    saved = app["root"] / "cases" / "mni152_04_0000.seg.nrrd"
+    saved = app["root"] / SAVED
     wait_for(saved.exists, 30, "the saved segmentation")
     labels = read_label_map(saved, reference=read_image(app["root"] / CASE), num_classes=config.num_classes)
     assert labels.shape == read_image(app["root"] / CASE).array.shape
 
     time.sleep(2)  # the views render the segments
-    after = slice_view_picture(driver)
+    after = view_pictures(driver)
     save_screenshot(driver, "app-segmented.png", tmp_path)
     shown = [(name, color) for index, (name, color) in enumerate(zip(config.classes, config.colors), start=1)
              if (labels == index).mean() > 0.01]
-    assert shown, "the model found no class in more than 1% of the volume"
+    assert [name for name, _ in shown] == list(config.classes), "the test model misses a class on the test case"
     for name, color in shown:
-        assert pixels_of_color(after, color) > 50 + 2 * pixels_of_color(before, color), \
-            f"{name} ({color}) is not drawn in the slice view"
+        assert pixels_of_color(after["axial"], color) > 50 + 2 * pixels_of_color(before["axial"], color), \
+            f"{name} ({color}) is not drawn in the axial view"
+    # Grey matter encloses white matter, so only its (opaque) surface can be seen in the 3D view.
+    outer = config.colors[config.classes.index("grey matter")]
+    assert pixels_of_hue(after["3d"], outer) > 200 + 2 * pixels_of_hue(before["3d"], outer), \
+        f"grey matter ({outer}) has no surface in the 3D view"
+    assert state(driver, "SegmentEditorState__segment_display__SegmentDisplayState__show_3d") is True  # the editor's "Show 3D" is on
 
 
 def test_cancel_stops_the_worker_and_leaves_the_scene_as_it_was(app, browsers):
@@ -380,6 +431,65 @@ def test_paint_and_erase_change_the_segment_and_undo_brings_it_back(app, segment
     choose_effect(driver, "mdi-cursor-default", "NoTool")  # back to no tool for the tests that follow
 
 
+def lasso_across_the_main_view(driver, size=80):
+    """A closed square stroke around the centre of the axial view (the scissors' free-form shape)."""
+    views = [e for e in driver.find_elements(By.CSS_SELECTOR, ".remote-controlled-area img") if e.size["width"] > 100]
+    view = min(views, key=lambda e: e.location["x"])
+    actions = ActionChains(driver).move_to_element_with_offset(view, -size // 2, -size // 2).click_and_hold()
+    for dx, dy in ((1, 0), (0, 1), (-1, 0), (0, -1)):
+        for _ in range(8):
+            actions.move_by_offset(dx * size // 8, dy * size // 8)
+    actions.release().perform()
+
+
+def largest_island(mask: np.ndarray) -> int:
+    """Voxels of the largest 6-connected component: what Islands' "Keep largest" keeps (trame-slicer's islands
+    pipeline, like Slicer's, labels components with vtkImageConnectivityFilter, fully connected off)."""
+    from scipy import ndimage
+
+    components, count = ndimage.label(mask)
+    return int(np.bincount(components.ravel())[1:].max()) if count else 0
+
+
+def test_scissors_and_islands_edit_the_segment_and_undo_brings_it_back(app, segmented):
+    """Scissors (free-form, erase inside, through all slices) removes voxels of the active segment only;
+    Islands "Keep largest" leaves exactly the active segment's largest 6-connected component; Undo takes
+    each back."""
+    from cotexnet.bundle import read_bundle_config
+    from cotexnet.data import read_image, read_label_map
+
+    driver = segmented
+    num_classes = read_bundle_config(app["model"]).num_classes
+    driver.find_elements(By.CSS_SELECTOR, ".cx-concept-row")[0].click()  # the first class becomes the active one
+    time.sleep(1)
+    original = saved_counts(app, driver, num_classes)
+
+    choose_effect(driver, "mdi-content-cut", "Scissors")
+    lasso_across_the_main_view(driver)
+    wait_for(lambda: state(driver, "SegmentEditorState__can_undo"), 30, "the cut to be undoable")
+    time.sleep(1)
+    cut = saved_counts(app, driver, num_classes)
+    assert cut[0] < original[0] and cut[1:] == original[1:], f"scissors: {original} -> {cut}"
+
+    driver.find_elements(By.CSS_SELECTOR, ".cx-concept-row")[1].click()  # the second class (white matter, in
+    time.sleep(1)  # pieces where the cortex ribbon of grey matter is one island) becomes the active one
+    choose_effect(driver, "mdi-scatter-plot", "Islands")
+    apply = [b for b in driver.find_elements(By.XPATH, "//button[normalize-space(.)='Apply']") if b.is_displayed()]
+    assert len(apply) == 1, "the Islands panel's Apply button"
+    apply[0].click()
+    time.sleep(2)
+    kept = saved_counts(app, driver, num_classes)
+    assert kept[0] == cut[0] and kept[1] < cut[1], f"islands: {cut} -> {kept}"
+    labels = read_label_map(app["root"] / SAVED, reference=read_image(app["root"] / CASE), num_classes=num_classes)
+    assert largest_island(labels == 2) == kept[1], "Keep largest kept more than one island"
+
+    for expected in (cut, original):
+        editor_button(driver, "mdi-undo").click()
+        time.sleep(1)
+        assert saved_counts(app, driver, num_classes) == expected
+    choose_effect(driver, "mdi-cursor-default", "NoTool")
+
+
 def test_training_from_the_page_plots_each_epoch_and_becomes_the_current_model(app, segmented):
     """Two epochs on the opened case from the current model: loss and per-class Dice get a point per epoch
     while it runs, and the run becomes the chosen model, listed among the recent models, and segments."""
@@ -387,9 +497,16 @@ def test_training_from_the_page_plots_each_epoch_and_becomes_the_current_model(a
 
     driver = segmented
     classes = read_bundle_config(app["model"]).classes
+    open_volume(driver, SECOND_CASE)  # a second case, segmented too: the run trains on both opened cases
+    wait_for(lambda: f"Opened {SECOND_CASE}" in text(driver, "cx-message"), 60, "the second case to open")
+    assert not driver.find_elements(By.CSS_SELECTOR, ".cx-concept-row"), "the first case's table is still shown"
+    driver.find_element(By.ID, "cx-segment").click()
+    wait_for(lambda: "Segmented" in text(driver, "cx-message") and not state(driver, "cx_busy"), 300, "the second case")
+    assert [case["value"] for case in state(driver, "cx_cases")] == [CASE, SECOND_CASE]
     set_state(driver, "cx_epochs", 2)
     time.sleep(0.3)
     driver.find_element(By.ID, "cx-train").click()
+    assert "on 2 cases" in wait_for(lambda: text(driver, "cx-train-message"), 30, "the training message")
     started = time.perf_counter()
     wait_for(lambda: driver.find_elements(By.CSS_SELECTOR, ".cx-point") or text(driver, "cx-error"), 300,
              "the first point of the training curves")
@@ -406,9 +523,10 @@ def test_training_from_the_page_plots_each_epoch_and_becomes_the_current_model(a
     assert len(driver.find_elements(By.CSS_SELECTOR, ".cx-point")) == 2 * (1 + len(classes))
 
     run = state(driver, "cx_model")
-    assert run.startswith("runs/mni152_04_0000-"), run
+    assert run.startswith("runs/2-cases-"), run
     last = json.loads((app["root"] / run / "last" / "training.json").read_text())  # best/ is the best epoch's
     assert last["epochs_run"] == 2 and Path(last["options"]["init_from"]) == app["model"]
+    assert sorted(case for cases in last["split"].values() for case in cases) == ["case_000", "case_001"]
     assert (app["root"] / run / "best" / "config.json").is_file()
     chooser = driver.find_element(By.ID, "cx-model").find_element(By.XPATH, "ancestor::div[contains(@class, 'v-select')][1]")
     assert chooser.find_element(By.CSS_SELECTOR, ".v-select__selection-text").text.startswith(run)
@@ -438,6 +556,43 @@ def test_stop_ends_a_training_after_its_step_and_keeps_its_best_model(app, segme
     assert 1 <= epochs < 50
     run = app["root"] / state(driver, "cx_model")
     assert (run / "best" / "config.json").is_file() and (run / "stop-training").exists()
+
+
+def test_a_dicom_folder_opens_segments_and_saves_beside_the_folder(app, browsers):
+    """The DICOM series of the test case (integers, intensities times 1000) opens with the NIfTI's geometry,
+    segments like the NIfTI does (the engine's own prediction on the NIfTI file), and Save writes
+    ``<folder>.seg.nrrd`` beside the series, not into it."""
+    from cotexnet import CoTexNet
+    from cotexnet.data import read_image, read_label_map
+    from cotexnet.data.image import as_geometry, read_segmentation_file
+    from cotexnet.infer import predict_volume
+
+    driver = browsers()
+    open_page(driver, app["url"])
+    assert DICOM_CASE in state(driver, "cx_volumes")
+    open_volume(driver, DICOM_CASE)
+    wait_for(lambda: f"Opened {DICOM_CASE}" in text(driver, "cx-message") or text(driver, "cx-error"), 60, "the series")
+    assert text(driver, "cx-error") == ""
+    set_state(driver, "cx_model", str(app["model"].resolve()))  # the --model (runs trained earlier are listed first)
+    time.sleep(0.3)
+    driver.find_element(By.ID, "cx-segment").click()
+    wait_for(lambda: driver.find_elements(By.CSS_SELECTOR, ".cx-concept-row") or text(driver, "cx-error"), 300,
+             "the concept table")
+    assert text(driver, "cx-error") == ""
+    driver.find_element(By.ID, "cx-save").click()
+    saved = app["root"] / f"{DICOM_CASE}.seg.nrrd"
+    wait_for(saved.exists, 30, "the saved segmentation")
+    assert not list((app["root"] / DICOM_CASE).glob("*.nrrd"))
+
+    nifti = read_image(app["root"] / CASE)
+    assert read_segmentation_file(saved)[1].same_grid(as_geometry(nifti)), "the series did not keep the geometry"
+    model = CoTexNet.from_pretrained(app["model"])
+    labels = read_label_map(saved, reference=nifti, num_classes=model.config.num_classes)
+    expected = predict_volume(model, nifti, device="cpu").labels
+    for index, name in enumerate(model.config.classes, start=1):
+        a, b = labels == index, expected == index
+        dice = 2 * (a & b).sum() / (a.sum() + b.sum())
+        assert dice > 0.99, f"{name}: Dice {dice:.3f} between the DICOM and NIfTI segmentations"
 
 
 def test_upload_within_the_cap_opens_and_one_over_it_is_refused(app, browsers, tmp_path):

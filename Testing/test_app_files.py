@@ -56,7 +56,10 @@ def test_listings_hold_volumes_dicom_folders_and_models_but_nothing_outside(root
 def test_uploads_are_capped_renamed_safely_and_written_whole(root):
     path = root.save_upload("../../evil name.nii.gz", b"abc")
     assert path == root.root / "uploads" / "evil_name.nii.gz" and path.read_bytes() == b"abc"
-    assert not [p for p in os.listdir(path.parent) if p != path.name]  # no temporary file left behind
+    again = root.save_upload("evil name.nii.gz", b"other")  # a second file of that name keeps the first
+    assert again == root.root / "uploads" / "evil_name-2.nii.gz" and again.read_bytes() == b"other"
+    assert path.read_bytes() == b"abc" and root.save_upload("evil_name.nii.gz", b"3").name == "evil_name-3.nii.gz"
+    assert sorted(os.listdir(path.parent)) == ["evil_name-2.nii.gz", "evil_name-3.nii.gz", "evil_name.nii.gz"]
     with pytest.raises(AccessError, match="over the upload limit of 1 MiB"):
         root.save_upload("big.nii.gz", b"0" * (2 << 20))
     with pytest.raises(AccessError, match="expected a volume file"):

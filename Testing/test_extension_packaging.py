@@ -177,8 +177,8 @@ def test_icon_url_points_at_the_committed_icon(extension):
 def test_license_is_the_full_text_of_the_license_pyproject_names():
     """The extensions index requires a LICENSE file at the root; it is the one pyproject.toml declares."""
     tomllib = pytest.importorskip("tomllib")
-    declared = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["project"]["license"]["text"]
-    assert declared == "Apache-2.0"
+    project = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    assert project["license"] == "Apache-2.0" and project["license-files"] == ["LICENSE"]  # an SPDX expression
     text = (REPO / "LICENSE").read_text(encoding="utf-8")
     assert text.lstrip().startswith("Apache License\n") and "Version 2.0, January 2004" in text
     sections = re.findall(r"^\s+(\d+)\. (\w[\w ]*)\.", text, re.M)

@@ -27,11 +27,14 @@ from CoTexNetTrainLib import (
     TrainingInputError,
     addRecentModel,
     TrainingRunError,
+    continuedClasses,
     exportDataset,
     findScenePairs,
     folderClasses,
+    modelClasses,
     recentModels,
 )
+from CoTexNetTrainLib.logic import RECIPE_FIELDS, _trainArguments, recipeFields
 from CoTexNetTrainLib.progress import ProgressEventReader, TrainingProgress
 
 REPO = Path(__file__).resolve().parents[1]
@@ -207,7 +210,15 @@ def _sequenceFrame(scene):
     return [(volume, segmentation)], r"'cine' is 4D \(a frame of sequence browser 'cine browser'\)"
 
 
-@pytest.mark.parametrize("make", [_noSegmentation, _differentNames, _twoD, _multiComponent, _sequenceFrame])
+def _emptyEverywhere(scene):
+    first, second = _segmented(scene, "case A", ("liver",)), _segmented(scene, "case B", ("liver",))
+    for _, segmentation in (first, second):  # a segment the user added but never painted
+        segmentation.GetSegmentation().AddEmptySegment("tumor", "tumor")
+    return [first, second], r"'tumor' has no voxels in the 2 training cases: paint it in at least one case"
+
+
+@pytest.mark.parametrize("make", [_noSegmentation, _differentNames, _twoD, _multiComponent, _sequenceFrame,
+                                  _emptyEverywhere])
 def test_bad_input_is_refused_before_any_process_starts(scene, tmp_path, make):
     pairs, message = make(scene)
     logic = CoTexNetTrainLogic(scene)
@@ -215,6 +226,23 @@ def test_bad_input_is_refused_before_any_process_starts(scene, tmp_path, make):
         logic.train(pairs, None, tmp_path / "run", backbone="tiny", waitForCompletion=False)
     assert logic.process is None
     assert not (tmp_path / "run").exists()
+
+
+def test_continuing_from_a_model_trains_its_classes_then_the_new_segments(scene, tmp_path, tiny_model):
+    """With ``initFrom`` and no classes, the run's classes are the model's (fine-tuning keeps every one, in its
+    label order) and then segments it lacks; a model class that no case shows is refused by name."""
+    tiny_model(classes=("liver", "spleen")).save_pretrained(tmp_path / "model")
+    first = _segmented(scene, "case A", ("tumor", "liver"))
+    second = _segmented(scene, "case B", ("spleen", "cyst", "tumor"))
+    assert modelClasses(tmp_path / "model") == ["liver", "spleen"]
+    assert continuedClasses([first, second], ["liver", "spleen"]) == ["liver", "spleen", "tumor", "cyst"]
+    logic = CoTexNetTrainLogic(scene)
+    with pytest.raises(TrainingInputError, match=r"^'spleen' has no voxels in segmentation 'case A seg'"):
+        logic.train([first], None, tmp_path / "run", backbone="tiny", initFrom=str(tmp_path / "model"),
+                    waitForCompletion=False)
+    assert logic.process is None and not (tmp_path / "run").exists()
+    with pytest.raises(TrainingInputError, match=r"the model to continue from: .*not found"):
+        modelClasses(tmp_path / "no model")
 
 
 # ------------------------------------------------------------------------------------ progress events
@@ -381,6 +409,26 @@ def _parameterAnnotations() -> dict[str, str]:
     return {
         item.target.id: ast.unparse(item.annotation) for item in wrapper.body if isinstance(item, ast.AnnAssign)
     }
+
+
+def test_training_fields_show_the_recipe_of_the_backbone():
+    """The module sends its epochs, lr, size, batch and patience, so they must be the engine's recipe for the
+    chosen backbone (config.RECIPES): the random-init tiny model does not learn with the paper's recipe. The
+    parameter node's defaults are the default backbone's recipe; another backbone fills in its own."""
+    from cotexnet.cli import build_parser
+    from cotexnet.config import DEFAULT_BACKBONE
+
+    tree = ast.parse((MODULE_DIR / "CoTexNetTrain.py").read_text(encoding="utf-8"))
+    wrapper = next(node for node in tree.body if isinstance(node, ast.ClassDef) and node.name == "CoTexNetTrainParameterNode")
+    defaults = {item.target.id: ast.literal_eval(item.value) for item in wrapper.body
+                if isinstance(item, ast.AnnAssign) and item.target.id in RECIPE_FIELDS}
+    assert defaults == recipeFields(DEFAULT_BACKBONE) == {
+        "imageSize": 352, "epochs": 500, "batchSize": 8, "learningRate": 3e-4, "patience": 50}
+    for backbone in ("tiny", " full-random "):
+        assert recipeFields(backbone) == {"imageSize": 96, "epochs": 80, "batchSize": 4, "learningRate": 3e-3,
+                                          "patience": 80}
+    arguments = _trainArguments(Path("data"), ["gm"], Path("run"), None, {"backbone": "tiny", **recipeFields("tiny")})
+    assert build_parser().parse_args(["train", *arguments]).lr == 3e-3  # each field reaches the engine
 
 
 def _uiWidgets(root) -> dict[str, ElementTree.Element]:

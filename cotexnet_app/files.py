@@ -13,7 +13,7 @@ import re
 from pathlib import Path, PurePosixPath
 
 from cotexnet.atomic import write_files_atomic
-from cotexnet.data.image import SEGMENTATION_SUFFIX, VOLUME_SUFFIXES
+from cotexnet.data.image import SEGMENTATION_SUFFIX, VOLUME_SUFFIXES, strip_suffix
 from cotexnet.errors import CoTexNetError
 
 #: Default cap on one uploaded file, in MiB (a CT volume in .nii.gz is typically 20 to 200 MiB).
@@ -108,6 +108,15 @@ class DataRoot:
             raise AccessError(f"{name}: expected a volume file ({', '.join(VOLUME_SUFFIXES)})")
         target = self.resolve(f"{UPLOADS_FOLDER}/{safe}", must_exist=False)
         target.parent.mkdir(exist_ok=True)
+        stem, suffix = strip_suffix(target), target.name[len(strip_suffix(target)):]
+        number = 1
+        while True:  # never replace an earlier upload (another session may have it open): claim a free name
+            try:
+                os.close(os.open(target, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+                break
+            except FileExistsError:
+                number += 1
+                target = target.with_name(f"{stem}-{number}{suffix}")
         write_files_atomic(target, lambda temporary: Path(temporary).write_bytes(content))
         return target
 

@@ -16,7 +16,8 @@ import logging
 import os
 import sys
 import time
-from pathlib import Path
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
 from typing import Optional
 
 from cotexnet_app import logic_path
@@ -53,8 +54,25 @@ log = logging.getLogger("cotexnet_app.session")
 POLL_INTERVAL_S = 0.1
 #: How often the training watcher reads the training process's progress file, in seconds.
 TRAINING_POLL_INTERVAL_S = 0.5
+#: The segmentation representation the 3D view draws.
+CLOSED_SURFACE = "Closed surface"
 #: Epochs of a training started from the page unless the page asks for another number.
 DEFAULT_TRAINING_EPOCHS = 20
+
+
+@dataclass
+class OpenedCase:
+    """A case opened in the page: its volume and the segmentation that Segment, the effects and Save work on.
+    Cases stay in the session's scene until closed, so a training can use every one of them."""
+
+    relative: str  # its path in the data root, as the page names it
+    path: Path
+    volume: object  # vtkMRMLScalarVolumeNode
+    segmentation: object  # vtkMRMLSegmentationNode
+
+    @property
+    def stem(self) -> str:
+        return self.path.name if self.path.is_dir() else strip_suffix(self.path)
 
 
 class CoTexNetWebApp(TrameApp):
@@ -75,7 +93,8 @@ class CoTexNetWebApp(TrameApp):
         self.editor_logic = SegmentEditorLogic(self.server, self.slicer_app)
         self.logic = CoTexNetSegmentLogic(self.slicer_app.scene, worker=SegmentationWorker())
         self.training = CoTexNetTrainLogic(self.slicer_app.scene)
-        self.volume_node = self.volume_path = None
+        self.cases: dict[str, OpenedCase] = {}
+        self.case: Optional[OpenedCase] = None  # the one in the views
         self.job = None
         self.curves: Optional[TrainingCurves] = None
         self._segmenting_with: Optional[Path] = None
@@ -99,6 +118,7 @@ class CoTexNetWebApp(TrameApp):
         s.cx_models = self._model_choices()
         s.cx_model = s.cx_models[0]["value"] if s.cx_models else None
         s.cx_opened = ""
+        s.cx_cases = []
         s.cx_busy = False
         s.cx_progress = 0
         s.cx_message = "Open a volume from the data root, choose a model, then Segment."
@@ -119,6 +139,7 @@ class CoTexNetWebApp(TrameApp):
 
     # ------------------------------------------------------------------ volumes
     def open_volume(self, relative: Optional[str] = None) -> None:
+        """Opens a volume or DICOM folder of the data root as a new case (or shows it again if it is open)."""
         relative = relative or self.state.cx_volume
         self.state.cx_error = ""
         try:
@@ -127,17 +148,65 @@ class CoTexNetWebApp(TrameApp):
             return self._fail(str(error))
         if self.job is not None and not self.job.finished:
             return self._fail("a segmentation is running: Cancel it before opening another volume")
-        files = sorted(str(p) for p in path.iterdir() if p.is_file()) if path.is_dir() else [str(path)]
-        self.slicer_app.scene.Clear()
-        volumes = self.slicer_app.io_manager.load_volumes(files)
-        if not volumes:
-            return self._fail(f"{relative}: no volume could be read from it")
-        self.volume_node, self.volume_path = volumes[0], path
-        self.slicer_app.display_manager.show_volume(self.volume_node, do_reset_views=True)
-        self.editor_logic.on_volume_changed(self.volume_node)
-        self.state.cx_opened = relative
-        self.state.cx_concepts = []
+        relative = self.data_root.relative(path)
+        if relative not in self.cases:
+            files = sorted(str(p) for p in path.iterdir() if p.is_file()) if path.is_dir() else [str(path)]
+            volumes = self.slicer_app.io_manager.load_volumes(files)
+            if not volumes:
+                return self._fail(f"{relative}: no volume could be read from it")
+            for extra in volumes[1:]:  # a folder of several series: the first is the case
+                self.slicer_app.scene.RemoveNode(extra)
+            segmentation = self.slicer_app.segmentation_editor.create_empty_segmentation_node()
+            segmentation.SetName(f"{volumes[0].GetName()} segmentation")
+            self.cases[relative] = OpenedCase(relative, path, volumes[0], segmentation)
+        self._show_case(self.cases[relative])
         self.state.cx_message = f"Opened {relative}."
+
+    def close_case(self) -> None:
+        """Removes the case in the views (volume, segmentation, its concept table) from the session's scene."""
+        self.state.cx_error = ""
+        if self.case is None:
+            return
+        if self.job is not None and not self.job.finished:
+            return self._fail("a segmentation is running: Cancel it before closing the case")
+        case = self.cases.pop(self.case.relative)  # a running training has its own copy (exported at its start)
+        self.slicer_app.segmentation_editor.deactivate_effect()
+        for node in (self.logic.conceptTable(case.segmentation), case.segmentation, case.volume):
+            if node is not None:
+                self.slicer_app.scene.RemoveNode(node)
+        self.case = None
+        if self.cases:
+            self._show_case(next(reversed(self.cases.values())))
+        else:
+            self.state.cx_opened, self.state.cx_concepts = "", []
+            self._list_cases()
+        self.state.cx_message = f"Closed {case.relative}."
+
+    def _show_case(self, case: OpenedCase) -> None:
+        """Puts a case in the views and in the segment editor; the other cases' volumes and segments are hidden."""
+        for other in self.cases.values():
+            if other is not case:
+                self.slicer_app.display_manager.hide_volume(other.volume)
+                other.segmentation.SetDisplayVisibility(False)
+        case.segmentation.SetDisplayVisibility(True)
+        self.slicer_app.display_manager.show_volume(case.volume, do_reset_views=True)
+        editor = self.slicer_app.segmentation_editor
+        # The editor carries one "show 3D" switch over to the segmentation it activates; each case keeps its own.
+        show_3d = case.segmentation.GetSegmentation().ContainsRepresentation(CLOSED_SURFACE)
+        editor.deactivate_effect()
+        editor.set_active_segmentation(case.segmentation, case.volume)
+        editor.set_surface_representation_enabled(show_3d)
+        self.case = case
+        self.state.cx_opened = case.relative
+        self.state.cx_volume = case.relative
+        self.state.cx_concepts = self._concept_rows(case.segmentation)
+        self._list_cases()
+
+    def _list_cases(self) -> None:
+        """The opened cases for the page, each with how many segments it has (training uses those with some)."""
+        self.state.cx_cases = [
+            {"value": case.relative, "title": f"{case.relative} ({case.segmentation.GetSegmentation().GetNumberOfSegments()}"
+                                              " segments)"} for case in self.cases.values()]
 
     def upload(self, files) -> None:
         """Saves an uploaded volume into the data root's uploads/ folder and opens it."""
@@ -205,15 +274,14 @@ class CoTexNetWebApp(TrameApp):
 
     def segment(self) -> None:
         self.state.cx_error = ""
-        if self.volume_node is None:
+        if self.case is None:
             return self._fail("open a volume first")
         if self.job is not None and not self.job.finished:
             return self._fail("a segmentation is already running")
         try:
             model = self._model_path()
-            segmentation = self.slicer_app.segmentation_editor.active_segmentation_node
-            self.job = self.logic.startSegmentation(self.volume_node, model, self.device, segmentationNode=segmentation,
-                                                    batchSize=self.batch_size)
+            self.job = self.logic.startSegmentation(self.case.volume, model, self.device,
+                                                    segmentationNode=self.case.segmentation, batchSize=self.batch_size)
         except (CoTexNetError, ValueError, RuntimeError) as error:
             return self._fail(str(error))
         self._segment_clicked_at = time.perf_counter()
@@ -243,11 +311,12 @@ class CoTexNetWebApp(TrameApp):
                 self._fail(f"Segmentation failed: {job.error}")
 
     def _show_result(self, segmentation) -> None:
-        editor = self.slicer_app.segmentation_editor
-        editor.set_active_segmentation(segmentation, self.volume_node)
-        self.state.cx_concepts = self._concept_rows(segmentation)
+        self.case.segmentation = segmentation  # the node the job filled (the case's own)
+        segmentation.CreateClosedSurfaceRepresentation()  # surfaces in the 3D view, as Segment Editor's "Show 3D"
+        self._show_case(self.case)
         seconds = time.perf_counter() - self._segment_clicked_at
-        self.state.cx_message = f"Segmented {len(editor.get_segment_ids())} segments in {seconds:.1f} s."
+        count = segmentation.GetSegmentation().GetNumberOfSegments()
+        self.state.cx_message = f"Segmented {count} segments in {seconds:.1f} s."
         log.info(f"segment click to segments shown: {seconds:.2f} s")
 
     def _concept_rows(self, segmentation) -> list[dict]:
@@ -263,44 +332,49 @@ class CoTexNetWebApp(TrameApp):
             self.job.cancel()
 
     def show_concept_row(self, row: int) -> None:
-        segmentation = self.slicer_app.segmentation_editor.active_segmentation_node
-        if segmentation is not None:
-            segment_id = self.logic.showConceptRow(segmentation, int(row))
-            if segment_id:
-                self.slicer_app.segmentation_editor.set_active_segment_id(segment_id)
+        """Centres the views on the row's segment and makes it the one the effects edit."""
+        if self.case is None:
+            return
+        segmentation = self.case.segmentation
+        segment_id = self.logic.showConceptRow(segmentation, int(row))
+        if not segment_id:
+            return
+        self.slicer_app.segmentation_editor.set_active_segment_id(segment_id)
+        if segmentation.GetSegmentCenterRAS(segment_id) is None:
+            name = segmentation.GetSegmentation().GetSegment(segment_id).GetName()
+            self.state.cx_message = f"{name} has no voxels in this case: nothing to show (paint it to add some)."
 
     def save(self) -> None:
         """Writes the (corrected) segmentation as .seg.nrrd next to the opened volume."""
         from cotexnet.data.labels import write_segmentation_nrrd
 
         self.state.cx_error = ""
-        editor = self.slicer_app.segmentation_editor
-        segmentation = editor.active_segmentation_node
-        if self.volume_node is None or segmentation is None or not editor.get_segment_ids():
+        case = self.case
+        if case is None or not case.segmentation.GetSegmentation().GetNumberOfSegments():
             return self._fail("nothing to save: segment a volume first")
+        editor = self.slicer_app.segmentation_editor
         names = editor.get_segment_names()
-        labels = mrml.segmentationToLabelMap(segmentation, self.volume_node, names)
+        labels = mrml.segmentationToLabelMap(case.segmentation, case.volume, names)
         colors = [editor.get_segment_properties(i).color for i in editor.get_segment_ids()]
-        folder = self.volume_path if self.volume_path.is_dir() else self.volume_path.parent
-        stem = self.volume_path.name if self.volume_path.is_dir() else strip_suffix(self.volume_path)
-        target = self.data_root.resolve(self.data_root.relative(folder) + f"/{stem}{SEGMENTATION_SUFFIX}"
-                                        if folder != self.data_root.root else f"{stem}{SEGMENTATION_SUFFIX}",
+        # Beside the volume file, or beside the DICOM folder (never inside a series).
+        target = self.data_root.resolve(str(PurePosixPath(case.relative).parent / f"{case.stem}{SEGMENTATION_SUFFIX}"),
                                         must_exist=False)
         try:
-            write_segmentation_nrrd(labels, mrml.geometryFromVolume(self.volume_node), target, names, colors)
+            write_segmentation_nrrd(labels, mrml.geometryFromVolume(case.volume), target, names, colors)
         except CoTexNetError as error:
             return self._fail(str(error))
         self.state.cx_message = f"Saved {self.data_root.relative(target)}."
 
     # ------------------------------------------------------------------ training
     def train(self) -> None:
-        """Trains on the opened case and its (corrected) segmentation, continuing from the chosen model, in a
-        background process run by CoTexNetTrainLogic (the Slicer module's logic: export, ``cotexnet train``,
-        progress file, stop file, run lock). The run folder goes to ``runs/`` in the data root."""
+        """Trains on every opened case that has segments, continuing from the chosen model, in a background
+        process run by CoTexNetTrainLogic (the Slicer module's logic: checks, export, ``cotexnet train``,
+        progress file, stop file, run lock). The run's classes are the model's, then segments it lacks; the
+        run folder goes to ``runs/`` in the data root."""
         self.state.cx_error = ""
-        editor = self.slicer_app.segmentation_editor
-        segmentation = editor.active_segmentation_node
-        if self.volume_node is None or segmentation is None or not editor.get_segment_ids():
+        pairs = [(case.volume, case.segmentation) for case in self.cases.values()
+                 if case.segmentation.GetSegmentation().GetNumberOfSegments()]
+        if not pairs:
             return self._fail("nothing to train on: open a case and segment (or paint) it first")
         if self.training.isRunning:
             return self._fail("a training is already running: Stop it first")
@@ -313,18 +387,21 @@ class CoTexNetWebApp(TrameApp):
         try:
             model = self._model_path()
             config = read_bundle_config(model)
-            stem = (self.volume_path.name if self.volume_path.is_dir() else strip_suffix(self.volume_path))
-            run = self.data_root.resolve(f"{RUNS_FOLDER}/{stem}-{time.strftime('%Y%m%d-%H%M%S')}", must_exist=False)
-            self.training.train([(self.volume_node, segmentation)], None, run, waitForCompletion=False,
-                                initFrom=str(model), backbone=config.backbone, epochs=epochs, device=self.device)
+            name = self.case.stem if len(pairs) == 1 else f"{len(pairs)}-cases"
+            run = self.data_root.resolve(f"{RUNS_FOLDER}/{name}-{time.strftime('%Y%m%d-%H%M%S')}", must_exist=False)
+            self.training.train(pairs, None, run, waitForCompletion=False, initFrom=str(model),
+                                backbone=config.backbone, epochs=epochs, device=self.device)
         except (CoTexNetError, TrainingInputError, TrainingRunError, ValueError, OSError) as error:
             return self._fail(f"Training could not start: {error}")
-        classes = editor.get_segment_names()
-        self.curves = TrainingCurves(classes, [hex_color(editor.get_segment_properties(i).color)
-                                               for i in editor.get_segment_ids()])
+        classes = self.training.classes
+        model_colors = dict(zip(config.classes, config.colors))
+        segment_colors = {p.name: p.color for p in self.slicer_app.segmentation_editor.get_all_segment_properties().values()}
+        self.curves = TrainingCurves(classes, [hex_color(model_colors.get(c) or segment_colors.get(c) or (0.4, 0.4, 0.4))
+                                               for c in classes])
         self._training_started_at = time.perf_counter()
         self.state.cx_training, self.state.cx_charts = True, self.curves.charts()
-        self.state.cx_train_message = f"Training {self.data_root.relative(run)} from {model.name}..."
+        cases = "this case" if len(pairs) == 1 else f"{len(pairs)} cases"
+        self.state.cx_train_message = f"Training {self.data_root.relative(run)} on {cases} from {model.name}..."
         asyncio.ensure_future(self._watch_training())
 
     async def _watch_training(self) -> None:
@@ -397,6 +474,12 @@ class CoTexNetWebApp(TrameApp):
                            density="compact", hide_details=True)
                 v3.VBtn("Open", id="cx-open", click=self.open_volume, disabled=("cx_busy",), density="compact",
                         classes="ml-1")
+            with html.Div(classes="d-flex align-center mt-2", v_show=("cx_cases.length",)):
+                v3.VSelect(id="cx-case", label="Opened cases (training uses those with segments)",
+                           items=("cx_cases",), model_value=("cx_opened",), update_modelValue=(self.open_volume, "[$event]"),
+                           disabled=("cx_busy",), density="compact", hide_details=True)
+                v3.VBtn("Close", id="cx-close", click=self.close_case, disabled=("cx_busy",),
+                        density="compact", classes="ml-1")
             v3.VFileInput(
                 id="cx-upload", label="Upload a volume", density="compact", hide_details=True, classes="mt-2",
                 # The cap is checked here too, so an oversized file is never sent.
@@ -430,11 +513,11 @@ class CoTexNetWebApp(TrameApp):
             self._build_training_panel()
 
     def _build_training_panel(self) -> None:
-        """Train on the opened case from the current model; loss and per-class Dice drawn as SVG per epoch."""
+        """Train on the opened cases from the current model; loss and per-class Dice drawn as SVG per epoch."""
         with html.Div(classes="d-flex align-center mt-3"):
             v3.VTextField(id="cx-epochs", label="Epochs", v_model_number=("cx_epochs",), type="number", min=1,
                           density="compact", hide_details=True, style="max-width: 90px", disabled=("cx_training",))
-            v3.VBtn("Train on this case", id="cx-train", click=self.train, classes="ml-2",
+            v3.VBtn("Train on the opened cases", id="cx-train", click=self.train, classes="ml-2",
                     disabled=("cx_training || cx_busy || !cx_opened",))
             v3.VBtn("Stop", id="cx-stop", click=self.stop_training, disabled=("!cx_training",), classes="ml-2")
         html.Div("{{ cx_train_message }}", id="cx-train-message", classes="text-caption mt-1")

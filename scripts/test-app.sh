@@ -6,4 +6,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup-app.sh "app,app-test"
 export COTEXNET_APP_SCREENSHOTS="${COTEXNET_APP_SCREENSHOTS:-$PWD/build/app-screenshots}"
-exec .venv-app/bin/python -m pytest -q -s Testing/test_app_browser.py Testing/test_app_files.py "$@"
+exec .venv-app/bin/python -m pytest -q -s Testing/test_app_browser.py Testing/test_app_gateway.py Testing/test_app_files.py "$@"

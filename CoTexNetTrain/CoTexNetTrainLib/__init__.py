@@ -5,15 +5,18 @@
 """
 from .dataset import (
     TrainingInputError,
+    checkEveryClassHasVoxels,
     checkPairs,
     checkVolume,
+    continuedClasses,
     exportDataset,
     findScenePairs,
     folderClasses,
+    modelClasses,
     segmentNames,
 )
 from .engine import TrainingRunError, pythonExecutable
-from .logic import CoTexNetTrainLogic, RunExistsError, TrainingState
+from .logic import CoTexNetTrainLogic, RunExistsError, TrainingState, recipeFields
 from .progress import TrainingProgress, formatDuration
 
 
@@ -36,13 +39,17 @@ __all__ = [
     "TrainingState",
     "RECENT_MODELS_SETTING",
     "addRecentModel",
+    "checkEveryClassHasVoxels",
     "checkPairs",
     "checkVolume",
+    "continuedClasses",
     "exportDataset",
     "findScenePairs",
     "folderClasses",
     "formatDuration",
+    "modelClasses",
     "pythonExecutable",
+    "recipeFields",
     "recentModels",
     "segmentNames",
 ]

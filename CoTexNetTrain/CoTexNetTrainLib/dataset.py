@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
 import slicer
 
 FILE_ENDING = ".nrrd"
@@ -124,6 +125,50 @@ def checkPairs(pairs: Sequence[tuple], classes: Sequence[str] | None = None) -> 
                 + "; rename or remove those segments"
             )
     return classes
+
+
+def modelClasses(modelFolder: str | os.PathLike) -> list[str]:
+    """The classes of a model (a bundle or a run folder), read from its config.json; no torch is imported."""
+    from .engine import importEngine
+
+    importEngine()
+    from cotexnet.bundle import read_bundle_config
+    from cotexnet.errors import CoTexNetError
+
+    try:
+        return list(read_bundle_config(modelFolder).classes)
+    except CoTexNetError as error:
+        raise TrainingInputError(f"the model to continue from: {error}") from error
+
+
+def continuedClasses(pairs: Sequence[tuple], modelClasses: Sequence[str]) -> list[str]:
+    """Classes of a run that continues from a model on scene pairs: the model's classes in its order
+    (fine-tuning keeps every one of them), then the segment names it lacks, in the order first met."""
+    classes = list(modelClasses)
+    for _, segmentationNode in pairs:
+        if segmentationNode is not None and segmentationNode.IsA("vtkMRMLSegmentationNode"):
+            classes += [name for name in segmentNames(segmentationNode) if name not in classes]
+    return classes
+
+
+def checkEveryClassHasVoxels(pairs: Sequence[tuple], classes: Sequence[str]) -> None:
+    """Refuses a class with no voxel in any case: it could only be learned as absent everywhere (the engine
+    refuses it too, but only after the export, and by label number). Segments are rasterised on each
+    volume's grid, as the export does, so a segment outside its volume counts as empty."""
+    from CoTexNetSegmentLib import mrml
+
+    present = np.zeros(len(classes) + 1, dtype=bool)
+    for volumeNode, segmentationNode in pairs:
+        labels = mrml.segmentationToLabelMap(segmentationNode, volumeNode, classes)
+        present |= np.bincount(labels.ravel(), minlength=len(classes) + 1) > 0
+    empty = [name for name, found in zip(classes, present[1:]) if not found]
+    if empty:
+        where = f"the {len(pairs)} training cases" if len(pairs) > 1 else f"segmentation {pairs[0][1].GetName()!r}"
+        raise TrainingInputError(
+            f"{', '.join(map(repr, empty))} {'has' if len(empty) == 1 else 'have'} no voxels in {where}: paint "
+            f"{'it' if len(empty) == 1 else 'them'} in at least one case (a class is learned from its examples, and a "
+            "run that continues from a model keeps every class of that model)"
+        )
 
 
 def checkClasses(classes: Sequence[str], keywords: Sequence[str] | None = None) -> None:

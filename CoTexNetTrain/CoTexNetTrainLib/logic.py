@@ -30,7 +30,8 @@ from typing import Sequence
 import slicer
 import vtk
 
-from .dataset import TrainingInputError, checkClasses, checkPairs, exportDataset, folderClasses
+from .dataset import (TrainingInputError, checkClasses, checkEveryClassHasVoxels, checkPairs, continuedClasses,
+                      exportDataset, folderClasses, modelClasses)
 from .engine import TrainingRunError, importEngine, killProcessTree, processEnvironment, pythonExecutable
 from .progress import LogReader, ProgressEventReader, TrainingProgress
 
@@ -65,6 +66,21 @@ def _addRecentModel(bundlePath: Path) -> None:
     from CoTexNetSegmentLib.settings import addRecentModel
 
     addRecentModel(bundlePath)
+
+
+#: The module's training fields and the entries of the engine's recipes (cotexnet.config.RECIPES) they show.
+RECIPE_FIELDS = {"imageSize": "image_size", "epochs": "epochs", "batchSize": "batch_size", "learningRate": "lr",
+                 "patience": "patience"}
+
+
+def recipeFields(backbone: str) -> dict:
+    """The training fields as the engine's recipe for ``backbone`` sets them: random-init backbones learn with
+    another recipe than pretrained CLIPSeg, and the module sends its fields, so they must show that recipe."""
+    importEngine()
+    from cotexnet.config import RECIPES, recipe_name
+
+    recipe = RECIPES[recipe_name(backbone.strip())]
+    return {field: recipe[key] for field, key in RECIPE_FIELDS.items()}
 
 
 #: Table columns of the per-epoch curve, in order.
@@ -115,6 +131,7 @@ class CoTexNetTrainLogic:
         self.progress = TrainingProgress()
         self.state = TrainingState.IDLE
         self.errorMessage: str | None = None
+        self.classes: list[str] = []  # of the current run, in label order
         self.tableNode = None
         self.chartNode = None
         self._events: ProgressEventReader | None = None
@@ -154,7 +171,8 @@ class CoTexNetTrainLogic:
 
         ``data`` is a list of (volume node, segmentation node) pairs or a dataset folder (2D images/
         and masks/, or nnU-Net v2 raw). ``classes`` defaults to the first segmentation's segment
-        names (scene data) or dataset.json's labels (folder). ``options`` are ``backbone``,
+        names (scene data; with ``initFrom``, that model's classes and then the segments it lacks) or
+        dataset.json's labels (folder); with scene data each class needs voxels in at least one case. ``options`` are ``backbone``,
         ``epochs``, ``batchSize``, ``learningRate``, ``patience``, ``imageSize``, ``device``,
         ``conceptBackend`` and ``initFrom`` (continue from this model: a bundle or run folder whose weights
         start the run); unset ones take the engine's defaults. Scene pairs are exported to
@@ -179,9 +197,13 @@ class CoTexNetTrainLogic:
             classes = folderClasses(dataFolder, classes)
             checkClasses(classes, keywords)
         else:
+            if classes is None and options.get("initFrom"):
+                classes = continuedClasses(list(data), modelClasses(options["initFrom"]))
             classes = checkPairs(list(data), classes)
             checkClasses(classes, keywords)
+            checkEveryClassHasVoxels(list(data), classes)
             dataFolder = None
+        self.classes = list(classes)
         arguments = _trainArguments(dataFolder or outDir / DATASET_FOLDER, classes, outDir, keywords, options)
         python, environment = pythonExecutable(), processEnvironment()  # fail early if either is missing
 
