@@ -443,8 +443,9 @@ def lasso_across_the_main_view(driver, size=80):
 
 
 def largest_island(mask: np.ndarray) -> int:
-    """Voxels of the largest 6-connected component: what Islands' "Keep largest" keeps (trame-slicer's islands
-    pipeline, like Slicer's, labels components with vtkImageConnectivityFilter, fully connected off)."""
+    """Voxels of the largest 6-connected component: what Islands' "Keep largest" keeps. trame-slicer 2.0's
+    segmentation_effect_islands.py (get_island_labelmap, lines 281-284) labels islands with vtkITKIslandMath
+    and SetFullyConnected(False), i.e. face neighbours only, as scipy's default structure does."""
     from scipy import ndimage
 
     components, count = ndimage.label(mask)
@@ -503,6 +504,12 @@ def test_training_from_the_page_plots_each_epoch_and_becomes_the_current_model(a
     driver.find_element(By.ID, "cx-segment").click()
     wait_for(lambda: "Segmented" in text(driver, "cx-message") and not state(driver, "cx_busy"), 300, "the second case")
     assert [case["value"] for case in state(driver, "cx_cases")] == [CASE, SECOND_CASE]
+    cases = driver.find_element(By.ID, "cx-case").find_element(By.XPATH, "ancestor::div[contains(@class, 'v-select')][1]")
+    cases.find_element(By.CSS_SELECTOR, ".v-field").click()  # the opened-cases list puts the first case back
+    wait_for(lambda: [item for item in driver.find_elements(By.CSS_SELECTOR, ".v-overlay .v-list-item")
+                      if item.is_displayed() and CASE in item.text], 10, "the opened-cases menu")[0].click()
+    wait_for(lambda: f"Opened {CASE}" in text(driver, "cx-message"), 30, "the first case to come back")
+    assert len(wait_for(lambda: driver.find_elements(By.CSS_SELECTOR, ".cx-concept-row"), 30, "its table")) == len(classes)
     set_state(driver, "cx_epochs", 2)
     time.sleep(0.3)
     driver.find_element(By.ID, "cx-train").click()

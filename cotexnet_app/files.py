@@ -117,7 +117,11 @@ class DataRoot:
             except FileExistsError:
                 number += 1
                 target = target.with_name(f"{stem}-{number}{suffix}")
-        write_files_atomic(target, lambda temporary: Path(temporary).write_bytes(content))
+        try:
+            write_files_atomic(target, lambda temporary: Path(temporary).write_bytes(content))
+        except BaseException:
+            target.unlink(missing_ok=True)  # the empty file that claimed the name
+            raise
         return target
 
     def _inside(self, path: Path) -> bool:

@@ -372,8 +372,8 @@ class CoTexNetWebApp(TrameApp):
         progress file, stop file, run lock). The run's classes are the model's, then segments it lacks; the
         run folder goes to ``runs/`` in the data root."""
         self.state.cx_error = ""
-        pairs = [(case.volume, case.segmentation) for case in self.cases.values()
-                 if case.segmentation.GetSegmentation().GetNumberOfSegments()]
+        segmented = [case for case in self.cases.values() if case.segmentation.GetSegmentation().GetNumberOfSegments()]
+        pairs = [(case.volume, case.segmentation) for case in segmented]
         if not pairs:
             return self._fail("nothing to train on: open a case and segment (or paint) it first")
         if self.training.isRunning:
@@ -387,7 +387,7 @@ class CoTexNetWebApp(TrameApp):
         try:
             model = self._model_path()
             config = read_bundle_config(model)
-            name = self.case.stem if len(pairs) == 1 else f"{len(pairs)}-cases"
+            name = segmented[0].stem if len(segmented) == 1 else f"{len(segmented)}-cases"
             run = self.data_root.resolve(f"{RUNS_FOLDER}/{name}-{time.strftime('%Y%m%d-%H%M%S')}", must_exist=False)
             self.training.train(pairs, None, run, waitForCompletion=False, initFrom=str(model),
                                 backbone=config.backbone, epochs=epochs, device=self.device)

@@ -141,10 +141,10 @@ def modelClasses(modelFolder: str | os.PathLike) -> list[str]:
         raise TrainingInputError(f"the model to continue from: {error}") from error
 
 
-def continuedClasses(pairs: Sequence[tuple], modelClasses: Sequence[str]) -> list[str]:
+def continuedClasses(pairs: Sequence[tuple], modelClassNames: Sequence[str]) -> list[str]:
     """Classes of a run that continues from a model on scene pairs: the model's classes in its order
     (fine-tuning keeps every one of them), then the segment names it lacks, in the order first met."""
-    classes = list(modelClasses)
+    classes = list(modelClassNames)
     for _, segmentationNode in pairs:
         if segmentationNode is not None and segmentationNode.IsA("vtkMRMLSegmentationNode"):
             classes += [name for name in segmentNames(segmentationNode) if name not in classes]

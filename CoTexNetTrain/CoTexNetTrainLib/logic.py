@@ -172,10 +172,10 @@ class CoTexNetTrainLogic:
         ``data`` is a list of (volume node, segmentation node) pairs or a dataset folder (2D images/
         and masks/, or nnU-Net v2 raw). ``classes`` defaults to the first segmentation's segment
         names (scene data; with ``initFrom``, that model's classes and then the segments it lacks) or
-        dataset.json's labels (folder); with scene data each class needs voxels in at least one case. ``options`` are ``backbone``,
-        ``epochs``, ``batchSize``, ``learningRate``, ``patience``, ``imageSize``, ``device``,
-        ``conceptBackend`` and ``initFrom`` (continue from this model: a bundle or run folder whose weights
-        start the run); unset ones take the engine's defaults. Scene pairs are exported to
+        dataset.json's labels (folder); with scene data each class needs voxels in at least one case.
+        ``options`` are ``backbone``, ``epochs``, ``batchSize``, ``learningRate``, ``patience``,
+        ``imageSize``, ``device``, ``conceptBackend`` and ``initFrom`` (continue from this model: a bundle or
+        run folder whose weights start the run); unset ones take the engine's defaults. Scene pairs are exported to
         ``outDir/dataset`` (removed when training finishes) with ``modality`` in its dataset.json,
         which picks the engine's intensity normalisation (CT: a soft-tissue window; others:
         percentiles). With ``waitForCompletion=False`` this returns as soon as the process runs;
