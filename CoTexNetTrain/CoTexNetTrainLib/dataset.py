@@ -151,16 +151,21 @@ def continuedClasses(pairs: Sequence[tuple], modelClassNames: Sequence[str]) -> 
     return classes
 
 
-def checkEveryClassHasVoxels(pairs: Sequence[tuple], classes: Sequence[str]) -> None:
-    """Refuses a class with no voxel in any case: it could only be learned as absent everywhere (the engine
-    refuses it too, but only after the export, and by label number). Segments are rasterised on each
-    volume's grid, as the export does, so a segment outside its volume counts as empty."""
-    from CoTexNetSegmentLib import mrml
+def labelMaps(pairs: Sequence[tuple], classes: Sequence[str]) -> list[np.ndarray]:
+    """Each pair's segmentation rasterised on its volume's voxel grid, labelled by class order
+    (``classes[c]`` -> ``c + 1``): what the export writes and the class check counts."""
+    from CoTexNetSegmentLib import mrml  # the one MRML <-> numpy conversion, shared with CoTexNetSegment
 
+    return [mrml.segmentationToLabelMap(segmentationNode, volumeNode, classes) for volumeNode, segmentationNode in pairs]
+
+
+def checkEveryClassHasVoxels(pairs: Sequence[tuple], classes: Sequence[str], labels: Sequence[np.ndarray]) -> None:
+    """Refuses a class with no voxel in any case: it could only be learned as absent everywhere (the engine
+    refuses it too, but only after the export, and by label number). ``labels`` are the pairs'
+    :func:`labelMaps`, so a segment outside its volume counts as empty."""
     present = np.zeros(len(classes) + 1, dtype=bool)
-    for volumeNode, segmentationNode in pairs:
-        labels = mrml.segmentationToLabelMap(segmentationNode, volumeNode, classes)
-        present |= np.bincount(labels.ravel(), minlength=len(classes) + 1) > 0
+    for caseLabels in labels:
+        present |= np.bincount(caseLabels.ravel(), minlength=len(classes) + 1) > 0
     empty = [name for name, found in zip(classes, present[1:]) if not found]
     if empty:
         where = f"the {len(pairs)} training cases" if len(pairs) > 1 else f"segmentation {pairs[0][1].GetName()!r}"
@@ -214,29 +219,32 @@ def exportDataset(
     classes: Sequence[str] | None,
     folder: str | os.PathLike,
     modality: str = "MR",
+    labels: Sequence[np.ndarray] | None = None,
 ) -> Path:
     """Writes scene pairs as an nnU-Net v2 raw dataset in ``folder`` and returns it.
 
     ``imagesTr/case_XXX_0000.nrrd`` holds each volume as is; ``labelsTr/case_XXX.nrrd`` its
-    segmentation rasterised onto the same voxel grid and geometry, labelled by class order.
-    ``modality`` goes to dataset.json's channel_names.
+    segmentation rasterised onto the same voxel grid and geometry, labelled by class order (``labels``:
+    the pairs' :func:`labelMaps` when the caller has them already). ``modality`` goes to dataset.json's
+    channel_names.
     """
-    from CoTexNetSegmentLib import mrml  # the one MRML <-> numpy conversion, shared with CoTexNetSegment
+    from CoTexNetSegmentLib import mrml
 
     from .engine import importEngine
 
     classes = checkPairs(pairs, classes)
+    if labels is None:
+        labels = labelMaps(pairs, classes)
     importEngine()
     from cotexnet.data.image import write_image  # the engine's writer: exact geometry, atomic, no torch
     folder = Path(folder)
     (folder / "imagesTr").mkdir(parents=True, exist_ok=True)
     (folder / "labelsTr").mkdir(parents=True, exist_ok=True)
-    for index, (volumeNode, segmentationNode) in enumerate(pairs):
+    for index, ((volumeNode, _), caseLabels) in enumerate(zip(pairs, labels)):
         case = f"case_{index:03d}"
         image, geometry = mrml.volumeToArray(volumeNode)
-        labels = mrml.segmentationToLabelMap(segmentationNode, volumeNode, classes)
         write_image(image, geometry, folder / "imagesTr" / f"{case}_0000{FILE_ENDING}")
-        write_image(labels, geometry, folder / "labelsTr" / f"{case}{FILE_ENDING}")
+        write_image(caseLabels, geometry, folder / "labelsTr" / f"{case}{FILE_ENDING}")
     dataset = {
         "name": "CoTexNet training data exported from 3D Slicer",
         "channel_names": {"0": modality},

@@ -31,7 +31,7 @@ import slicer
 import vtk
 
 from .dataset import (TrainingInputError, checkClasses, checkEveryClassHasVoxels, checkPairs, continuedClasses,
-                      exportDataset, folderClasses, modelClasses)
+                      exportDataset, folderClasses, labelMaps, modelClasses)
 from .engine import TrainingRunError, importEngine, killProcessTree, processEnvironment, pythonExecutable
 from .progress import LogReader, ProgressEventReader, TrainingProgress
 
@@ -196,12 +196,14 @@ class CoTexNetTrainLogic:
             dataFolder = Path(data).absolute()
             classes = folderClasses(dataFolder, classes)
             checkClasses(classes, keywords)
+            labels = None
         else:
             if classes is None and options.get("initFrom"):
                 classes = continuedClasses(list(data), modelClasses(options["initFrom"]))
             classes = checkPairs(list(data), classes)
             checkClasses(classes, keywords)
-            checkEveryClassHasVoxels(list(data), classes)
+            labels = labelMaps(list(data), classes)  # rasterised once: checked here, written by the export
+            checkEveryClassHasVoxels(list(data), classes, labels)
             dataFolder = None
         self.classes = list(classes)
         arguments = _trainArguments(dataFolder or outDir / DATASET_FOLDER, classes, outDir, keywords, options)
@@ -213,7 +215,7 @@ class CoTexNetTrainLogic:
         if dataFolder is None:
             datasetFolder = outDir / DATASET_FOLDER
             shutil.rmtree(datasetFolder, ignore_errors=True)
-            exportDataset(list(data), classes, datasetFolder, modality)
+            exportDataset(list(data), classes, datasetFolder, modality, labels)
         run = {"arguments": arguments, "exportedDataset": dataFolder is None}
         (outDir / RUN_FILE).write_text(json.dumps(run, indent=2), encoding="utf-8")
         self._start(outDir, run, False, python, environment, overwrite=bool(existing))
