@@ -153,12 +153,26 @@ def test_engine_errors_come_back_with_their_type_and_message(scene, bundle, laun
 # ------------------------------------------------------------------------------------------ cancel, crash
 
 
-def test_cancel_mid_run_leaves_the_scene_unchanged_and_no_process_behind(scene, bundle, launched_worker):
+def segmentation_under_way(scene, bundle, worker):
+    """A 400-slice segmentation through ``worker``, one slice per batch, past its first progress event: long
+    enough to be cancelled or crashed mid-run. Returns the logic, the volume, the scene's node IDs before
+    the run, and the job."""
     volume = add_volume(scene, phantom(shape=(400, 28, 32)))
     before = node_ids(scene)
-    logic = CoTexNetSegmentLogic(scene, worker=launched_worker)
+    logic = CoTexNetSegmentLogic(scene, worker=worker)
     job = logic.startSegmentation(volume, bundle, "cpu", batchSize=1)
     poll_until_progress(job)
+    return logic, volume, before, job
+
+
+def assert_next_run_works(logic, volume, bundle) -> None:
+    job = logic.startSegmentation(volume, bundle, "cpu", batchSize=64, concepts=False)
+    run(job)
+    assert job.state == job.DONE, job.error
+
+
+def test_cancel_mid_run_leaves_the_scene_unchanged_and_no_process_behind(scene, bundle, launched_worker):
+    logic, volume, before, job = segmentation_under_way(scene, bundle, launched_worker)
     pids = tree_pids(launched_worker)
     assert logic.deviceInfo(timeout=10).name  # answered while the segmentation runs
     job.cancel()
@@ -167,18 +181,12 @@ def test_cancel_mid_run_leaves_the_scene_unchanged_and_no_process_behind(scene, 
     assert node_ids(scene) == before
     assert not any(processes.isRunning(pid) for pid in pids)
 
-    job = logic.startSegmentation(volume, bundle, "cpu", batchSize=64, concepts=False)  # a new worker
-    run(job)
-    assert job.state == job.DONE, job.error
+    assert_next_run_works(logic, volume, bundle)  # on a new worker
     assert launched_worker.pid not in pids
 
 
 def test_killed_worker_gives_a_clear_error_and_the_next_run_works(scene, bundle, launched_worker):
-    volume = add_volume(scene, phantom(shape=(400, 28, 32)))
-    before = node_ids(scene)
-    logic = CoTexNetSegmentLogic(scene, worker=launched_worker)
-    job = logic.startSegmentation(volume, bundle, "cpu", batchSize=1)
-    poll_until_progress(job)
+    logic, volume, before, job = segmentation_under_way(scene, bundle, launched_worker)
     launcher, interpreter = tree_pids(launched_worker)
     psutil.Process(interpreter).kill()  # a crash of the interpreter behind the launcher
     run(job, timeout=30)
@@ -186,9 +194,7 @@ def test_killed_worker_gives_a_clear_error_and_the_next_run_works(scene, bundle,
     assert "worker process ended unexpectedly" in str(job.error) and "next run starts a new one" in str(job.error)
     assert node_ids(scene) == before
 
-    job = logic.startSegmentation(volume, bundle, "cpu", batchSize=64, concepts=False)
-    run(job)
-    assert job.state == job.DONE, job.error
+    assert_next_run_works(logic, volume, bundle)
     assert launched_worker.pid != interpreter
 
 
