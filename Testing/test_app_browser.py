@@ -390,13 +390,31 @@ def choose_effect(driver, icon, effect):
              f"the {effect} effect")
 
 
+def main_view(driver):
+    """The page's largest view, the axial slice view on the left."""
+    views = driver.find_elements(By.CSS_SELECTOR, ".remote-controlled-area img")
+    return max(views, key=lambda e: e.size["width"] * e.size["height"])
+
+
 def drag_across_the_main_view(driver, offset=(-40, 0), steps=12):
-    views = [e for e in driver.find_elements(By.CSS_SELECTOR, "img, canvas, video") if e.size["width"] > 100]
-    view = max(views, key=lambda e: e.size["width"] * e.size["height"])
-    actions = ActionChains(driver).move_to_element_with_offset(view, *offset).click_and_hold()
+    actions = ActionChains(driver).move_to_element_with_offset(main_view(driver), *offset).click_and_hold()
     for _ in range(steps):
         actions.move_by_offset(6, 2)
     actions.release().perform()
+
+
+def make_active(driver, row: int) -> None:
+    """Clicks a concept-table row: its class becomes the segment the effects edit."""
+    driver.find_elements(By.CSS_SELECTOR, ".cx-concept-row")[row].click()
+    time.sleep(1)
+
+
+def undo_back_through(app, driver, num_classes, *expected_counts) -> None:
+    """Clicks Undo once per expected state and checks the saved voxel counts after each."""
+    for expected in expected_counts:
+        editor_button(driver, "mdi-undo").click()
+        time.sleep(1)
+        assert saved_counts(app, driver, num_classes) == expected
 
 
 def test_paint_and_erase_change_the_segment_and_undo_brings_it_back(app, segmented):
@@ -406,8 +424,7 @@ def test_paint_and_erase_change_the_segment_and_undo_brings_it_back(app, segment
 
     driver = segmented
     num_classes = read_bundle_config(app["model"]).num_classes
-    driver.find_elements(By.CSS_SELECTOR, ".cx-concept-row")[0].click()  # the first class becomes the active one
-    time.sleep(1)
+    make_active(driver, 0)
     original = saved_counts(app, driver, num_classes)
 
     choose_effect(driver, "mdi-brush", "Paint")
@@ -422,20 +439,13 @@ def test_paint_and_erase_change_the_segment_and_undo_brings_it_back(app, segment
     erased = saved_counts(app, driver, num_classes)
     assert erased[0] < painted[0], f"erasing removed no voxel of the first segment: {painted} -> {erased}"
 
-    editor_button(driver, "mdi-undo").click()
-    time.sleep(1)
-    assert saved_counts(app, driver, num_classes) == painted
-    editor_button(driver, "mdi-undo").click()
-    time.sleep(1)
-    assert saved_counts(app, driver, num_classes) == original
+    undo_back_through(app, driver, num_classes, painted, original)
     choose_effect(driver, "mdi-cursor-default", "NoTool")  # back to no tool for the tests that follow
 
 
 def lasso_across_the_main_view(driver, size=80):
     """A closed square stroke around the centre of the axial view (the scissors' free-form shape)."""
-    views = [e for e in driver.find_elements(By.CSS_SELECTOR, ".remote-controlled-area img") if e.size["width"] > 100]
-    view = min(views, key=lambda e: e.location["x"])
-    actions = ActionChains(driver).move_to_element_with_offset(view, -size // 2, -size // 2).click_and_hold()
+    actions = ActionChains(driver).move_to_element_with_offset(main_view(driver), -size // 2, -size // 2).click_and_hold()
     for dx, dy in ((1, 0), (0, 1), (-1, 0), (0, -1)):
         for _ in range(8):
             actions.move_by_offset(dx * size // 8, dy * size // 8)
@@ -461,8 +471,7 @@ def test_scissors_and_islands_edit_the_segment_and_undo_brings_it_back(app, segm
 
     driver = segmented
     num_classes = read_bundle_config(app["model"]).num_classes
-    driver.find_elements(By.CSS_SELECTOR, ".cx-concept-row")[0].click()  # the first class becomes the active one
-    time.sleep(1)
+    make_active(driver, 0)
     original = saved_counts(app, driver, num_classes)
 
     choose_effect(driver, "mdi-content-cut", "Scissors")
@@ -472,8 +481,7 @@ def test_scissors_and_islands_edit_the_segment_and_undo_brings_it_back(app, segm
     cut = saved_counts(app, driver, num_classes)
     assert cut[0] < original[0] and cut[1:] == original[1:], f"scissors: {original} -> {cut}"
 
-    driver.find_elements(By.CSS_SELECTOR, ".cx-concept-row")[1].click()  # the second class (white matter, in
-    time.sleep(1)  # pieces where the cortex ribbon of grey matter is one island) becomes the active one
+    make_active(driver, 1)  # white matter, in pieces (the cortex ribbon of grey matter is one island)
     choose_effect(driver, "mdi-scatter-plot", "Islands")
     apply = [b for b in driver.find_elements(By.XPATH, "//button[normalize-space(.)='Apply']") if b.is_displayed()]
     assert len(apply) == 1, "the Islands panel's Apply button"
@@ -484,10 +492,7 @@ def test_scissors_and_islands_edit_the_segment_and_undo_brings_it_back(app, segm
     labels = read_label_map(app["root"] / SAVED, reference=read_image(app["root"] / CASE), num_classes=num_classes)
     assert largest_island(labels == 2) == kept[1], "Keep largest kept more than one island"
 
-    for expected in (cut, original):
-        editor_button(driver, "mdi-undo").click()
-        time.sleep(1)
-        assert saved_counts(app, driver, num_classes) == expected
+    undo_back_through(app, driver, num_classes, cut, original)
     choose_effect(driver, "mdi-cursor-default", "NoTool")
 
 
@@ -553,7 +558,8 @@ def test_stop_ends_a_training_after_its_step_and_keeps_its_best_model(app, segme
     set_state(driver, "cx_epochs", 50)
     time.sleep(0.3)
     driver.find_element(By.ID, "cx-train").click()
-    wait_for(lambda: driver.find_elements(By.CSS_SELECTOR, ".cx-point") and state(driver, "cx_training"), 300,
+    # The run's own first point: the page may still draw the previous run's points when cx_training turns on.
+    wait_for(lambda: state(driver, "cx_training") and state(driver, "cx_charts")[0]["series"][0]["dots"], 300,
              "the first epoch")
     driver.find_element(By.ID, "cx-stop").click()
     wait_for(lambda: not state(driver, "cx_training"), 120, "the training to stop")
