@@ -25,6 +25,7 @@ import pytest
 slicer = pytest.importorskip("slicer")
 
 from CoTexNetSegmentLib import CoTexNetSegmentLogic, backbone, dependencies, mrml, settings  # noqa: E402
+from CoTexNetSegmentLib.editing import SegmentEditorTarget  # noqa: E402
 from CoTexNetSegmentLib.logic import CONCEPTS_REFERENCE_ROLE, EngineResult  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -386,11 +387,42 @@ def test_self_test_skips_only_the_engine_part_without_torch(slicer_app, monkeypa
 # ------------------------------------------------------------------------------------------ 10.10 masking
 
 
+def segment_editor(scene, segmentation, volume):
+    """The Segment Editor an effect writes through, on slicer-core: ``vtkSlicerSegmentEditorLogic`` holds the
+    masking of ``qSlicerSegmentEditorAbstractEffect::modifySegmentByLabelmap`` from Slicer 5.10 on
+    (Modules/Loadable/Segmentations/Logic/vtkSlicerSegmentEditorLogic.cxx, v5.10.0 lines 1663-1935; 5.6/5.8:
+    qSlicerSegmentEditorAbstractEffect.cxx, v5.6.2 lines 300-560). ``referenceGeometryImage`` is the effect's
+    (qSlicerSegmentEditorAbstractEffect.cxx, v5.10.0 lines 1010-1020: the editor refreshes it from the
+    segmentation's reference geometry, ``UpdateReferenceGeometryImage``)."""
+    editorNode = slicer.vtkMRMLSegmentEditorNode()
+    scene.AddNode(editorNode)
+    logic = slicer.vtkSlicerSegmentEditorLogic()
+    logic.SetMRMLScene(scene)
+    logic.SetSegmentEditorNode(editorNode)
+    editorNode.SetAndObserveSegmentationNode(segmentation)
+    editorNode.SetAndObserveSourceVolumeNode(volume)
+
+    def referenceGeometryImage():
+        assert logic.UpdateReferenceGeometryImage()
+        return logic.GetReferenceGeometryImage()
+
+    def modifySegment(node, segmentId, labelmap):  # the effect's modifySegmentByLabelmap, ModificationModeSet
+        logic.ModifySegmentByLabelmap(node, segmentId, labelmap, logic.ModificationModeSet, False, False)
+
+    return SegmentEditorTarget(editorNode, referenceGeometryImage, modifySegment)
+
+
+def write_through_effect(scene, editor, labels, classes, volume, segmentation):
+    """What the effect's finished job does: ``CoTexNetSegmentLogic._apply`` with the editor."""
+    result = EngineResult(labels, list(classes), [[1, 0, 0], [0, 1, 0]][:len(classes)], None)
+    CoTexNetSegmentLogic(scene, segmentEditor=editor)._apply(result, volume.GetID(), segmentation.GetID(), None)
+    return mrml.segmentationToLabelMap(segmentation, volume, classes)
+
+
 @pytest.fixture
 def editor(slicer_app):
     """A segmentation with a segment "kept" (rows 0-4), a volume whose right half is bright, and the Segment
-    Editor's logic (vtkSlicerSegmentEditorLogic, which holds the masking of
-    qSlicerSegmentEditorAbstractEffect::modifySegmentByLabelmap from Slicer 5.10 on)."""
+    Editor (:func:`segment_editor`)."""
     scene = slicer_app.scene
     shape = (4, 10, 12)
     image = np.zeros(shape, np.float32)
@@ -402,27 +434,16 @@ def editor(slicer_app):
     kept = np.zeros(shape, np.uint8)
     kept[:, :5, :] = 1
     mrml.labelMapToSegmentation(scene, kept, volume, ["kept"], [[0, 0, 1]], segmentation)
-    editorNode = slicer.vtkMRMLSegmentEditorNode()
-    scene.AddNode(editorNode)
-    logic = slicer.vtkSlicerSegmentEditorLogic()
-    logic.SetMRMLScene(scene)
-    logic.SetSegmentEditorNode(editorNode)
-    editorNode.SetAndObserveSegmentationNode(segmentation)
-    editorNode.SetAndObserveSourceVolumeNode(volume)
+    target = segment_editor(scene, segmentation, volume)
     labels = np.zeros(shape, np.uint8)
     labels[:, 2:8, 2:10] = 1
 
-    def modifySegment(node, segmentId, labelmap):  # what the effect's modifySegmentByLabelmap does
-        logic.ModifySegmentByLabelmap(node, segmentId, labelmap, logic.ModificationModeSet, False, False)
+    def run(classLabels=labels):
+        organ = write_through_effect(scene, target, classLabels, ["organ"], volume, segmentation)
+        return organ, mrml.segmentationToLabelMap(segmentation, volume, ["kept"])
 
-    def run():
-        result = EngineResult(labels, ["organ"], [[1, 0, 0]], None)
-        effectLogic = CoTexNetSegmentLogic(scene, modifySegment=modifySegment)
-        effectLogic._apply(result, volume.GetID(), segmentation.GetID(), None)
-        return (mrml.segmentationToLabelMap(segmentation, volume, ["organ"]),
-                mrml.segmentationToLabelMap(segmentation, volume, ["kept"]))
-
-    return SimpleNamespace(node=editorNode, image=image, kept=kept, labels=labels, run=run)
+    return SimpleNamespace(node=target.parameterSetNode, image=image, kept=kept, labels=labels, run=run,
+                           segmentation=segmentation)
 
 
 def test_effect_result_stays_inside_the_editable_intensity_range(editor):
@@ -444,6 +465,113 @@ def test_effect_result_stays_outside_other_segments_and_overwrites_them_only_whe
     organ, kept = editor.run()
     np.testing.assert_array_equal(organ, editor.labels == 1)
     np.testing.assert_array_equal(kept, (editor.kept == 1) & (editor.labels == 0))
+
+
+def test_effect_writes_each_class_with_its_segment_selected_and_restores_the_selection(editor):
+    """The edit mask is built around the *selected* segment (vtkMRMLSegmentationNode.cxx ``GenerateEditMask``,
+    v5.10.0 line 653: the edited segment is taken out of the mask segments, so only it stays editable; the editor passes its
+    selected segment: vtkSlicerSegmentEditorLogic.cxx, v5.10.0 lines 1250-1254; 5.6:
+    qMRMLSegmentEditorWidget.cxx, v5.6.2 lines 750-752). Writing "organ" while "kept" was selected made organ's
+    own old voxels uneditable, so they stayed; each class must be written with its segment selected."""
+    old = np.zeros(editor.labels.shape, np.uint8)
+    old[:, 6:10, 0:3] = 1  # organ's voxels from an earlier run, none of them in the new result
+    editor.run(old)
+    keptId = editor.segmentation.GetSegmentation().GetSegmentIdBySegmentName("kept")
+    editor.node.SetSelectedSegmentID(keptId)
+    editor.node.SetMaskMode(slicer.vtkMRMLSegmentationNode.EditAllowedOutsideAllSegments)
+
+    organ, kept = editor.run()
+
+    np.testing.assert_array_equal(organ, (editor.labels == 1) & (editor.kept == 0))  # the old voxels are gone
+    np.testing.assert_array_equal(kept, editor.kept)
+    assert editor.node.GetSelectedSegmentID() == keptId  # the user's selection is back
+
+
+def _labels(shape, seed):
+    """Two classes in blocks (so nearest-neighbour resampling has something to get wrong)."""
+    rng = np.random.default_rng(seed)
+    coarse = rng.integers(0, 3, (shape[0], (shape[1] + 1) // 2, (shape[2] + 1) // 2)).astype(np.uint8)
+    return coarse.repeat(2, axis=1).repeat(2, axis=2)[:, :shape[1], :shape[2]]
+
+
+def _module_result(scene, labels, volume):
+    """The module's Apply: a new segmentation on the volume's own grid."""
+    result = EngineResult(labels, ["organ", "lesion"], [[1, 0, 0], [0, 1, 0]], None)
+    node = CoTexNetSegmentLogic(scene)._apply(result, volume.GetID(), None, None)
+    return mrml.segmentationToLabelMap(node, volume, ["organ", "lesion"])
+
+
+@pytest.mark.parametrize("intensityMask", [False, True])
+def test_effect_equals_the_module_on_an_oversampled_segmentation(slicer_app, intensityMask):
+    """A segmentation oversampled x2 (the "Specify geometry" dialog: vtkSlicerSegmentationGeometryLogic,
+    ``SetOversamplingFactor(2)``, ``CalculateOutputGeometry``, ``SetReferenceImageGeometryInSegmentationNode``).
+    In Set mode Slicer re-reads the edited segment with the modifier's geometry (vtkSlicerSegmentEditorLogic.cxx,
+    v5.10.0 lines 1909-1920; qSlicerSegmentEditorAbstractEffect.cxx, v5.6.2 lines 501-512), and with an editable
+    intensity range it writes nothing unless the modifier has the aligned source volume's geometry (v5.10.0 lines
+    1770-1776; v5.6.2 lines 358-360). The effect's classes, resampled onto ``referenceGeometryImage()``, must give
+    the module's result voxel for voxel, also on a second run that replaces the first."""
+    scene = slicer_app.scene
+    shape = (4, 10, 12)
+    image = np.arange(np.prod(shape), dtype=np.float32).reshape(shape)
+    volume = add_volume(scene, image, spacing=(0.7, 0.9, 2.0), origin=(3.0, -4.0, 1.5))
+    segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode")
+    segmentation.CreateDefaultDisplayNodes()
+    geometry = slicer.vtkSlicerSegmentationGeometryLogic()
+    geometry.SetInputSegmentationNode(segmentation)
+    geometry.SetSourceGeometryNode(volume)
+    geometry.SetOversamplingFactor(2.0)
+    geometry.CalculateOutputGeometry()
+    geometry.SetReferenceImageGeometryInSegmentationNode()
+    editor = segment_editor(scene, segmentation, volume)
+    assert editor.referenceGeometryImage().GetSpacing() == pytest.approx((0.35, 0.45, 1.0))
+    if intensityMask:  # a range that holds every voxel: masking must change nothing
+        editor.parameterSetNode.SetSourceVolumeIntensityMask(True)
+        editor.parameterSetNode.SetSourceVolumeIntensityMaskRange(-1, image.max() + 1)
+
+    for seed in (1, 2):
+        labels = _labels(shape, seed)
+        effect = write_through_effect(scene, editor, labels, ["organ", "lesion"], volume, segmentation)
+        np.testing.assert_array_equal(effect, _module_result(scene, labels, volume))
+    organ = slicer.vtkOrientedImageData()
+    segmentation.GetBinaryLabelmapRepresentation(segmentation.GetSegmentation().GetSegmentIdBySegmentName("organ"), organ)
+    assert slicer.vtkOrientedImageDataResample.DoGeometriesMatch(organ, editor.referenceGeometryImage())
+
+
+@pytest.mark.parametrize("intensityMask", [False, True])
+def test_effect_equals_the_module_on_a_volume_under_a_linear_transform(slicer_app, intensityMask):
+    """The segmentation's grid was taken from the volume, then the volume was moved by a linear transform
+    (registration): its voxels now lie on the grid turned by 180 degrees about the volume's axis, a different
+    geometry on the same voxel centres, so nearest-neighbour resampling is exact. Same Slicer rules as the
+    oversampled test; the effect's result must be the module's voxel for voxel, through the real editor logic."""
+    import vtk
+
+    scene = slicer_app.scene
+    shape = (4, 10, 12)
+    image = np.arange(np.prod(shape), dtype=np.float32).reshape(shape)
+    spacing, origin = np.array([0.7, 0.9, 2.0]), np.array([3.0, -4.0, 1.5])
+    volume = add_volume(scene, image, spacing=tuple(spacing), origin=tuple(origin))
+    segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode")
+    segmentation.CreateDefaultDisplayNodes()
+    segmentation.SetReferenceImageGeometryParameterFromVolumeNode(volume)
+    centre = origin + spacing * (np.array(shape[::-1]) - 1) / 2
+    turn = np.diag([-1.0, -1.0, 1.0, 1.0])
+    turn[:3, 3] = centre - turn[:3, :3] @ centre
+    matrix = vtk.vtkMatrix4x4()
+    matrix.DeepCopy(turn.ravel().tolist())
+    transform = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode")
+    transform.SetMatrixTransformToParent(matrix)
+    volume.SetAndObserveTransformNodeID(transform.GetID())
+    editor = segment_editor(scene, segmentation, volume)
+    if intensityMask:
+        editor.parameterSetNode.SetSourceVolumeIntensityMask(True)
+        editor.parameterSetNode.SetSourceVolumeIntensityMaskRange(-1, image.max() + 1)
+
+    for seed in (1, 2):
+        labels = _labels(shape, seed)
+        effect = write_through_effect(scene, editor, labels, ["organ", "lesion"], volume, segmentation)
+        expected = _module_result(scene, labels, volume)
+        np.testing.assert_array_equal(expected, labels)
+        np.testing.assert_array_equal(effect, expected)
 
 
 # ------------------------------------------------------------------------------------------ 10.11 LLaVA download
