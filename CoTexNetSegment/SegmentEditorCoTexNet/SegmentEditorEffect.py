@@ -5,9 +5,10 @@ the editable area, the editable intensity range and the overwrite setting apply 
 effects; Undo (``saveStateForUndo`` first) brings the previous segments back. The engine runs in the
 background; Cancel leaves the segmentation untouched.
 
-This folder is not a package and nothing imports it: Slicer 5.10+ loads this file as a module named after
-the folder and puts it into ``sys.modules`` under that name (5.6/5.8: ``imp.load_source``). Helpers come
-from ``CoTexNetSegmentLib`` and ``CoTexNetSegmentGui`` (docs/slicer.md, "Effect loading").
+Nothing imports this folder as a package (its ``__init__.py`` only gives the strings their own translation
+context): Slicer 5.10+ loads this file as a module named after the folder and puts it into ``sys.modules``
+under that name (5.6/5.8: ``imp.load_source``). Helpers come from ``CoTexNetSegmentLib`` and
+``CoTexNetSegmentGui`` (docs/slicer.md, "Effect loading").
 """
 
 import os
