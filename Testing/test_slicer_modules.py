@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 
 slicer = pytest.importorskip("slicer")
+import vtk  # noqa: E402  (comes with slicer-core)
 
 from CoTexNetSegmentLib import CoTexNetSegmentLogic, backbone, dependencies, mrml, settings  # noqa: E402
 from CoTexNetSegmentLib.editing import SegmentEditorTarget  # noqa: E402
@@ -275,8 +276,8 @@ def test_install_continues_unless_a_package_loaded_before_was_replaced():
 # ------------------------------------------------------------------------------------------ 10.3 leaving the module
 
 
-class Recorder:
-    """A widget stand-in that remembers what was set and called."""
+class WidgetStandIn:
+    """A Qt widget of a loaded .ui: any attribute is a child stand-in, any call is recorded, signals connect."""
 
     def __init__(self, **attributes):
         self.__dict__.update(attributes)
@@ -285,7 +286,12 @@ class Recorder:
     def __getattr__(self, name):
         if name.startswith("__"):
             raise AttributeError(name)
-        return lambda *args: self.calls.append((name, args))
+        child = WidgetStandIn()
+        self.__dict__[name] = child
+        return child
+
+    def __call__(self, *args, **kwargs):
+        self.calls.append(args)
 
 
 def test_a_run_that_ends_in_another_module_still_lands_with_its_concept_table(slicer_app):
@@ -299,17 +305,17 @@ def test_a_run_that_ends_in_another_module_still_lands_with_its_concept_table(sl
     segmentation.SetNodeReferenceID(CONCEPTS_REFERENCE_ROLE, table.GetID())
     widget = module.CoTexNetSegmentWidget()
     widget.logic, widget._parameterNode, widget._segmentationPoller = CoTexNetSegmentLogic(scene), None, None
-    widget.ui = SimpleNamespace(progressBar=Recorder(), modelPathLineEdit=Recorder(currentPath=""),
-                                logTextEdit=Recorder(), conceptsTableView=Recorder(),
-                                conceptsCollapsibleButton=Recorder(collapsed=True),
-                                applyButton=Recorder(), cancelButton=Recorder())
+    widget.ui = SimpleNamespace(progressBar=WidgetStandIn(), modelPathLineEdit=WidgetStandIn(currentPath=""),
+                                logTextEdit=WidgetStandIn(), conceptsTableView=WidgetStandIn(),
+                                conceptsCollapsibleButton=WidgetStandIn(collapsed=True),
+                                applyButton=WidgetStandIn(), cancelButton=WidgetStandIn())
     job = SimpleNamespace(state="done", DONE="done", CANCELLED="cancelled", result=segmentation,
                           started=time.monotonic(), error=None)
 
     widget.onSegmentationFinished(job)
 
     assert widget.logic.getParameterNode().GetNodeReference("outputSegmentation") is segmentation
-    assert ("setMRMLTableNode", (table,)) in widget.ui.conceptsTableView.calls
+    assert widget.ui.conceptsTableView.setMRMLTableNode.calls == [(table,)]
     assert widget.ui.conceptsCollapsibleButton.collapsed is False
 
 
@@ -377,7 +383,7 @@ def test_no_path_parameter_can_show_a_dot_and_the_newest_model_is_selected(slice
 
     module = load_source_5_10("CoTexNetSegment", str(SEGMENT_MODULE))
     widget = module.CoTexNetSegmentWidget()
-    widget.ui = SimpleNamespace(modelPathLineEdit=Recorder(currentPath=bundles[0]))
+    widget.ui = SimpleNamespace(modelPathLineEdit=WidgetStandIn(currentPath=bundles[0]))
     settings.addRecentModel(bundles[1])  # what CoTexNetTrainLogic does when a model is ready
     widget.refreshModels()
     assert widget.ui.modelPathLineEdit.currentPath == bundles[1]
@@ -694,24 +700,6 @@ def test_modules_import_without_slicer_i18n_and_wrap_strings_with_it(slicer_app,
 # ------------------------------------------------------------------------------------------ lifecycle and GUI
 
 
-class WidgetStandIn:
-    """A Qt widget of a loaded .ui: any attribute is a child stand-in, any call is recorded, signals connect."""
-
-    def __init__(self, **attributes):
-        self.__dict__.update(attributes)
-        self.calls = []
-
-    def __getattr__(self, name):
-        if name.startswith("__"):
-            raise AttributeError(name)
-        child = WidgetStandIn()
-        self.__dict__[name] = child
-        return child
-
-    def __call__(self, *args, **kwargs):
-        self.calls.append(args)
-
-
 class UiStandIn:
     """``slicer.util.childWidgetVariables`` of a .ui: one stand-in per widget name; path fields start empty."""
 
@@ -762,8 +750,6 @@ def _singleton(moduleName):
         node = slicer.mrmlScene.AddNode(node)
     return node
 
-
-import vtk  # noqa: E402  (comes with slicer-core)
 
 
 def open_module(monkeypatch, name, startDeviceInfo=None):

@@ -23,8 +23,6 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-import slicer
-
 from . import mrml
 
 #: ``modifySegment(segmentationNode, segmentId, labelmap)``: replaces a segment inside the editable area.
