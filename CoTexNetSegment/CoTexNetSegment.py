@@ -316,8 +316,8 @@ class CoTexNetSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.log(event.value)
 
     def onSegmentationFinished(self, job):
-        """Runs whatever module is shown: the result goes to the scene's parameter node (the GUI's wrapper is
-        None after exit()) and the concept table to this widget, which the user sees on return."""
+        """Runs whatever module is shown: the result goes to the scene's parameter node (which the connected GUI
+        shows) and the concept table to this widget, which the user sees on return."""
         self._segmentationPoller = None
         self.ui.progressBar.setRange(0, 1)
         self.ui.progressBar.setValue(1 if job.state == job.DONE else 0)

@@ -295,9 +295,9 @@ class WidgetStandIn:
 
 
 def test_a_run_that_ends_in_another_module_still_lands_with_its_concept_table(slicer_app):
-    """``exit()`` sets the GUI's parameter node wrapper to None; the run's end must still record the result
-    in the scene's parameter node (as parameterNodeWrapper stores a node field: serializers.py
-    ``NodeSerializer.write``, v5.6.2 lines 402-406) and fill the concept table view."""
+    """A run may end while another module is shown, with no wrapper at hand (here none at all): the run's end
+    records the result in the scene's parameter node (as parameterNodeWrapper stores a node field:
+    serializers.py ``NodeSerializer.write``, v5.6.2 lines 402-406) and fills the concept table view."""
     module = load_source_5_10("CoTexNetSegment", str(SEGMENT_MODULE))
     scene = slicer_app.scene
     segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "result")
