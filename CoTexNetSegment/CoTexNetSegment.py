@@ -12,7 +12,6 @@ import unittest
 from typing import Annotated
 
 import qt
-import vtk
 
 import slicer
 from slicer import vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode
@@ -26,6 +25,7 @@ from slicer.util import VTKObservationMixin
 
 from CoTexNetSegmentGui import (
     JobPoller,
+    ParameterNodeGui,
     conceptBackendOptions,
     confirmLlavaDownload,
     ensureEngineReady,
@@ -104,13 +104,17 @@ class CoTexNetSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         ScriptedLoadableModuleWidget.__init__(self, parent)
         VTKObservationMixin.__init__(self)
         self.logic = None
+        self._parameterGui = None  # the one parameter node wrapper, connected once (CoTexNetSegmentGui.ParameterNodeGui)
         self._parameterNode = None
-        self._parameterNodeGuiTag = None
         self._segmentationPoller = None
         self._backbonePoller = None
         self._devicePoller = None
         self._deviceInfo = None  # DeviceInfo from the worker; asked once, without blocking the GUI
         self._conceptsSegmentation = None
+        # Looked up once: Slicer 5.6's tr() inspects the whole stack on every call (Base/Python/slicer/i18n.py,
+        # v5.6.2 line 54), and updateApplyButton runs on every parameter change.
+        self._applyTips = {"running": _("Segmentation is running."), "ready": _("Segment the input volume with the model."),
+                           "missing": _("Select an input volume and a model folder.")}
 
     def setup(self):
         ScriptedLoadableModuleWidget.setup(self)
@@ -119,6 +123,7 @@ class CoTexNetSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui = slicer.util.childWidgetVariables(uiWidget)
         uiWidget.setMRMLScene(slicer.mrmlScene)
         self.logic = CoTexNetSegmentLogic(slicer.mrmlScene)
+        self._parameterGui = ParameterNodeGui(CoTexNetSegmentParameterNode, self.ui, self.updateApplyButton)
 
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
@@ -146,19 +151,17 @@ class CoTexNetSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         for poller in (self._segmentationPoller, self._backbonePoller, self._devicePoller):
             if poller is not None:
                 poller.stop()
+        if self._parameterGui is not None:
+            self._parameterGui.detach()
         self.removeObservers()
 
     def enter(self):
         self.initializeParameterNode()
         self.updateDependencyPanel()
 
-    def exit(self):
-        self.setParameterNode(None)
-
     def onSceneStartClose(self, caller, event):
         if self._segmentationPoller is not None:
             self._segmentationPoller.cancel()
-        self.setParameterNode(None)
 
     def onSceneEndClose(self, caller, event):
         if self.parent.isEntered:
@@ -167,23 +170,15 @@ class CoTexNetSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     # ------------------------------------------------------------ parameter node
 
     def initializeParameterNode(self):
-        self.setParameterNode(CoTexNetSegmentParameterNode(self.logic.getParameterNode()))
+        """Shows the scene's parameter node (connected to the GUI once per node, see ``ParameterNodeGui``)."""
+        self._parameterNode = self._parameterGui.attach(self.logic.getParameterNode())
         if not self._parameterNode.inputVolume:
             firstVolume = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
             if firstVolume:
                 self._parameterNode.inputVolume = firstVolume
-
-    def setParameterNode(self, parameterNode):
-        if self._parameterNode:
-            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
-            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateApplyButton)
-        self._parameterNode = parameterNode
-        if self._parameterNode:
-            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
-            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateApplyButton)
-            self.updateApplyButton()
-            self.updateModelInfo()
-            self.updateDeviceInfo()
+        self.updateApplyButton()
+        self.updateModelInfo()
+        self.updateDeviceInfo()
 
     def updateApplyButton(self, caller=None, event=None):
         running = self._segmentationPoller is not None
@@ -191,10 +186,7 @@ class CoTexNetSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         ready = bool(parameters and parameters.inputVolume and isChosenPath(self.ui.modelPathLineEdit.currentPath))
         self.ui.applyButton.enabled = ready and not running
         self.ui.cancelButton.enabled = running
-        self.ui.applyButton.toolTip = (
-            _("Segmentation is running.") if running else
-            _("Segment the input volume with the model.") if ready else _("Select an input volume and a model folder.")
-        )
+        self.ui.applyButton.toolTip = self._applyTips["running" if running else "ready" if ready else "missing"]
 
     # ------------------------------------------------------------ information labels
 
@@ -233,8 +225,13 @@ class CoTexNetSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         info = self._deviceInfo
         if info is None:
             if self._devicePoller is None:
+                try:  # starts the worker: PythonSlicer may be missing, Popen may fail; the GUI must still build
+                    job = self.logic.startDeviceInfo()
+                except Exception as error:
+                    self.ui.deviceInfoLabel.text = _("Cannot check the devices: {error}").format(error=formatError(error))
+                    return
                 self.ui.deviceInfoLabel.text = _("Checking the available devices...")
-                self._devicePoller = JobPoller(self.logic.startDeviceInfo(), lambda event: None, self.onDeviceInfo)
+                self._devicePoller = JobPoller(job, lambda event: None, self.onDeviceInfo)
             return
         text = info.describe()
         device = self.ui.deviceComboBox.currentText
@@ -305,10 +302,10 @@ class CoTexNetSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.updateApplyButton()
 
     def onCancel(self):
-        for poller in (self._segmentationPoller, self._backbonePoller, self._devicePoller):
-            if poller is not None:
-                poller.cancel()
-        self.log(_("Cancelling…"))
+        """Cancels the segmentation only: a download has its own button, and the device check is no user job."""
+        if self._segmentationPoller is not None:
+            self._segmentationPoller.cancel()
+            self.log(_("Cancelling…"))
 
     def onJobEvent(self, event):
         if event.kind == "progress":
@@ -319,8 +316,8 @@ class CoTexNetSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.log(event.value)
 
     def onSegmentationFinished(self, job):
-        """Runs whatever module is shown: the result goes to the scene's parameter node (the GUI's wrapper is
-        None after exit()) and the concept table to this widget, which the user sees on return."""
+        """Runs whatever module is shown: the result goes to the scene's parameter node (which the connected GUI
+        shows) and the concept table to this widget, which the user sees on return."""
         self._segmentationPoller = None
         self.ui.progressBar.setRange(0, 1)
         self.ui.progressBar.setValue(1 if job.state == job.DONE else 0)
@@ -358,7 +355,12 @@ class CoTexNetSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.backboneStatusLabel.text = cachedBackboneText(path)
 
     def onDownloadBackbone(self):
-        if self._backbonePoller is not None or not ensureEngineReady():
+        """Starts the backbone download, or cancels the running download (the button reads "Cancel download")."""
+        if self._backbonePoller is not None:
+            self._backbonePoller.cancel()
+            self.log(_("Cancelling the download…"))
+            return
+        if not ensureEngineReady():
             return
         self.startDownload(backbone.startBackboneDownload(backbone.DEFAULT_BACKBONE,
                                                           self.ui.backboneFolderLineEdit.currentPath or None))
@@ -376,13 +378,12 @@ class CoTexNetSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def startDownload(self, job):
         self._backbonePoller = JobPoller(job, self.onJobEvent, self.onBackboneFinished, intervalMs=500)
-        self.ui.downloadBackboneButton.enabled = False
-        self.ui.cancelButton.enabled = True
+        self.ui.downloadBackboneButton.text = _("Cancel download")
         self.ui.progressBar.setRange(0, 0)
 
     def onBackboneFinished(self, job):
         self._backbonePoller = None
-        self.ui.downloadBackboneButton.enabled = True
+        self.ui.downloadBackboneButton.text = _("Download")
         self.ui.progressBar.setRange(0, 1)
         self.ui.progressBar.setValue(1 if job.state == job.DONE else 0)
         if job.state == job.DONE:

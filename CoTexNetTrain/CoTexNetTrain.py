@@ -9,7 +9,6 @@ import pathlib
 from typing import Annotated
 
 import qt
-import vtk
 
 import slicer
 from slicer import vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode
@@ -23,7 +22,7 @@ from slicer.parameterNodeWrapper import Choice, Decimals, SingleStep, WithinRang
 from slicer.util import VTKObservationMixin
 
 from cotexnet.config import CONCEPT_BACKENDS, DEFAULT_BACKBONE, DEVICES, recipe_name
-from CoTexNetSegmentGui import ensureEngineReady  # the dependency setup both modules share
+from CoTexNetSegmentGui import ParameterNodeGui, ensureEngineReady  # shared with CoTexNetSegment
 from CoTexNetSegmentLib.errors import formatError
 from CoTexNetSegmentLib.settings import isChosenPath
 from CoTexNetTrainLib import (
@@ -39,6 +38,7 @@ from CoTexNetTrainLib import (
     modelClasses,
     recipeFields,
     segmentNames,
+    trainingFieldOptions,
 )
 
 from CoTexNetSegmentLib.i18n import tr as _
@@ -104,8 +104,10 @@ class CoTexNetTrainParameterNode:
     device: Annotated[str, Choice(DEVICES)] = "auto"
     outputFolder: pathlib.Path = pathlib.Path.home() / "CoTexNet" / "models"
     modelName: str = "MyModel"
-    initFrom: pathlib.Path = pathlib.Path("")
     segmentVolume: vtkMRMLScalarVolumeNode
+    # "Continue from model" is not here: an empty pathlib.Path is stored and shown as "." (parameterNodeWrapper's
+    # PathSerializer, serializers.py v5.6.2 lines 334-338). It is the path field's own value, as CoTexNetSegment's
+    # model folder is.
 
 
 class CoTexNetTrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
@@ -113,9 +115,12 @@ class CoTexNetTrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         ScriptedLoadableModuleWidget.__init__(self, parent)
         VTKObservationMixin.__init__(self)
         self.logic = None
+        self._parameterGui = None  # the one parameter node wrapper, connected once (CoTexNetSegmentGui.ParameterNodeGui)
         self._parameterNode = None
-        self._parameterNodeGuiTag = None
         self._segmentJob = None
+        # Looked up once: Slicer 5.6's tr() inspects the whole stack on every call (Base/Python/slicer/i18n.py,
+        # v5.6.2 line 54), and updateGUI runs on every parameter and scene change.
+        self._noNodeText, self._noBundleText = _("(none)"), _("none yet")
         self._shownRecipe = None  # the backbone recipe the training fields show (cotexnet.config.RECIPES)
         self._timer = qt.QTimer()
         self._timer.setInterval(POLL_INTERVAL_MS)
@@ -128,6 +133,7 @@ class CoTexNetTrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui = slicer.util.childWidgetVariables(uiWidget)
         uiWidget.setMRMLScene(slicer.mrmlScene)
         self.logic = CoTexNetTrainLogic(slicer.mrmlScene)
+        self._parameterGui = ParameterNodeGui(CoTexNetTrainParameterNode, self.ui, self.updateGUI)
 
         self.ui.addPairButton.clicked.connect(self.onAddPair)
         self.ui.removePairButton.clicked.connect(self.onRemovePairs)
@@ -139,7 +145,6 @@ class CoTexNetTrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.showPlotButton.clicked.connect(self.onShowPlot)
         self.ui.segmentButton.clicked.connect(self.onSegment)
 
-        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.NodeAddedEvent, self.onSceneNodesChanged)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.NodeRemovedEvent, self.onSceneNodesChanged)
@@ -150,19 +155,12 @@ class CoTexNetTrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._timer.stop()
         if self.logic is not None:
             self.logic.requestStop()
+        if self._parameterGui is not None:
+            self._parameterGui.detach()
         self.removeObservers()
 
     def enter(self):
         self.initializeParameterNode()
-
-    def exit(self):
-        if self._parameterNode:
-            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
-            self._parameterNodeGuiTag = None
-            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGUI)
-
-    def onSceneStartClose(self, caller, event):
-        self.setParameterNode(None)
 
     def onSceneEndClose(self, caller, event):
         if self.parent.isEntered:
@@ -175,20 +173,19 @@ class CoTexNetTrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     # ------------------------------------------------------------------ parameter node
 
     def initializeParameterNode(self):
+        """Shows the scene's parameter node (connected to the GUI once per node, see ``ParameterNodeGui``)."""
         store = ScriptedLoadableModuleLogic()
         store.moduleName = self.moduleName
-        self.setParameterNode(CoTexNetTrainParameterNode(store.getParameterNode()))
+        wrapper = self._parameterGui.attach(store.getParameterNode())
+        if wrapper is not self._parameterNode:
+            self._shownRecipe = recipe_name(wrapper.backbone.strip())  # keep the values a scene saved
+        self._parameterNode = wrapper
+        self.updateGUI()
 
-    def setParameterNode(self, inputParameterNode):
-        if self._parameterNode:
-            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
-            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGUI)
-        self._parameterNode = inputParameterNode
-        if self._parameterNode:
-            self._shownRecipe = recipe_name(self._parameterNode.backbone.strip())  # keep the values a scene saved
-            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
-            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGUI)
-            self.updateGUI()
+    def _initFrom(self):
+        """The "Continue from model" folder, or None when none is chosen."""
+        path = self.ui.initFromPathLineEdit.currentPath
+        return path if isChosenPath(path) else None
 
     def _pairs(self):
         if self._parameterNode.dataSource == DataSource.SegmentedVolumes:
@@ -224,8 +221,8 @@ class CoTexNetTrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         table.setRowCount(len(pairs))
         for row, (volumeNode, segmentationNode) in enumerate(pairs):
             cells = (
-                volumeNode.GetName() if volumeNode else _("(none)"),
-                segmentationNode.GetName() if segmentationNode else _("(none)"),
+                volumeNode.GetName() if volumeNode else self._noNodeText,
+                segmentationNode.GetName() if segmentationNode else self._noNodeText,
                 ", ".join(segmentNames(segmentationNode)) if segmentationNode else "",
             )
             for column, text in enumerate(cells):
@@ -251,7 +248,7 @@ class CoTexNetTrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.resumeButton.enabled = not running and resumable
         self.ui.showPlotButton.enabled = self.logic.chartNode is not None
         bundle = self.logic.bundlePath
-        self.ui.bundleLabel.text = str(bundle) if bundle else _("none yet")
+        self.ui.bundleLabel.text = str(bundle) if bundle else self._noBundleText
         self.ui.segmentButton.enabled = (
             bundle is not None and self._parameterNode.segmentVolume is not None and self._segmentJob is None
         )
@@ -284,8 +281,8 @@ class CoTexNetTrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if self._parameterNode.dataSource == DataSource.Folder:
                 typed = [n.strip() for n in self._parameterNode.folderClassNames.split(",") if n.strip()]
                 classes = folderClasses(self._parameterNode.dataFolder, typed or None)
-            elif isChosenPath(self._parameterNode.initFrom):
-                classes = continuedClasses(self._pairs(), modelClasses(self._parameterNode.initFrom))
+            elif self._initFrom():
+                classes = continuedClasses(self._pairs(), modelClasses(self._initFrom()))
             else:
                 pairs = self._pairs()
                 classes = segmentNames(pairs[0][1]) if pairs and pairs[0][1] is not None else []
@@ -304,24 +301,23 @@ class CoTexNetTrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     # ------------------------------------------------------------------ running
 
     def _trainingOptions(self) -> dict:
+        """The run's options; recipe fields the user left at the backbone's recipe are not sent (the engine's
+        recipe for that backbone applies)."""
         p = self._parameterNode
+        fields = {field: getattr(p, field) for field in ("epochs", "batchSize", "learningRate", "patience", "imageSize")}
         return {
             "backbone": p.backbone.strip(),
-            "epochs": p.epochs,
-            "batchSize": p.batchSize,
-            "learningRate": p.learningRate,
-            "patience": p.patience,
-            "imageSize": p.imageSize,
+            **trainingFieldOptions(p.backbone, fields),
             "device": p.device,
             "conceptBackend": p.conceptBackend,
-            "initFrom": str(p.initFrom) if isChosenPath(p.initFrom) else None,
+            "initFrom": self._initFrom(),
         }
 
     def onStart(self):
         if not ensureEngineReady():  # torch and the engine's packages, after one confirmation
             return
         p = self._parameterNode
-        if (not p.classNames or isChosenPath(p.initFrom)) and p.dataSource != DataSource.Folder:
+        if (not p.classNames or self._initFrom()) and p.dataSource != DataSource.Folder:
             self.onReadClasses()  # show the classes that will be trained (the logic checks them)
         data = p.dataFolder if p.dataSource == DataSource.Folder else self._pairs()
         self.ui.logTextEdit.clear()

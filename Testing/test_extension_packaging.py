@@ -2,7 +2,7 @@
 
 A file missing from a module's CMakeLists is silently left out of the built extension, so every .py,
 .ui and icon on disk must be listed (and every listed file must exist). The catalogue entry follows
-Slicer's schema ``slicer-extension-catalog-entry-schema-v1.0.2`` (ExtensionsIndex JSON format).
+the schema and the formatting that the extensions index checks (its .pre-commit-config.yaml).
 """
 from __future__ import annotations
 
@@ -20,9 +20,13 @@ ENGINE_HOST = "CoTexNetSegment"  # the module whose CMakeLists bundles the cotex
 #: Fields of the .s4ext format (Slicer ExtensionsIndex README, "extension description file").
 S4EXT_FIELDS = ("scm", "scmurl", "scmrevision", "depends", "build_subdirectory", "homepage", "contributors",
                 "category", "iconurl", "status", "description", "screenshoturls", "enabled")
-#: Properties of slicer-extension-catalog-entry-schema-v1.0.2.json ("additionalProperties": false).
-CATALOGUE_PROPERTIES = {"$schema", "category", "scm_url", "scm_revision", "scm_type", "build_dependencies",
-                        "dicom_support_rule", "build_subdirectory", "enabled", "tier"}
+#: The schema the extensions index checks every entry against: its .pre-commit-config.yaml runs
+#: check-jsonschema with ``schemas/slicer-extension-catalog-entry-schema-v1.0.1.json`` (Slicer/ExtensionsIndex
+#: at 00b8d9c; the same file as Slicer's Schemas/ folder). Its properties ("additionalProperties": false) and
+#: their JSON types; v1.0.2 only adds ``dicom_support_rule``, which v1.0.1 refuses.
+CATALOGUE_SCHEMA = "slicer-extension-catalog-entry-schema-v1.0.1.json"
+CATALOGUE_PROPERTIES = {"$schema": str, "category": str, "scm_url": str, "scm_revision": str, "scm_type": str,
+                        "build_dependencies": list, "build_subdirectory": str, "enabled": bool, "tier": int}
 CATALOGUE_REQUIRED = {"$schema", "category", "scm_url"}
 EXTENSION_FIELDS = ("HOMEPAGE", "CATEGORY", "CONTRIBUTORS", "DESCRIPTION", "ICONURL", "SCREENSHOTURLS", "DEPENDS")
 
@@ -149,17 +153,43 @@ def test_s4ext_has_every_field_consistent_with_cmake(extension):
 def test_catalogue_entry_follows_the_extensions_index_schema(extension):
     entry = json.loads((REPO / "CoTexNet.json").read_text(encoding="utf-8"))
     assert CATALOGUE_REQUIRED <= set(entry)
-    assert set(entry) <= CATALOGUE_PROPERTIES, f"not allowed by the schema: {set(entry) - CATALOGUE_PROPERTIES}"
-    assert re.fullmatch(r"https://raw\.githubusercontent\.com/Slicer/Slicer/main/Schemas/"
-                        r"slicer-extension-catalog-entry-schema-v\d+\.\d+\.\d+\.json#", entry["$schema"])
+    assert set(entry) <= set(CATALOGUE_PROPERTIES), f"refused by the schema: {set(entry) - set(CATALOGUE_PROPERTIES)}"
+    for name, value in entry.items():  # bool is not an integer in JSON Schema
+        assert type(value) is CATALOGUE_PROPERTIES[name], f"{name}: {value!r} is not a {CATALOGUE_PROPERTIES[name].__name__}"
+    assert entry["$schema"] == f"https://raw.githubusercontent.com/Slicer/Slicer/main/Schemas/{CATALOGUE_SCHEMA}#"
     assert entry["category"] == " ".join(extension["EXTENSION_CATEGORY"])
     assert entry["scm_url"] == read_s4ext()["scmurl"] and entry["scm_url"].startswith("https://")
     assert entry["scm_revision"] == read_s4ext()["scmrevision"]
     assert entry.get("scm_type", "git") in ("git", "local")
-    assert isinstance(entry["build_dependencies"], list) and all(isinstance(d, str) for d in entry["build_dependencies"])
+    assert all(isinstance(d, str) for d in entry["build_dependencies"])
     assert entry["build_dependencies"] == extension["EXTENSION_DEPENDS"]
-    assert isinstance(entry.get("tier", 1), int) and 1 <= entry.get("tier", 1) <= 5
-    assert isinstance(entry.get("enabled", True), bool)
+    assert 1 <= entry.get("tier", 1) <= 5
+
+
+def prettier_json(value) -> str:
+    """How the extensions index's prettier writes a JSON file (Slicer/ExtensionsIndex .prettierrc.js and
+    .pre-commit-config.yaml: prettier 3.5.3 with prettier-plugin-multiline-arrays 4.0.3,
+    ``multilineArraysWrapThreshold: 0``), for entries like ours (an object of strings, booleans, integers and
+    string arrays). The rules reproduced: two-space indentation and no tabs (prettier's defaults; the forbid-tabs
+    hook); every non-empty array one element per line, an empty one as ``[]`` (threshold 0); an object whose
+    first key is on its own line stays expanded (prettier keeps objects as written there); ``"key": value``;
+    keys in their order (prettier sorts nothing); LF line ends, no trailing spaces, one final newline (the
+    mixed-line-ending, trailing-whitespace and end-of-file-fixer hooks)."""
+    return json.dumps(value, indent=2, ensure_ascii=False) + "\n"
+
+
+def test_catalogue_entry_is_formatted_as_the_index_lints_it():
+    raw = (REPO / "CoTexNet.json").read_bytes()
+    assert raw.decode("utf-8") == prettier_json(json.loads(raw)), "run the index's prettier on CoTexNet.json"
+
+
+def test_s4ext_passes_the_index_whitespace_hooks():
+    """The index's pre-commit hooks that apply to every text file: forbid-tabs, trailing-whitespace,
+    mixed-line-ending, end-of-file-fixer (Slicer/ExtensionsIndex .pre-commit-config.yaml)."""
+    text = (REPO / "CoTexNet.s4ext").read_bytes().decode("utf-8")
+    assert "\t" not in text and "\r" not in text
+    assert not [line for line in text.split("\n") if line != line.rstrip()]
+    assert text.endswith("\n") and not text.endswith("\n\n")
 
 
 def test_icon_url_points_at_the_committed_icon(extension):

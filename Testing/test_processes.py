@@ -115,6 +115,125 @@ def test_backbone_download_cancel_ends_the_interpreter_behind_the_launcher(launc
     assert not processes.isRunning(pid)
 
 
+#: A stand-in for ``python -m cotexnet.worker``: says ready with its pid, answers "quick" requests at once and
+#: leaves every other request running.
+FAKE_WORKER = """\
+import json, os, sys
+print(json.dumps({"event": "ready", "pid": os.getpid()}), flush=True)
+for line in sys.stdin:
+    request = json.loads(line)
+    if request.get("type") == "quick":
+        print(json.dumps({"id": request["id"], "event": "result", "value": "done"}), flush=True)
+"""
+
+
+def _job(worker, kind, name):
+    from CoTexNetSegmentLib.worker import WorkerJob
+
+    return WorkerJob(worker, kind, {}, decode=lambda value: value, finish=lambda value: value, name=name)
+
+
+def _settle(job, timeout=30.0):
+    deadline = time.monotonic() + timeout
+    while not job.finished and time.monotonic() < deadline:
+        job.poll()
+        time.sleep(0.02)
+
+
+def test_a_job_whose_shared_worker_was_ended_for_another_job_fails_with_a_clear_message():
+    """The module, the effect and CoTexNetTrain share one worker, and Cancel ends it. Another widget's running job
+    then failed with "exit code None", or, when a new request restarted the worker before its next poll (which
+    wipes the request ids), never finished. Each job belongs to the worker generation it was sent to."""
+    from CoTexNetSegmentLib.worker import SegmentationWorker
+
+    worker = SegmentationWorker(command=[sys.executable, "-c", FAKE_WORKER])
+    try:
+        segmentation, download = _job(worker, "slow", "Segmentation"), _job(worker, "slow", "Device check")
+        download.cancel()  # ends the shared worker
+        _settle(segmentation)
+        assert segmentation.state == segmentation.FAILED
+        assert "ended for another job" in str(segmentation.error) and "exit code" not in str(segmentation.error)
+
+        waiting, cancelled = _job(worker, "slow", "Segmentation"), _job(worker, "slow", "Effect")
+        cancelled.cancel()
+        following = _job(worker, "quick", "Next run")  # restarts the worker before `waiting` is polled again
+        _settle(waiting, timeout=10)
+        assert waiting.state == waiting.FAILED and "ended for another job" in str(waiting.error)
+        _settle(following)
+        assert following.state == following.DONE and following.result == "done"
+    finally:
+        worker.stop()
+
+
+def test_cancel_before_psutil_is_installed_ends_the_launcher_and_the_interpreter(launcher, monkeypatch):
+    """psutil is one of the packages CoTexNet installs; Cancel or cleanup() during the first device check ran
+    ``import psutil`` and raised. Without it, the launcher (Popen.kill) and the interpreter whose pid the worker
+    reported are killed."""
+    from CoTexNetSegmentLib.worker import SegmentationWorker
+
+    path, pid_file = launcher
+    worker = SegmentationWorker(command=[str(path), "-c", FAKE_WORKER])
+    job = _job(worker, "slow", "Device check")
+    deadline = time.monotonic() + 30
+    while worker.pid is None:
+        assert time.monotonic() < deadline, "the worker did not say ready"
+        worker.pump()
+        time.sleep(0.02)
+    launcher_process, interpreter = worker.process, worker.pid
+    with monkeypatch.context() as without:
+        without.setitem(sys.modules, "psutil", None)  # import psutil raises ImportError
+        job.cancel()
+    assert launcher_process.poll() is not None
+    deadline = time.monotonic() + 10
+    while processes.isRunning(interpreter):
+        assert time.monotonic() < deadline, "the interpreter behind the launcher is still running"
+        time.sleep(0.05)
+
+
+def test_the_download_process_opens_no_console_window(monkeypatch, tmp_path):
+    """On Windows a child process gets a console window unless ``CREATE_NO_WINDOW`` is passed, as the worker
+    and the training process do (CoTexNetSegmentLib.processes.NO_WINDOW)."""
+    windows_flag = 0x08000000  # CREATE_NO_WINDOW, the value subprocess has on Windows
+    monkeypatch.setattr(backbone, "NO_WINDOW", windows_flag)
+    monkeypatch.setattr(backbone, "_DOWNLOAD_SCRIPT", "print('/fetched')")
+    monkeypatch.setattr(backbone, "_expectedBytes", lambda repo: 0)
+    real_popen, flags = subprocess.Popen, []
+
+    def popen(*args, **kwargs):
+        flags.append(kwargs.pop("creationflags", None))  # POSIX refuses Windows flags
+        return real_popen(*args, **kwargs)
+
+    monkeypatch.setattr(backbone.subprocess, "Popen", popen)
+    assert str(backbone.startBackboneDownload("org/model", str(tmp_path)).wait(30)) == "/fetched"
+    assert flags == [windows_flag]
+
+
+def test_peek_named_pipe_is_declared_so_64_bit_handles_pass_whole():
+    """ctypes passes an undeclared argument as a C int: a pipe handle above 2**31 on 64-bit Windows was cut
+    (or refused). ``PeekNamedPipe`` gets its argtypes and restype, and a 2**40 handle arrives whole."""
+    import ctypes
+    from ctypes import wintypes
+
+    from CoTexNetSegmentLib.worker import _peekNamedPipe
+
+    received = []
+    prototype = ctypes.CFUNCTYPE(wintypes.BOOL, wintypes.HANDLE, wintypes.LPVOID, wintypes.DWORD,
+                                 wintypes.LPDWORD, wintypes.LPDWORD, wintypes.LPDWORD)
+
+    def peek(handle, buffer, size, read, available, left):
+        received.append(handle)
+        available[0] = 7
+        return 1
+
+    callback = prototype(peek)
+    undeclared = ctypes.CFUNCTYPE(ctypes.c_int)(ctypes.cast(callback, ctypes.c_void_p).value)  # like windll's
+    kernel32 = type("Kernel32", (), {"PeekNamedPipe": undeclared})()
+    available = wintypes.DWORD()
+    assert _peekNamedPipe(kernel32)(2 ** 40, None, 0, None, ctypes.byref(available), None)
+    assert received == [2 ** 40] and available.value == 7
+    assert kernel32.PeekNamedPipe.argtypes[0] is wintypes.HANDLE and kernel32.PeekNamedPipe.restype is wintypes.BOOL
+
+
 def _start_training(logic, shapes, outDir, monkeypatch, path):
     monkeypatch.setattr(train_logic, "pythonExecutable", lambda: str(path))
     logic.train(str(shapes), ["disk", "square"], outDir, waitForCompletion=False)

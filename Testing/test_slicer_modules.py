@@ -23,8 +23,10 @@ import numpy as np
 import pytest
 
 slicer = pytest.importorskip("slicer")
+import vtk  # noqa: E402  (comes with slicer-core)
 
 from CoTexNetSegmentLib import CoTexNetSegmentLogic, backbone, dependencies, mrml, settings  # noqa: E402
+from CoTexNetSegmentLib.editing import SegmentEditorTarget  # noqa: E402
 from CoTexNetSegmentLib.logic import CONCEPTS_REFERENCE_ROLE, EngineResult  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -126,11 +128,29 @@ class AbstractEffectStandIn:
         ScriptedEffectStandIn.registered.append(self)
 
 
+class ModuleWidgetStandIn(Anything):
+    """``ScriptedLoadableModuleWidget``: its methods that a module widget calls on its base class."""
+
+    def setup(self):
+        self.layout = Anything()
+
+    def enter(self):
+        pass
+
+    def exit(self):
+        pass
+
+    def resourcePath(self, filename):
+        return filename
+
+
 class TestCaseStandIn(unittest.TestCase):
     def delayDisplay(self, message, msec=None):
         pass
 
 
+#: Module widgets set up by a test; their scene observers are removed after it.
+OPENED_WIDGETS = []
 #: Modules that import Qt (here: the stand-ins), forgotten after each test.
 GUI_MODULES = {"CoTexNetSegment", "CoTexNetSegmentGui", "CoTexNetTrain", "SegmentEditorCoTexNet"}
 
@@ -151,7 +171,7 @@ def slicer_app(monkeypatch, tmp_path):
         "qt": _qt_like("qt"),
         "ctk": _qt_like("ctk"),
         "slicer.ScriptedLoadableModule": _stub(
-            "slicer.ScriptedLoadableModule", ScriptedLoadableModule=Anything, ScriptedLoadableModuleWidget=Anything,
+            "slicer.ScriptedLoadableModule", ScriptedLoadableModule=Anything, ScriptedLoadableModuleWidget=ModuleWidgetStandIn,
             ScriptedLoadableModuleLogic=Anything, ScriptedLoadableModuleTest=TestCaseStandIn),
         "slicer.parameterNodeWrapper": _stub(
             "slicer.parameterNodeWrapper", parameterNodeWrapper=lambda cls: cls, Choice=_plain, WithinRange=_plain,
@@ -164,9 +184,13 @@ def slicer_app(monkeypatch, tmp_path):
         monkeypatch.setitem(sys.modules, name, module)
     ScriptedEffectStandIn.registered = []
     yield SimpleNamespace(scene=scene)
+    while OPENED_WIDGETS:
+        OPENED_WIDGETS.pop().removeObservers()
     for name in set(sys.modules) - set(before):  # what was imported against the stand-ins
         if name.split(".")[0] in GUI_MODULES:
             del sys.modules[name]
+    if sys.modules.get("CoTexNetSegmentLib.i18n") is not before.get("CoTexNetSegmentLib.i18n"):
+        sys.modules.pop("CoTexNetSegmentLib.i18n")  # bound to a slicer.i18n stand-in
 
 
 def add_volume(scene, array, spacing, origin=(0.0, 0.0, 0.0), name="volume"):
@@ -195,7 +219,7 @@ def test_effect_registers_after_the_module_file_was_imported_as_slicer_does(slic
     [effect] = ScriptedEffectStandIn.registered
     assert type(effect).__name__ == "SegmentEditorEffect" and effect.scriptedEffect.name == "CoTexNet"
     folder = type(effect).__module__
-    assert folder == module.EFFECT_FOLDER and not (REPO / "CoTexNetSegment" / folder / "__init__.py").exists()
+    assert folder == module.EFFECT_FOLDER  # its __init__.py (translation context) is never executed
     assert sys.modules["CoTexNetSegmentGui"].__file__.endswith("__init__.py")  # the helper package is intact
     # clone() loads the same file again: the class already in sys.modules[folder] is reused
     assert type(effect.clone().self()) is type(effect)
@@ -252,8 +276,8 @@ def test_install_continues_unless_a_package_loaded_before_was_replaced():
 # ------------------------------------------------------------------------------------------ 10.3 leaving the module
 
 
-class Recorder:
-    """A widget stand-in that remembers what was set and called."""
+class WidgetStandIn:
+    """A Qt widget of a loaded .ui: any attribute is a child stand-in, any call is recorded, signals connect."""
 
     def __init__(self, **attributes):
         self.__dict__.update(attributes)
@@ -262,31 +286,36 @@ class Recorder:
     def __getattr__(self, name):
         if name.startswith("__"):
             raise AttributeError(name)
-        return lambda *args: self.calls.append((name, args))
+        child = WidgetStandIn()
+        self.__dict__[name] = child
+        return child
+
+    def __call__(self, *args, **kwargs):
+        self.calls.append(args)
 
 
 def test_a_run_that_ends_in_another_module_still_lands_with_its_concept_table(slicer_app):
-    """``exit()`` sets the GUI's parameter node wrapper to None; the run's end must still record the result
-    in the scene's parameter node (as parameterNodeWrapper stores a node field: serializers.py
-    ``NodeSerializer.write``, v5.6.2 lines 402-406) and fill the concept table view."""
+    """A run may end while another module is shown, with no wrapper at hand (here none at all): the run's end
+    records the result in the scene's parameter node (as parameterNodeWrapper stores a node field:
+    serializers.py ``NodeSerializer.write``, v5.6.2 lines 402-406) and fills the concept table view."""
     module = load_source_5_10("CoTexNetSegment", str(SEGMENT_MODULE))
     scene = slicer_app.scene
     segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "result")
     table = scene.AddNewNodeByClass("vtkMRMLTableNode", "concepts")
     segmentation.SetNodeReferenceID(CONCEPTS_REFERENCE_ROLE, table.GetID())
-    widget = module.CoTexNetSegmentWidget.__new__(module.CoTexNetSegmentWidget)
+    widget = module.CoTexNetSegmentWidget()
     widget.logic, widget._parameterNode, widget._segmentationPoller = CoTexNetSegmentLogic(scene), None, None
-    widget.ui = SimpleNamespace(progressBar=Recorder(), modelPathLineEdit=Recorder(currentPath=""),
-                                logTextEdit=Recorder(), conceptsTableView=Recorder(),
-                                conceptsCollapsibleButton=Recorder(collapsed=True),
-                                applyButton=Recorder(), cancelButton=Recorder())
+    widget.ui = SimpleNamespace(progressBar=WidgetStandIn(), modelPathLineEdit=WidgetStandIn(currentPath=""),
+                                logTextEdit=WidgetStandIn(), conceptsTableView=WidgetStandIn(),
+                                conceptsCollapsibleButton=WidgetStandIn(collapsed=True),
+                                applyButton=WidgetStandIn(), cancelButton=WidgetStandIn())
     job = SimpleNamespace(state="done", DONE="done", CANCELLED="cancelled", result=segmentation,
                           started=time.monotonic(), error=None)
 
     widget.onSegmentationFinished(job)
 
     assert widget.logic.getParameterNode().GetNodeReference("outputSegmentation") is segmentation
-    assert ("setMRMLTableNode", (table,)) in widget.ui.conceptsTableView.calls
+    assert widget.ui.conceptsTableView.setMRMLTableNode.calls == [(table,)]
     assert widget.ui.conceptsCollapsibleButton.collapsed is False
 
 
@@ -353,8 +382,8 @@ def test_no_path_parameter_can_show_a_dot_and_the_newest_model_is_selected(slice
     assert settings.preferredModelPath("/chosen/model", settings.recentModels()) == "/chosen/model"
 
     module = load_source_5_10("CoTexNetSegment", str(SEGMENT_MODULE))
-    widget = module.CoTexNetSegmentWidget.__new__(module.CoTexNetSegmentWidget)
-    widget.ui = SimpleNamespace(modelPathLineEdit=Recorder(currentPath=bundles[0]))
+    widget = module.CoTexNetSegmentWidget()
+    widget.ui = SimpleNamespace(modelPathLineEdit=WidgetStandIn(currentPath=bundles[0]))
     settings.addRecentModel(bundles[1])  # what CoTexNetTrainLogic does when a model is ready
     widget.refreshModels()
     assert widget.ui.modelPathLineEdit.currentPath == bundles[1]
@@ -386,11 +415,42 @@ def test_self_test_skips_only_the_engine_part_without_torch(slicer_app, monkeypa
 # ------------------------------------------------------------------------------------------ 10.10 masking
 
 
+def segment_editor(scene, segmentation, volume):
+    """The Segment Editor an effect writes through, on slicer-core: ``vtkSlicerSegmentEditorLogic`` holds the
+    masking of ``qSlicerSegmentEditorAbstractEffect::modifySegmentByLabelmap`` from Slicer 5.10 on
+    (Modules/Loadable/Segmentations/Logic/vtkSlicerSegmentEditorLogic.cxx, v5.10.0 lines 1663-1935; 5.6/5.8:
+    qSlicerSegmentEditorAbstractEffect.cxx, v5.6.2 lines 300-560). ``referenceGeometryImage`` is the effect's
+    (qSlicerSegmentEditorAbstractEffect.cxx, v5.10.0 lines 1010-1020: the editor refreshes it from the
+    segmentation's reference geometry, ``UpdateReferenceGeometryImage``)."""
+    editorNode = slicer.vtkMRMLSegmentEditorNode()
+    scene.AddNode(editorNode)
+    logic = slicer.vtkSlicerSegmentEditorLogic()
+    logic.SetMRMLScene(scene)
+    logic.SetSegmentEditorNode(editorNode)
+    editorNode.SetAndObserveSegmentationNode(segmentation)
+    editorNode.SetAndObserveSourceVolumeNode(volume)
+
+    def referenceGeometryImage():
+        assert logic.UpdateReferenceGeometryImage()
+        return logic.GetReferenceGeometryImage()
+
+    def modifySegment(node, segmentId, labelmap):  # the effect's modifySegmentByLabelmap, ModificationModeSet
+        logic.ModifySegmentByLabelmap(node, segmentId, labelmap, logic.ModificationModeSet, False, False)
+
+    return SegmentEditorTarget(editorNode, referenceGeometryImage, modifySegment)
+
+
+def write_through_effect(scene, editor, labels, classes, volume, segmentation):
+    """What the effect's finished job does: ``CoTexNetSegmentLogic._apply`` with the editor."""
+    result = EngineResult(labels, list(classes), [[1, 0, 0], [0, 1, 0]][:len(classes)], None)
+    CoTexNetSegmentLogic(scene, segmentEditor=editor)._apply(result, volume.GetID(), segmentation.GetID(), None)
+    return mrml.segmentationToLabelMap(segmentation, volume, classes)
+
+
 @pytest.fixture
 def editor(slicer_app):
     """A segmentation with a segment "kept" (rows 0-4), a volume whose right half is bright, and the Segment
-    Editor's logic (vtkSlicerSegmentEditorLogic, which holds the masking of
-    qSlicerSegmentEditorAbstractEffect::modifySegmentByLabelmap from Slicer 5.10 on)."""
+    Editor (:func:`segment_editor`)."""
     scene = slicer_app.scene
     shape = (4, 10, 12)
     image = np.zeros(shape, np.float32)
@@ -402,27 +462,16 @@ def editor(slicer_app):
     kept = np.zeros(shape, np.uint8)
     kept[:, :5, :] = 1
     mrml.labelMapToSegmentation(scene, kept, volume, ["kept"], [[0, 0, 1]], segmentation)
-    editorNode = slicer.vtkMRMLSegmentEditorNode()
-    scene.AddNode(editorNode)
-    logic = slicer.vtkSlicerSegmentEditorLogic()
-    logic.SetMRMLScene(scene)
-    logic.SetSegmentEditorNode(editorNode)
-    editorNode.SetAndObserveSegmentationNode(segmentation)
-    editorNode.SetAndObserveSourceVolumeNode(volume)
+    target = segment_editor(scene, segmentation, volume)
     labels = np.zeros(shape, np.uint8)
     labels[:, 2:8, 2:10] = 1
 
-    def modifySegment(node, segmentId, labelmap):  # what the effect's modifySegmentByLabelmap does
-        logic.ModifySegmentByLabelmap(node, segmentId, labelmap, logic.ModificationModeSet, False, False)
+    def run(classLabels=labels):
+        organ = write_through_effect(scene, target, classLabels, ["organ"], volume, segmentation)
+        return organ, mrml.segmentationToLabelMap(segmentation, volume, ["kept"])
 
-    def run():
-        result = EngineResult(labels, ["organ"], [[1, 0, 0]], None)
-        effectLogic = CoTexNetSegmentLogic(scene, modifySegment=modifySegment)
-        effectLogic._apply(result, volume.GetID(), segmentation.GetID(), None)
-        return (mrml.segmentationToLabelMap(segmentation, volume, ["organ"]),
-                mrml.segmentationToLabelMap(segmentation, volume, ["kept"]))
-
-    return SimpleNamespace(node=editorNode, image=image, kept=kept, labels=labels, run=run)
+    return SimpleNamespace(node=target.parameterSetNode, image=image, kept=kept, labels=labels, run=run,
+                           segmentation=segmentation)
 
 
 def test_effect_result_stays_inside_the_editable_intensity_range(editor):
@@ -446,10 +495,117 @@ def test_effect_result_stays_outside_other_segments_and_overwrites_them_only_whe
     np.testing.assert_array_equal(kept, (editor.kept == 1) & (editor.labels == 0))
 
 
+def test_effect_writes_each_class_with_its_segment_selected_and_restores_the_selection(editor):
+    """The edit mask is built around the *selected* segment (vtkMRMLSegmentationNode.cxx ``GenerateEditMask``,
+    v5.10.0 line 653: the edited segment is taken out of the mask segments, so only it stays editable; the editor passes its
+    selected segment: vtkSlicerSegmentEditorLogic.cxx, v5.10.0 lines 1250-1254; 5.6:
+    qMRMLSegmentEditorWidget.cxx, v5.6.2 lines 750-752). Writing "organ" while "kept" was selected made organ's
+    own old voxels uneditable, so they stayed; each class must be written with its segment selected."""
+    old = np.zeros(editor.labels.shape, np.uint8)
+    old[:, 6:10, 0:3] = 1  # organ's voxels from an earlier run, none of them in the new result
+    editor.run(old)
+    keptId = editor.segmentation.GetSegmentation().GetSegmentIdBySegmentName("kept")
+    editor.node.SetSelectedSegmentID(keptId)
+    editor.node.SetMaskMode(slicer.vtkMRMLSegmentationNode.EditAllowedOutsideAllSegments)
+
+    organ, kept = editor.run()
+
+    np.testing.assert_array_equal(organ, (editor.labels == 1) & (editor.kept == 0))  # the old voxels are gone
+    np.testing.assert_array_equal(kept, editor.kept)
+    assert editor.node.GetSelectedSegmentID() == keptId  # the user's selection is back
+
+
+def _labels(shape, seed):
+    """Two classes in blocks (so nearest-neighbour resampling has something to get wrong)."""
+    rng = np.random.default_rng(seed)
+    coarse = rng.integers(0, 3, (shape[0], (shape[1] + 1) // 2, (shape[2] + 1) // 2)).astype(np.uint8)
+    return coarse.repeat(2, axis=1).repeat(2, axis=2)[:, :shape[1], :shape[2]]
+
+
+def _module_result(scene, labels, volume):
+    """The module's Apply: a new segmentation on the volume's own grid."""
+    result = EngineResult(labels, ["organ", "lesion"], [[1, 0, 0], [0, 1, 0]], None)
+    node = CoTexNetSegmentLogic(scene)._apply(result, volume.GetID(), None, None)
+    return mrml.segmentationToLabelMap(node, volume, ["organ", "lesion"])
+
+
+@pytest.mark.parametrize("intensityMask", [False, True])
+def test_effect_equals_the_module_on_an_oversampled_segmentation(slicer_app, intensityMask):
+    """A segmentation oversampled x2 (the "Specify geometry" dialog: vtkSlicerSegmentationGeometryLogic,
+    ``SetOversamplingFactor(2)``, ``CalculateOutputGeometry``, ``SetReferenceImageGeometryInSegmentationNode``).
+    In Set mode Slicer re-reads the edited segment with the modifier's geometry (vtkSlicerSegmentEditorLogic.cxx,
+    v5.10.0 lines 1909-1920; qSlicerSegmentEditorAbstractEffect.cxx, v5.6.2 lines 501-512), and with an editable
+    intensity range it writes nothing unless the modifier has the aligned source volume's geometry (v5.10.0 lines
+    1770-1776; v5.6.2 lines 358-360). The effect's classes, resampled onto ``referenceGeometryImage()``, must give
+    the module's result voxel for voxel, also on a second run that replaces the first."""
+    scene = slicer_app.scene
+    shape = (4, 10, 12)
+    image = np.arange(np.prod(shape), dtype=np.float32).reshape(shape)
+    volume = add_volume(scene, image, spacing=(0.7, 0.9, 2.0), origin=(3.0, -4.0, 1.5))
+    segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode")
+    segmentation.CreateDefaultDisplayNodes()
+    geometry = slicer.vtkSlicerSegmentationGeometryLogic()
+    geometry.SetInputSegmentationNode(segmentation)
+    geometry.SetSourceGeometryNode(volume)
+    geometry.SetOversamplingFactor(2.0)
+    geometry.CalculateOutputGeometry()
+    geometry.SetReferenceImageGeometryInSegmentationNode()
+    editor = segment_editor(scene, segmentation, volume)
+    assert editor.referenceGeometryImage().GetSpacing() == pytest.approx((0.35, 0.45, 1.0))
+    if intensityMask:  # a range that holds every voxel: masking must change nothing
+        editor.parameterSetNode.SetSourceVolumeIntensityMask(True)
+        editor.parameterSetNode.SetSourceVolumeIntensityMaskRange(-1, image.max() + 1)
+
+    for seed in (1, 2):
+        labels = _labels(shape, seed)
+        effect = write_through_effect(scene, editor, labels, ["organ", "lesion"], volume, segmentation)
+        np.testing.assert_array_equal(effect, _module_result(scene, labels, volume))
+    organ = slicer.vtkOrientedImageData()
+    segmentation.GetBinaryLabelmapRepresentation(segmentation.GetSegmentation().GetSegmentIdBySegmentName("organ"), organ)
+    assert slicer.vtkOrientedImageDataResample.DoGeometriesMatch(organ, editor.referenceGeometryImage())
+
+
+@pytest.mark.parametrize("intensityMask", [False, True])
+def test_effect_equals_the_module_on_a_volume_under_a_linear_transform(slicer_app, intensityMask):
+    """The segmentation's grid was taken from the volume, then the volume was moved by a linear transform
+    (registration): its voxels now lie on the grid turned by 180 degrees about the volume's axis, a different
+    geometry on the same voxel centres, so nearest-neighbour resampling is exact. Same Slicer rules as the
+    oversampled test; the effect's result must be the module's voxel for voxel, through the real editor logic."""
+    import vtk
+
+    scene = slicer_app.scene
+    shape = (4, 10, 12)
+    image = np.arange(np.prod(shape), dtype=np.float32).reshape(shape)
+    spacing, origin = np.array([0.7, 0.9, 2.0]), np.array([3.0, -4.0, 1.5])
+    volume = add_volume(scene, image, spacing=tuple(spacing), origin=tuple(origin))
+    segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode")
+    segmentation.CreateDefaultDisplayNodes()
+    segmentation.SetReferenceImageGeometryParameterFromVolumeNode(volume)
+    centre = origin + spacing * (np.array(shape[::-1]) - 1) / 2
+    turn = np.diag([-1.0, -1.0, 1.0, 1.0])
+    turn[:3, 3] = centre - turn[:3, :3] @ centre
+    matrix = vtk.vtkMatrix4x4()
+    matrix.DeepCopy(turn.ravel().tolist())
+    transform = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode")
+    transform.SetMatrixTransformToParent(matrix)
+    volume.SetAndObserveTransformNodeID(transform.GetID())
+    editor = segment_editor(scene, segmentation, volume)
+    if intensityMask:
+        editor.parameterSetNode.SetSourceVolumeIntensityMask(True)
+        editor.parameterSetNode.SetSourceVolumeIntensityMaskRange(-1, image.max() + 1)
+
+    for seed in (1, 2):
+        labels = _labels(shape, seed)
+        effect = write_through_effect(scene, editor, labels, ["organ", "lesion"], volume, segmentation)
+        expected = _module_result(scene, labels, volume)
+        np.testing.assert_array_equal(expected, labels)
+        np.testing.assert_array_equal(effect, expected)
+
+
 # ------------------------------------------------------------------------------------------ 10.11 LLaVA download
 
 
-def test_llava_download_is_announced_with_its_size_and_runs_through_the_backbone_mechanism(tmp_path, monkeypatch):
+def test_llava_download_logs_its_size_and_runs_through_the_backbone_mechanism(tmp_path, monkeypatch):
     import huggingface_hub
 
     sizes = {"config.json": 1_000, "model-00001-of-00002.safetensors": 9_000_000_000,
@@ -462,7 +618,6 @@ def test_llava_download_is_announced_with_its_size_and_runs_through_the_backbone
 
     monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
     expected = sum(s for n, s in sizes.items() if not n.endswith((".bin", ".gitattributes")))
-    assert backbone.downloadSize("org/llava", backbone.LLAVA_PATTERNS) == expected
 
     cache = tmp_path / "cache"
     assert backbone.llavaDownloadNeeded({"model": "org/llava"}, str(cache)) == "org/llava"
@@ -476,12 +631,40 @@ def test_llava_download_is_announced_with_its_size_and_runs_through_the_backbone
               "print(folder)\n")
     monkeypatch.setattr(backbone, "_DOWNLOAD_SCRIPT", script)
     job = backbone.startBackboneDownload("org/llava", str(cache), backbone.LLAVA_PATTERNS)
-    folder = job.wait(60)
+    events, deadline = [], time.monotonic() + 60
+    while not job.finished and time.monotonic() < deadline:
+        events += job.poll()
+        time.sleep(0.05)
+    folder = job.wait(1)
     import json
 
     assert json.loads((folder / "argv.json").read_text()) == [
         "org/llava", str(cache), json.dumps(list(backbone.LLAVA_PATTERNS))]
     assert job.progress == (expected, expected)
+    assert f"Downloading org/llava ({expected / 1e9:.1f} GB)" in events[0].value  # the size, told by the job
+
+
+def test_llava_question_is_asked_at_once_without_the_network(slicer_app, monkeypatch):
+    """Asking the hub for the size before the question froze Slicer up to 10 s (``model_info(timeout=10)`` on the
+    GUI thread; offline: always). The question must be asked with no hub call."""
+    import huggingface_hub
+
+    hubCalls = []
+
+    class OfflineApi:
+        def model_info(self, *args, **kwargs):
+            hubCalls.append(kwargs)
+            raise OSError("offline")
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", OfflineApi)
+    asked = []
+    monkeypatch.setattr(slicer.util, "confirmOkCancelDisplay", lambda text, **kw: asked.append(text) or True,
+                        raising=False)
+    import CoTexNetSegmentGui
+
+    assert CoTexNetSegmentGui.confirmLlavaDownload("org/llava") is True
+    assert len(asked) == 1 and "org/llava" in asked[0] and "several GB" in asked[0]
+    assert hubCalls == []
 
 
 # ------------------------------------------------------------------------------------------ 11.7 translation
@@ -512,3 +695,323 @@ def test_modules_import_without_slicer_i18n_and_wrap_strings_with_it(slicer_app,
     segment.CoTexNetSegment.__init__(SimpleNamespace(parent=parent), parent)
     assert parent.title == "COTEXNET SEGMENT" and parent.helpText.startswith("SEGMENT A VOLUME")
     assert train.DataSource.Folder.label() == "DATASET FOLDER"
+
+
+# ------------------------------------------------------------------------------------------ lifecycle and GUI
+
+
+class UiStandIn:
+    """``slicer.util.childWidgetVariables`` of a .ui: one stand-in per widget name; path fields start empty."""
+
+    def __getattr__(self, name):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        widget = WidgetStandIn(currentPath="") if name.endswith("PathLineEdit") else WidgetStandIn()
+        setattr(self, name, widget)
+        return widget
+
+
+class Wrapper5_6:
+    """``parameterNodeWrapper`` of Slicer 5.6/5.8 (Base/Python/slicer/parameterNodeWrapper/wrapper.py, v5.6.2):
+    ``connectGui`` returns None (lines 241-253), every call adds a ModifiedEvent observer that is never removed
+    (line 212), and ``disconnectGui(None)`` finds nothing to undo (lines 256-260)."""
+
+    live = []  # connected (wrapper, gui) pairs: each one writes the GUI into its node and back
+
+    def __init__(self, parameterNode, **fields):
+        self.parameterNode = parameterNode
+        self.__dict__.update(fields)
+
+    def connectGui(self, gui):
+        Wrapper5_6.live.append((self, gui))
+        self.parameterNode.AddObserver(vtk.vtkCommand.ModifiedEvent, lambda caller, event: None)
+        return None
+
+    def disconnectGui(self, tag):
+        if tag is not None:
+            raise AssertionError("5.6 has no tag to give")
+
+
+class ScriptedLogicStandIn:
+    """``ScriptedLoadableModuleLogic.getParameterNode``: the module's singleton node in the scene."""
+
+    moduleName = None
+
+    def getParameterNode(self):
+        return CoTexNetSegmentLogic(slicer.mrmlScene).getParameterNode() if self.moduleName is None else \
+            _singleton(self.moduleName)
+
+
+def _singleton(moduleName):
+    node = slicer.mrmlScene.GetSingletonNode(moduleName, "vtkMRMLScriptedModuleNode")
+    if node is None:
+        node = slicer.vtkMRMLScriptedModuleNode()
+        node.SetSingletonTag(moduleName)
+        node = slicer.mrmlScene.AddNode(node)
+    return node
+
+
+
+def open_module(monkeypatch, name, startDeviceInfo=None):
+    """Loads a module file as Slicer does and runs its widget's ``setup()`` against stand-in widgets (the .ui is
+    not loaded: ``loadUI``/``childWidgetVariables`` give :class:`UiStandIn`), with 5.6's parameterNodeWrapper."""
+    module = load_source_5_10(name, str(SEGMENT_MODULE if name == "CoTexNetSegment" else TRAIN_MODULE))
+    ui = UiStandIn()
+    monkeypatch.setattr(slicer.util, "loadUI", lambda path: Anything(), raising=False)
+    monkeypatch.setattr(slicer.util, "childWidgetVariables", lambda widget: ui, raising=False)
+    Wrapper5_6.live = []
+    if name == "CoTexNetSegment":
+        monkeypatch.setattr(module, "CoTexNetSegmentParameterNode", lambda node: Wrapper5_6(node, inputVolume=None))
+        monkeypatch.setattr(module.CoTexNetSegmentLogic, "startDeviceInfo", startDeviceInfo)
+        widget = module.CoTexNetSegmentWidget()
+    else:
+        fields = dict(backbone="tiny", dataSource=module.DataSource.SegmentedVolumes, classNames=[], keywords=[],
+                      modelName="MyModel", outputFolder=pathlib.Path("/models"), segmentVolume=None, epochs=80,
+                      batchSize=4, learningRate=3e-3, patience=80, imageSize=96, device="cpu",
+                      conceptBackend="geometric")
+        monkeypatch.setattr(module, "CoTexNetTrainParameterNode", lambda node: Wrapper5_6(node, **fields))
+        monkeypatch.setattr(module, "ScriptedLoadableModuleLogic", ScriptedLogicStandIn)
+        widget = module.CoTexNetTrainWidget()
+        widget.moduleName = name
+    widget.setup()
+    OPENED_WIDGETS.append(widget)
+    return module, widget, ui
+
+
+def _no_worker(self):
+    """What ``startDeviceInfo`` raises where PythonSlicer cannot be found (CoTexNetSegmentLib.processes)."""
+    from CoTexNetSegmentLib.processes import EngineProcessError
+
+    raise EngineProcessError("PythonSlicer not found on PATH nor at /opt/Slicer/bin/PythonSlicer")
+
+
+@pytest.mark.parametrize("name", ["CoTexNetSegment", "CoTexNetTrain"])
+def test_entering_a_module_again_keeps_one_set_of_gui_connections(slicer_app, monkeypatch, name):
+    """On 5.6/5.8 a wrapper made and connected on every ``enter()`` could never be disconnected (``connectGui``
+    returns None there, wrapper.py v5.6.2 lines 241-253; its observer at line 212 stays): each entry added a
+    live set of GUI connections. The widget connects once, in ``setup()``, and keeps one wrapper object."""
+    module, widget, ui = open_module(monkeypatch, name, _no_worker)
+    node = widget._parameterNode.parameterNode
+    for _ in range(3):
+        widget.exit()
+        widget.enter()
+    assert len(Wrapper5_6.live) == 1 and Wrapper5_6.live[0][1] is ui
+    assert widget._parameterNode is Wrapper5_6.live[0][0] and widget._parameterNode.parameterNode is node
+
+
+def test_opening_the_module_builds_its_gui_when_the_worker_cannot_start(slicer_app, monkeypatch):
+    """``setup()`` asks the worker for the device facts; when PythonSlicer is missing (or Popen fails) the error
+    goes to the device label and the rest of the GUI is built (setup() must not raise)."""
+    module, widget, ui = open_module(monkeypatch, "CoTexNetSegment", _no_worker)
+    assert "PythonSlicer not found" in ui.deviceInfoLabel.text
+    assert widget._devicePoller is None
+    assert ui.applyButton.enabled is False and ui.applyButton.toolTip  # the panel below the label was built
+    widget.enter()  # entering again asks again, and fails the same way
+    assert "PythonSlicer not found" in ui.deviceInfoLabel.text
+
+
+class PollerStandIn:
+    def __init__(self):
+        self.cancelled = self.stopped = False
+
+    def cancel(self):
+        self.cancelled = True
+
+    def stop(self):
+        self.stopped = True
+
+
+def test_cancel_cancels_only_the_job_its_button_belongs_to(slicer_app, monkeypatch):
+    """Cancel stopped all three pollers: cancelling a segmentation killed a backbone/LLaVA download, and a
+    download's cancel ended the shared worker. Cancel belongs to the segmentation; the download button becomes
+    "Cancel download" for the download; the device check is nobody's to cancel."""
+    module, widget, ui = open_module(monkeypatch, "CoTexNetSegment", _no_worker)
+    segmentation, download, device = PollerStandIn(), PollerStandIn(), PollerStandIn()
+    widget._segmentationPoller, widget._backbonePoller, widget._devicePoller = segmentation, download, device
+
+    widget.onCancel()
+    assert (segmentation.cancelled, download.cancelled, device.cancelled) == (True, False, False)
+
+    segmentation.cancelled = False
+    monkeypatch.setattr(module, "ensureEngineReady", lambda: pytest.fail("a cancel must not start anything"))
+    widget.onDownloadBackbone()
+    assert (segmentation.cancelled, download.cancelled, device.cancelled) == (False, True, False)
+
+
+def test_translated_strings_are_looked_up_once_not_on_every_update(slicer_app, monkeypatch):
+    """In 5.6 ``slicer.i18n.tr`` calls ``inspect.stack()`` for every string (Base/Python/slicer/i18n.py, v5.6.2
+    line 54); ``updateApplyButton`` and CoTexNetTrain's ``updateGUI`` run on every parameter and scene change."""
+    looked_up = []
+    monkeypatch.setitem(sys.modules, "slicer.i18n", _stub("slicer.i18n", tr=lambda text: looked_up.append(text) or text,
+                                                          translate=lambda context, text: text))
+    sys.modules.pop("CoTexNetSegmentLib.i18n", None)
+    _, segment, _ = open_module(monkeypatch, "CoTexNetSegment", _no_worker)
+    _, train, _ = open_module(monkeypatch, "CoTexNetTrain")
+    assert looked_up, "the modules did not use slicer.i18n"
+    looked_up.clear()
+    for _ in range(5):
+        segment.updateApplyButton()
+        train.updateGUI()
+    assert looked_up == []
+
+
+def test_effect_strings_have_their_own_translation_context():
+    """``slicer.i18n.getContext`` (Base/Python/slicer/i18n.py, v5.6.2 lines 15-38): a file next to an
+    ``__init__.py`` gets "<folder>.<file>", any other one its file name, which every scripted effect's
+    SegmentEditorEffect.py shares (Slicer's own effects are in the SegmentEditorEffects package)."""
+    def context(path: Path) -> str:
+        return f"{path.parent.name}.{path.stem}" if (path.parent / "__init__.py").is_file() else path.stem
+
+    effect = REPO / "CoTexNetSegment" / "SegmentEditorCoTexNet" / "SegmentEditorEffect.py"
+    assert context(effect) == "SegmentEditorCoTexNet.SegmentEditorEffect"
+
+
+def test_continue_from_model_is_not_a_parameter_and_shows_no_dot(slicer_app, monkeypatch):
+    """``initFrom: pathlib.Path = pathlib.Path("")`` was stored and shown as "." (serializers.py ``PathSerializer``,
+    v5.6.2 lines 334-338: ``str(Path(""))``). It is the path field's own value now, as the model folder is."""
+    import ast
+
+    fields = _parameter_fields(TRAIN_MODULE, "CoTexNetTrainParameterNode")
+    assert "initFrom" not in fields
+    for path, name in ((SEGMENT_MODULE, "CoTexNetSegmentParameterNode"), (TRAIN_MODULE, "CoTexNetTrainParameterNode")):
+        for field, (annotation, default) in _parameter_fields(path, name).items():
+            if "pathlib.Path" in annotation:
+                shown = str(eval(ast.unparse(default), {"pathlib": pathlib}))
+                assert shown not in ("", "."), f"{path.name}: {field} would show {shown!r}"
+    _, widget, ui = open_module(monkeypatch, "CoTexNetTrain")
+    assert widget._trainingOptions()["initFrom"] is None
+    ui.initFromPathLineEdit.currentPath = "/models/liver-run"
+    assert widget._trainingOptions()["initFrom"] == "/models/liver-run"
+
+
+def test_training_sends_only_the_fields_the_user_changed_from_the_backbones_recipe(slicer_app, monkeypatch):
+    """The fields show the backbone's recipe; a field still at that value is not sent, so the engine's recipe
+    for the chosen backbone applies (``cotexnet train`` fills what is unset, cotexnet/config.py ``RECIPES``)."""
+    from CoTexNetTrainLib import recipeFields
+
+    _, widget, _ = open_module(monkeypatch, "CoTexNetTrain")
+    options = widget._trainingOptions()
+    assert [options[field] for field in recipeFields("tiny")] == [None] * 5
+    widget._parameterNode.epochs = 12
+    widget._parameterNode.learningRate = 3e-3 * (1 + 1e-12)  # a spin box's float noise is no change
+    options = widget._trainingOptions()
+    assert options["epochs"] == 12 and options["learningRate"] is None and options["backbone"] == "tiny"
+
+
+def test_dependency_install_cannot_start_twice(slicer_app, monkeypatch):
+    """pip's output is read line by line with ``processEvents()`` between lines (slicer.util ``logProcessOutput``,
+    v5.6.2 util.py line 3804), so a click on Apply, Segment or Start lands while pip runs: it must not start a
+    second install into the same site-packages."""
+    import contextlib
+
+    import CoTexNetSegmentGui
+
+    monkeypatch.setattr(dependencies, "checkRequirements",
+                        lambda *args, **kwargs: dependencies.DependencyReport(toInstall=["slicerio>=1.1"]))
+    monkeypatch.setattr(slicer.util, "confirmOkCancelDisplay", lambda *a, **k: True, raising=False)
+    monkeypatch.setattr(slicer.util, "confirmYesNoDisplay", lambda *a, **k: False, raising=False)
+    monkeypatch.setattr(slicer.util, "WaitCursor", contextlib.nullcontext, raising=False)
+    notes, installs, nested = [], [], []
+    monkeypatch.setattr(slicer.util, "showStatusMessage", lambda text, duration=0: notes.append(text), raising=False)
+
+    def pip_install(arguments):
+        installs.append(arguments)
+        nested.append(CoTexNetSegmentGui.ensureEngineReady())  # a click processed while pip prints
+
+    monkeypatch.setattr(slicer.util, "pip_install", pip_install, raising=False)
+    CoTexNetSegmentGui.ensureEngineReady()
+    assert len(installs) == 1 and nested == [False] and "installing" in notes[0]
+    CoTexNetSegmentGui.ensureEngineReady()  # after the install, a new one may run
+    assert len(installs) == 2
+
+
+@pytest.mark.parametrize("answer, installed", [(False, None), (True, False), (True, True)])
+def test_declining_the_pytorch_extension_is_reported_as_a_choice(slicer_app, monkeypatch, answer, installed):
+    """Slicer's ``installExtensionFromServer`` returns False both when the user answers No to "Install extension?"
+    and when the install fails (Base/QTCore/qSlicerExtensionsManagerModel.cxx, v5.6.2 lines 1716-1816). CoTexNet
+    asks itself and installs non-interactively, so "No" is reported as the user's choice."""
+    import CoTexNetSegmentGui
+
+    shown, calls = [], []
+
+    class Manager:
+        interactive = True
+
+        def installExtensionFromServer(self, name, restart):
+            calls.append((name, restart, self.interactive))
+            return installed
+
+    manager = Manager()
+    monkeypatch.setattr(slicer, "app", SimpleNamespace(extensionsManagerModel=lambda: manager), raising=False)
+    for dialog in ("infoDisplay", "errorDisplay"):
+        monkeypatch.setattr(slicer.util, dialog, lambda text, dialog=dialog, **k: shown.append((dialog, text)),
+                            raising=False)
+    monkeypatch.setattr(slicer.util, "confirmOkCancelDisplay", lambda *a, **k: answer, raising=False)
+    monkeypatch.setattr(slicer.util, "confirmYesNoDisplay", lambda text, **k: shown.append(("restart?", text)),
+                        raising=False)
+
+    CoTexNetSegmentGui.installPyTorchExtension()
+
+    if not answer:
+        assert calls == [] and shown[0][0] == "infoDisplay" and "as you chose" in shown[0][1]
+    else:
+        assert calls == [("PyTorch", False, False)] and manager.interactive is True
+        assert shown[0][0] == ("restart?" if installed else "errorDisplay")
+        assert installed or "could not be installed" in shown[0][1]
+
+
+class _AnyClassAttribute(type):
+    def __getattr__(cls, name):  # enum values such as ctkPathLineEdit.Dirs
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return Anything()
+
+
+class SignalWidgetStandIn(Anything, metaclass=_AnyClassAttribute):
+    """A Qt widget whose signal connections are recorded (PythonQt's ``connect``/``disconnect``)."""
+
+    connections = []
+
+    def connect(self, signal, slot):
+        SignalWidgetStandIn.connections.append((self, signal, slot))
+
+    def disconnect(self, signal, slot):
+        SignalWidgetStandIn.connections.remove((self, signal, slot))
+
+
+class EffectStandIn(ScriptedEffectStandIn):
+    """The C++ effect's option-panel helpers accept any widget."""
+
+    def __getattr__(self, name):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return Anything()
+
+
+def test_effect_cleanup_disconnects_its_signals_and_5_6_stops_the_job_with_its_widgets(slicer_app, monkeypatch):
+    """``cleanup()`` is called only from Slicer 5.10 (qSlicerSegmentEditorScriptedEffect.cxx, v5.10.0 lines
+    507-517; qMRMLSegmentEditorWidget.cxx v5.10.0 lines 278-288 calls it, then deletes the effect) and the
+    Python slots it leaves connected keep the effect alive (SegmentEditorThresholdEffect.py ``cleanup``, v5.10.0
+    lines 72-78). 5.6/5.8 delete the effect's widgets without it: a running job must stop with them."""
+    qt_module = _qt_like("qt")
+    qt_module.__getattr__ = lambda name: (_ for _ in ()).throw(AttributeError(name)) if name.startswith("__") \
+        else SignalWidgetStandIn
+    monkeypatch.setitem(sys.modules, "qt", qt_module)
+    monkeypatch.setitem(sys.modules, "ctk", qt_module)
+    SignalWidgetStandIn.connections = []
+    module = load_source_5_10("SegmentEditorCoTexNet",
+                              str(REPO / "CoTexNetSegment" / "SegmentEditorCoTexNet" / "SegmentEditorEffect.py"))
+    effect = module.SegmentEditorEffect(EffectStandIn())
+
+    effect.setupOptionsFrame()
+    assert len(SignalWidgetStandIn.connections) >= 6
+    effect.poller = running = PollerStandIn()
+    effect.cleanup()
+    assert SignalWidgetStandIn.connections == [] and running.stopped and effect.poller is None
+
+    effect.setupOptionsFrame()  # 5.6/5.8: no cleanup(); the editor widget is destroyed with the effect's widgets
+    effect.poller = running = PollerStandIn()
+    for widget, signal, slot in list(SignalWidgetStandIn.connections):
+        if signal == "destroyed()":
+            slot()
+    assert running.stopped and effect.poller is None

@@ -468,6 +468,54 @@ def test_install_is_one_pip_run_constrained_to_keep_slicer_packages(monkeypatch)
     assert f"numpy=={np.__version__}" in calls[0][1].splitlines()
 
 
+#: The torch each monai release asks for: ``Requires-Dist: torch`` in its wheel's METADATA on PyPI.
+MONAI_RELEASES = {"1.3.2": ">=1.9", "1.4.0": ">=1.9", "1.5.0": ">=2.4.1,<2.7.0", "1.5.1": ">=2.4.1",
+                  "1.5.2": ">=2.4.1", "1.6.1": ">=2.8.0"}
+
+
+def test_pip_never_replaces_the_pytorch_extensions_torch():
+    """monai 1.6 needs torch>=2.8, so ``monai>=1.3`` beside the PyTorch extension's torch 2.4 made pip upgrade
+    torch from the package index (a CPU build on Windows) and leave torchvision mismatched. SlicerTotalSegmentator
+    never lets pip touch torch (TotalSegmentator/TotalSegmentator.py ``setupPythonRequirements``:
+    ``packagesToSkip = ['SimpleITK', 'torch', 'requests']``, lassoan/SlicerTotalSegmentator at 024bdb5). With a
+    fake installed torch 2.4.0: torch is never requested, the constraints pin torch and torchvision, and
+    every monai release they allow is one that torch 2.4.0 satisfies."""
+    import importlib.metadata
+
+    from packaging.requirements import Requirement
+    from packaging.specifiers import SpecifierSet
+    from packaging.version import Version
+
+    installed = {"torch": "2.4.0", "torchvision": "0.19.0", "numpy": "1.26.4"}
+    calls = []
+
+    def pip_install(args):
+        constraints = Path(args[args.index("-c") + 1]).read_text(encoding="utf-8").splitlines()
+        calls.append(([a for a in args[2:]], constraints))
+
+    report = dependencies.checkRequirements(versionOf=versions(installed))
+    assert "monai>=1.3" in report.toInstall
+    dependencies.installMissing(report, pip_install, versions(installed))
+
+    [(requested, constraints)] = calls
+    assert not {Requirement(text).name for text in requested} & {"torch", "torchvision"}
+    assert {"torch==2.4.0", "torchvision==0.19.0", "numpy==1.26.4"} <= set(constraints)
+    [monai] = [Requirement(c).specifier for c in constraints if c.startswith("monai")]
+    allowed = [release for release in MONAI_RELEASES if monai.contains(release)]
+    assert allowed == ["1.3.2", "1.4.0"]  # 1.5 asks for torch>=2.4.1, 1.6 for torch>=2.8
+    # The table above agrees with the monai installed here (real metadata).
+    [torch] = [r for r in map(Requirement, importlib.metadata.requires("monai")) if r.name == "torch" and not r.marker]
+    assert MONAI_RELEASES.get(importlib.metadata.version("monai"), str(torch.specifier)) == str(torch.specifier)
+    # For any torch the engine accepts, the range is satisfiable and holds no release that needs another torch.
+    for torchVersion in ("2.1.2", "2.4.0", "2.4.1", "2.6.0", "2.7.1", "2.8.0", "2.13.0+cpu"):
+        monai = SpecifierSet(dependencies.monaiRange(Version(torchVersion)))
+        allowed = [release for release in MONAI_RELEASES if monai.contains(release)]
+        assert allowed, torchVersion
+        assert all(SpecifierSet(MONAI_RELEASES[r]).contains(Version(torchVersion)) for r in allowed), (torchVersion, allowed)
+        left_out = [r for r in MONAI_RELEASES if r not in allowed]
+        assert not any(SpecifierSet(MONAI_RELEASES[r]).contains(Version(torchVersion)) for r in left_out), torchVersion
+
+
 def test_ensure_dependencies_asks_once_and_respects_no(monkeypatch):
     missing = dependencies.DependencyReport(toInstall=["monai>=1.3"], torchMissing=True)
     monkeypatch.setattr(dependencies, "checkRequirements", lambda: missing)

@@ -282,6 +282,25 @@ def test_recent_models_list_is_shared_newest_first(tmp_path):
     assert str(tmp_path / "gone") not in recentModels()
 
 
+def test_recent_models_list_a_run_folder_as_its_best_bundle(tmp_path):
+    """A training run folder (best/ and last/ inside) is accepted wherever a bundle is expected
+    (cotexnet.bundle.bundle_folder); the recent-models list hid it because it holds no config.json itself."""
+    from CoTexNetSegmentLib.settings import preferredModelPath
+
+    run = tmp_path / "liver-run"
+    for bundle in ("best", "last"):
+        (run / bundle).mkdir(parents=True)
+        (run / bundle / "config.json").write_text("{}", encoding="utf-8")
+    (tmp_path / "empty-run").mkdir()
+    addRecentModel(tmp_path / "empty-run")  # no bundle at all: still left out
+    addRecentModel(run)
+    listed = recentModels()
+    assert listed[0] == (run / "best").as_posix() and (tmp_path / "empty-run").as_posix() not in listed
+    assert preferredModelPath("", listed) == (run / "best").as_posix()
+    addRecentModel(run / "best")  # the same bundle named both ways is listed once
+    assert recentModels().count((run / "best").as_posix()) == 1
+
+
 # ------------------------------------------------------------------------------ real training runs
 
 

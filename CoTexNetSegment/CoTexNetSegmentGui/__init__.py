@@ -10,9 +10,10 @@ import json
 import traceback
 
 import qt
+import vtk
 
 import slicer
-from CoTexNetSegmentLib import backbone, dependencies
+from CoTexNetSegmentLib import dependencies
 from CoTexNetSegmentLib.errors import formatError
 from CoTexNetSegmentLib.settings import CONCEPT_BACKEND_OPTIONS_SETTING, readSetting
 
@@ -27,13 +28,39 @@ def pytorchExtensionInstalled() -> bool:
 
 
 def installPyTorchExtension() -> None:
-    """Installs the PyTorch extension from the extensions server; Slicer asks to restart afterwards."""
+    """Installs the PyTorch extension from the extensions server, after one question, then offers a restart.
+
+    Slicer's ``installExtensionFromServer`` returns False alike when the user answers No to its own question and
+    when the install fails (Base/QTCore/qSlicerExtensionsManagerModel.cxx, v5.6.2 lines 1716-1816). So CoTexNet
+    asks itself and runs the install non-interactively: a "No" is then reported as a choice, not a failure.
+    """
+    if not slicer.util.confirmOkCancelDisplay(
+        _("CoTexNet needs the PyTorch extension, which installs PyTorch for your GPU. Install it now from the "
+          "extensions server? Slicer restarts afterwards."),
+        windowTitle=_("CoTexNet: install the PyTorch extension"),
+    ):
+        slicer.util.infoDisplay(
+            _("The PyTorch extension was not installed, as you chose. CoTexNet cannot segment or train without it; "
+              "install it later with the button in the CoTexNet Segment module or from View > Extensions Manager."),
+            windowTitle=_("CoTexNet: PyTorch extension not installed"),
+        )
+        return
     manager = slicer.app.extensionsManagerModel()
-    if not manager.installExtensionFromServer(PYTORCH_EXTENSION, True):
+    wasInteractive = manager.interactive
+    manager.interactive = False  # the user has answered; Slicer would ask again and hide the answer
+    try:
+        installed = manager.installExtensionFromServer(PYTORCH_EXTENSION, False)
+    finally:
+        manager.interactive = wasInteractive
+    if not installed:
         slicer.util.errorDisplay(_(
-            "The PyTorch extension could not be installed. Install it from View > Extensions Manager, then "
-            "restart Slicer."
+            "The PyTorch extension could not be installed (see the log for the reason). Install it from View > "
+            "Extensions Manager, then restart Slicer."
         ))
+        return
+    if slicer.util.confirmYesNoDisplay(_("The PyTorch extension is installed. Restart Slicer now to load it?"),
+                                       windowTitle=_("CoTexNet: restart needed")):
+        slicer.util.restart()
 
 
 def _installTorch() -> bool:
@@ -46,13 +73,24 @@ def _installTorch() -> bool:
     return torch is not None
 
 
+#: True while dependencies install. Slicer processes events for every line pip prints (slicer.util's
+#: ``logProcessOutput``, v5.6.2 util.py line 3804), so Apply, Install, Segment and Start stay clickable:
+#: a second install into the same site-packages must not start.
+_installing = False
+
+
 def ensureEngineReady() -> bool:
     """Makes sure torch and the engine's packages are installed; True when CoTexNet can run now.
 
     torch comes from the PyTorch extension; without that extension the user is told how to get it. Then
     one confirmation lists everything that will be installed, and the action goes on after installing,
     unless a package this session had imported before was replaced: then a restart is offered, naming it.
+    While an install runs, any other call returns False at once with a note.
     """
+    global _installing
+    if _installing:
+        slicer.util.showStatusMessage(_("CoTexNet is installing its dependencies; try again when it is done."), 5000)
+        return False
     report = dependencies.checkRequirements()
     if not report.needsInstall:
         return True
@@ -75,12 +113,15 @@ def ensureEngineReady() -> bool:
         with slicer.util.WaitCursor():
             slicer.util.pip_install(requirements)
 
+    _installing = True
     try:
         outcome = dependencies.ensureDependencies(confirm, _installTorch, pipInstall)
     except Exception as error:
         slicer.util.errorDisplay(_("Installing CoTexNet's dependencies failed:") + f"\n\n{error}",
                                  detailedText=traceback.format_exc())
         return False
+    finally:
+        _installing = False
     if outcome == dependencies.RESTART:
         replaced = "\n  ".join(outcome.replaced) or _("(packages are still missing or out of range)")
         if slicer.util.confirmYesNoDisplay(
@@ -104,15 +145,51 @@ def conceptBackendOptions(backend: str) -> dict:
 
 
 def confirmLlavaDownload(repoId: str) -> bool:
-    """Asks before the multi-GB LLaVA download, with its size (when the hub can tell)."""
-    size = backbone.downloadSize(repoId, backbone.LLAVA_PATTERNS)
-    sizeText = _("{size:.1f} GB").format(size=size / 1e9) if size else _("several GB (the size is unknown)")
+    """Asks before the multi-GB LLaVA download, at once: asking the hub for the size here would freeze Slicer
+    (up to 10 s, always when offline); the download job logs the size when it knows it."""
     return slicer.util.confirmOkCancelDisplay(
-        _("Concepts from LLaVA need the model {repo}, which is not downloaded yet: {size}.\n\nDownload it now? "
-          "Progress is shown in the module, and Cancel stops the download (it resumes next time).").format(
-            repo=repoId, size=sizeText),
+        _("Concepts from LLaVA need the model {repo}, which is not downloaded yet: several GB.\n\nDownload it "
+          "now? The module shows the size and the progress, and \"Cancel download\" stops it (it resumes next "
+          "time).").format(repo=repoId),
         windowTitle=_("CoTexNet: download LLaVA"),
     )
+
+
+class ParameterNodeGui:
+    """A widget's one ``parameterNodeWrapper`` object, connected to its GUI once.
+
+    In Slicer 5.6/5.8 ``connectGui`` returns None, so ``disconnectGui`` cannot undo it, and each call adds an
+    observer that is never removed (Base/Python/slicer/parameterNodeWrapper/wrapper.py, v5.6.2 lines 212 and
+    241-253; 5.10 returns the tag). Wrapping the node anew on every module entry therefore added another live
+    set of GUI connections each time. Here the wrapper is made and connected when the parameter node is first
+    seen (``setup``), and again only when the scene's parameter node is another one.
+    """
+
+    def __init__(self, wrapperClass, gui, onModified):
+        self._wrapperClass = wrapperClass
+        self._gui = gui
+        self._onModified = onModified
+        self.wrapper = None
+        self._guiTag = None
+        self._observerTag = None
+
+    def attach(self, parameterNode):
+        """The wrapper of ``parameterNode``, connected to the GUI (kept when it is the node already shown)."""
+        if self.wrapper is not None and self.wrapper.parameterNode is parameterNode:
+            return self.wrapper
+        self.detach()
+        self.wrapper = self._wrapperClass(parameterNode)
+        self._guiTag = self.wrapper.connectGui(self._gui)
+        self._observerTag = parameterNode.AddObserver(vtk.vtkCommand.ModifiedEvent, self._onModified)
+        return self.wrapper
+
+    def detach(self):
+        """Disconnects the GUI (module cleanup, or before another parameter node is shown)."""
+        if self.wrapper is None:
+            return
+        self.wrapper.disconnectGui(self._guiTag)
+        self.wrapper.parameterNode.RemoveObserver(self._observerTag)
+        self.wrapper = self._guiTag = self._observerTag = None
 
 
 class JobPoller:
@@ -149,6 +226,6 @@ class JobPoller:
 
 
 __all__ = [
-    "JobPoller", "conceptBackendOptions", "confirmLlavaDownload", "ensureEngineReady", "formatError",
-    "installPyTorchExtension", "pytorchExtensionInstalled",
+    "JobPoller", "ParameterNodeGui", "conceptBackendOptions", "confirmLlavaDownload", "ensureEngineReady",
+    "formatError", "installPyTorchExtension", "pytorchExtensionInstalled",
 ]

@@ -2,7 +2,7 @@
 
 Two kinds: the base CLIPSeg backbone (a trained bundle carries all its weights, so segmenting never needs
 it; training a new model starts from it) and the LLaVA model of the ``llava`` concept backend (several
-GB: the GUI asks first, with the size). One mechanism, parameterised by repository id and file patterns.
+GB: the GUI asks first; the job logs the size). One mechanism, parameterised by repository id and file patterns.
 The download runs in a child Python process because huggingface_hub offers no way to interrupt a file
 transfer: Cancel ends the process tree (PythonSlicer is a launcher, see :mod:`.processes`; the partial file
 is resumed next time), and progress is the number of bytes that have arrived in the cache folder.
@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from .jobs import Job, Reporter
-from .processes import engineEnvironment, killProcessTree, pythonExecutable
+from .processes import NO_WINDOW, engineEnvironment, killProcessTree, pythonExecutable
 
 DEFAULT_BACKBONE = "CIDAS/clipseg-rd64-refined"
 #: Application setting holding the folder used as the Hugging Face cache (also the offline folder).
@@ -85,11 +85,6 @@ def _expectedBytes(repoId: str, patterns: Optional[Sequence[str]] = None) -> int
     return sum(s.size or 0 for s in info.siblings if _matches(s.rfilename, patterns))
 
 
-def downloadSize(repoId: str, patterns: Optional[Sequence[str]] = None) -> int:
-    """Bytes a download of ``repoId`` will fetch (0 when unknown), for the question asked before it."""
-    return _expectedBytes(repoId, patterns)
-
-
 def cachedModel(repoId: str, patterns: Sequence[str], cacheDir: Optional[str] = None) -> Optional[Path]:
     """The local folder of a fully cached repository (every file matching ``patterns``), or None; offline."""
     from huggingface_hub import snapshot_download
@@ -127,14 +122,17 @@ def startBackboneDownload(repoId: str = DEFAULT_BACKBONE, cacheDir: Optional[str
     repoFolder = cacheRoot(cacheDir) / ("models--" + repoId.replace("/", "--"))
 
     def work(reporter: Reporter) -> Path:
-        reporter.log(f"Downloading {repoId} into {cacheRoot(cacheDir)}")
+        # The size is asked here, off the GUI's thread: the hub may take seconds to answer, or never (offline).
         total = _expectedBytes(repoId, patterns) if patterns is not None else _expectedBytes(repoId)
+        size = f"{total / 1e9:.1f} GB" if total else "size unknown"
+        reporter.log(f"Downloading {repoId} ({size}) into {cacheRoot(cacheDir)}")
         environment = engineEnvironment()
         # Output goes to files, not pipes: tqdm writes enough to stderr to fill a pipe and stall the child.
         with tempfile.TemporaryFile("w+") as output, tempfile.TemporaryFile("w+") as errors:
             process = subprocess.Popen([pythonExecutable(), "-c", _DOWNLOAD_SCRIPT, repoId, cacheDir or "",
                                         json.dumps(list(patterns)) if patterns is not None else ""],
-                                       stdout=output, stderr=errors, text=True, env=environment)
+                                       stdout=output, stderr=errors, text=True, env=environment,
+                                       creationflags=NO_WINDOW)
             try:
                 while process.poll() is None:
                     if reporter.cancelled:

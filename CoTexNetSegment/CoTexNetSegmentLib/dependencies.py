@@ -4,7 +4,10 @@ torch comes from the PyTorch extension (it picks the CUDA build that matches the
 else comes from pip with the ranges below, which match the engine's ``pyproject.toml``. A package that
 Slicer already bundles is never downgraded and never replaced: if its version is outside a range we
 report a conflict instead of touching it, and every pip run is constrained to keep the installed
-versions of those packages.
+versions of those packages and of the PyTorch extension's torch and torchvision. pip would otherwise
+replace that torch whenever a requirement asks for a newer one (monai 1.6 needs torch>=2.8), with a build
+from the package index (a CPU build on Windows) that leaves torchvision mismatched; monai is therefore
+also limited to the releases the installed torch satisfies (:func:`monaiRange`).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from pathlib import PurePath
 from typing import Callable, Iterable, Optional
 
 from packaging.requirements import Requirement
+from packaging.specifiers import SpecifierSet
 from packaging.utils import canonicalize_name
 from packaging.version import Version
 
@@ -39,6 +43,11 @@ REQUIREMENTS = (
 TORCH_REQUIREMENT = ">=2.1"
 #: Packages that Slicer ships and its own modules are built against: pip must leave them as they are.
 SLICER_BUNDLED = ("numpy", "scipy", "SimpleITK", "pillow", "requests", "packaging", "pydicom", "six")
+#: What the PyTorch extension installs, matched to the GPU driver: pip must leave them as they are.
+TORCH_PACKAGES = ("torch", "torchvision")
+#: The torch each monai release asks for (``Requires-Dist`` of its wheels on PyPI), from the release named
+#: until the next row's. A row between two others covers a single release (1.5.0).
+MONAI_TORCH = (("1.3", ">=1.9"), ("1.5.0", ">=2.4.1,<2.7"), ("1.5.1", ">=2.4.1"), ("1.6", ">=2.8"))
 
 
 @dataclass
@@ -103,26 +112,48 @@ def checkRequirements(
     return report
 
 
+def monaiRange(torchVersion: Version) -> str:
+    """The monai releases whose torch requirement ``torchVersion`` meets, as a specifier (:data:`MONAI_TORCH`)."""
+    rows = [(Version(start), SpecifierSet(torch).contains(torchVersion, prereleases=True))
+            for start, torch in MONAI_TORCH]
+    allowed = [index for index, (_, ok) in enumerate(rows) if ok]
+    if not allowed:
+        raise RuntimeError(f"no monai release works with the installed torch {torchVersion}; install torch"
+                           f"{TORCH_REQUIREMENT} with the PyTorch extension")
+    first, last = allowed[0], allowed[-1]
+    parts = [f">={rows[first][0]}"]
+    parts += [f"!={rows[index][0]}" for index in range(first, last) if not rows[index][1]]  # single releases
+    if last + 1 < len(rows):
+        parts.append(f"<{rows[last + 1][0]}")
+    return ",".join(parts)
+
+
 def constraintsText(
     bundled: Iterable[str] = SLICER_BUNDLED, versionOf: Callable[[str], str] = importlib.metadata.version
 ) -> str:
-    """pip constraints that pin every installed Slicer-bundled package to its current version."""
+    """pip constraints: every installed Slicer-bundled package and the installed torch and torchvision pinned
+    to their versions, and monai limited to the releases that installed torch satisfies."""
     lines = []
-    for name in bundled:
+    for name in (*bundled, *TORCH_PACKAGES):
         version = _installedVersion(name, versionOf)
         if version is not None:
             lines.append(f"{name}=={version}")
+    torch = _installedVersion("torch", versionOf)
+    if torch is not None:
+        lines.append(f"monai{monaiRange(torch)}")
     return "\n".join(lines) + "\n"
 
 
-def installMissing(report: DependencyReport, pipInstall: Callable[[list[str]], object]) -> None:
-    """Runs one pip install of ``report.toInstall`` (``pipInstall`` is ``slicer.util.pip_install`` in Slicer)."""
+def installMissing(report: DependencyReport, pipInstall: Callable[[list[str]], object],
+                   versionOf: Callable[[str], str] = importlib.metadata.version) -> None:
+    """Runs one pip install of ``report.toInstall`` (``pipInstall`` is ``slicer.util.pip_install`` in Slicer),
+    constrained by :func:`constraintsText` (read after torch was installed)."""
     if not report.toInstall:
         return
     handle, constraintsPath = tempfile.mkstemp(prefix="cotexnet-constraints-", suffix=".txt")
     try:
         with os.fdopen(handle, "w", encoding="utf-8") as stream:
-            stream.write(constraintsText())
+            stream.write(constraintsText(versionOf=versionOf))
         pipInstall(["-c", constraintsPath, *report.toInstall])
     finally:
         os.remove(constraintsPath)
@@ -189,7 +220,7 @@ def ensureDependencies(
     before = loadedVersions(toChange, versionOf, loadedModules, topLevelModules)
     if report.torchMissing and not installTorch():
         return InstallOutcome(DECLINED)
-    installMissing(report, pipInstall)
+    installMissing(report, pipInstall, versionOf)
     importlib.invalidate_caches()
     replaced = tuple(
         f"{name} {version} -> {_installedVersion(name, versionOf)}"

@@ -22,7 +22,7 @@ import slicer
 from cotexnet.config import CONCEPT_BACKENDS, DEVICES, SLICE_AXES, validate_planes  # plain Python: no torch needed
 
 from . import mrml
-from .editing import ModifySegment, applyPerSegment
+from .editing import SegmentEditorTarget, applyPerSegment
 from .jobs import BackgroundJob, Job, Reporter
 from .settings import isChosenPath
 from .worker import SegmentationWorker, WorkerJob, sharedWorker
@@ -104,14 +104,14 @@ class CoTexNetSegmentLogic:
     on first use).
     """
 
-    def __init__(self, scene=None, modifySegment: Optional[ModifySegment] = None,
+    def __init__(self, scene=None, segmentEditor: Optional[SegmentEditorTarget] = None,
                  worker: Optional[SegmentationWorker] = None):
-        """``modifySegment`` (the Segment Editor effect passes its ``modifySegmentByLabelmap``) writes each class
-        through the editor's masking instead of replacing segments directly (:mod:`.editing`)."""
+        """``segmentEditor`` (the Segment Editor effect passes its editor) writes each class through the editor's
+        masking, on the editor's voxel grid, instead of replacing segments directly (:mod:`.editing`)."""
         self.scene = scene if scene is not None else getattr(slicer, "mrmlScene", None)
         if self.scene is None:
             raise ValueError("CoTexNetSegmentLogic needs a MRML scene (none given and slicer.mrmlScene is unset)")
-        self.modifySegment = modifySegment
+        self.segmentEditor = segmentEditor
         self._worker = worker
         self._models = None  # this process's ModelCache, for console runs: created on first use
 
@@ -302,9 +302,9 @@ class CoTexNetSegmentLogic:
             beforeApply()
         created = []
         try:
-            if self.modifySegment is not None and segmentationNode is not None:
+            if self.segmentEditor is not None and segmentationNode is not None:
                 applyPerSegment(result.labels, volumeNode, result.classes, result.colors, segmentationNode,
-                                self.modifySegment)
+                                self.segmentEditor)
             else:
                 if segmentationNode is not None:
                     # Each run's result takes its own input's grid (as TotalSegmentator does on every run);

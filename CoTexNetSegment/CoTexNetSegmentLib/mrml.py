@@ -143,6 +143,25 @@ def _segmentationGrid(segmentation) -> "slicer.vtkOrientedImageData | None":
     return grid
 
 
+def classLabelmap(labels: np.ndarray, index: int, volumeNode, segmentationNode,
+                  grid: "slicer.vtkOrientedImageData | None" = None) -> slicer.vtkOrientedImageData:
+    """The voxels of label ``index`` as a binary labelmap in the segmentation node's frame, on ``grid`` when given.
+
+    ``grid`` is the segmentation's voxel grid (its reference geometry): segments live there, and the Segment
+    Editor reads the edited segment, and masks by intensity, only on that geometry (docs/slicer.md,
+    "Geometry"). A grid that differs (oversampled, another volume's, the volume moved by a transform) gets
+    the labels by nearest-neighbour resampling, cropped to the grid's extent, as the editor's own effects are.
+    """
+    image = _orientedImage(labels == index, volumeNode)
+    slicer.vtkOrientedImageDataResample.TransformOrientedImage(image, _volumeToSegmentationTransform(volumeNode,
+                                                                                                     segmentationNode))
+    if grid is None or slicer.vtkOrientedImageDataResample.DoGeometriesMatch(image, grid):
+        return image
+    resampled = slicer.vtkOrientedImageData()
+    slicer.vtkOrientedImageDataResample.ResampleOrientedImageToReferenceOrientedImage(image, grid, resampled)
+    return resampled
+
+
 def placeNextTo(node, referenceNode) -> None:
     """Puts ``node`` under the same subject-hierarchy parent (patient/study) as ``referenceNode``.
 
@@ -193,19 +212,12 @@ def labelMapToSegmentation(
     if not segmentationNode.GetNodeReference(slicer.vtkMRMLSegmentationNode.GetReferenceImageGeometryReferenceRole()):
         segmentationNode.SetReferenceImageGeometryParameterFromVolumeNode(referenceVolumeNode)
 
-    transform = _volumeToSegmentationTransform(referenceVolumeNode, segmentationNode)
     segmentation = segmentationNode.GetSegmentation()
     grid = _segmentationGrid(segmentation)
     wasModifying = segmentationNode.StartModify()
     try:
         for index, (name, color) in enumerate(zip(classes, colors), start=1):
-            image = _orientedImage(labels == index, referenceVolumeNode)
-            slicer.vtkOrientedImageDataResample.TransformOrientedImage(image, transform)
-            if grid is not None and not slicer.vtkOrientedImageDataResample.DoGeometriesMatch(image, grid):
-                # As the Segment Editor does: segments live on the segmentation's own voxel grid.
-                resampled = slicer.vtkOrientedImageData()
-                slicer.vtkOrientedImageDataResample.ResampleOrientedImageToReferenceOrientedImage(image, grid, resampled)
-                image = resampled
+            image = classLabelmap(labels, index, referenceVolumeNode, segmentationNode, grid)
             segmentId = segmentation.GetSegmentIdBySegmentName(name)
             if segmentId:
                 segmentation.GetSegment(segmentId).SetColor(*[float(c) for c in color])

@@ -5,6 +5,8 @@ Slicer's environment and starts the real interpreter as its *child*, forwarding 
 signals. A process started here is therefore the root of a process tree, and stopping it means stopping
 the whole tree (:func:`killProcessTree`, with psutil, as SlicerMONAIAuto3DSeg does); terminating the
 ``Popen`` alone would end the launcher and leave the interpreter running. See docs/slicer-worker.md.
+psutil is itself one of the packages CoTexNet installs: before it is there, the launcher and the children
+the caller knows are killed without it.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -19,6 +22,10 @@ from pathlib import Path
 from typing import Iterable
 
 import slicer
+
+
+#: ``creationflags`` of every engine process: on Windows, no console window opens (0 elsewhere).
+NO_WINDOW = getattr(subprocess, "CREATE_NO_WINDOW", 0)
 
 
 class EngineProcessError(RuntimeError):
@@ -63,13 +70,19 @@ def engineEnvironment() -> dict[str, str]:
     return environment
 
 
-def killProcessTree(process: subprocess.Popen, timeout: float = 5.0) -> None:
+def killProcessTree(process: subprocess.Popen, timeout: float = 5.0, knownChildren: Iterable[int] = ()) -> None:
     """Ends ``process`` and every process it started: terminate, then kill what is left after ``timeout`` s.
 
     The descendants are listed before anything is ended (an orphan cannot be found from its parent any
     more). ``process`` itself is waited for through its ``Popen``, so its exit code stays readable.
+    Without psutil (not installed yet) only ``process`` and ``knownChildren`` (pids, e.g. the interpreter
+    behind PythonSlicer) can be found: they are killed.
     """
-    import psutil
+    try:
+        import psutil
+    except ImportError:
+        _killWithoutPsutil(process, knownChildren, timeout)
+        return
 
     try:
         descendants = psutil.Process(process.pid).children(recursive=True)
@@ -87,6 +100,20 @@ def killProcessTree(process: subprocess.Popen, timeout: float = 5.0) -> None:
         process.kill()
         process.wait()
     _waitUntilGone(descendants, timeout)
+
+
+def _killWithoutPsutil(process: subprocess.Popen, knownChildren: Iterable[int], timeout: float) -> None:
+    for pid in knownChildren:
+        try:
+            os.kill(pid, getattr(signal, "SIGKILL", signal.SIGTERM))  # SIGTERM is TerminateProcess on Windows
+        except OSError:  # already gone
+            pass
+    if process.poll() is None:
+        process.kill()
+    try:
+        process.wait(timeout)
+    except subprocess.TimeoutExpired:
+        pass
 
 
 def isRunning(pid: int) -> bool:

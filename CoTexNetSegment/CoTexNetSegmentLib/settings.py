@@ -54,8 +54,19 @@ def _recentEntries() -> list[str]:
 
 
 def recentModels() -> list[str]:
-    """Bundle folders of models trained or used before, newest first; vanished ones are left out."""
-    return [path for path in _recentEntries() if os.path.isfile(os.path.join(path, "config.json"))]
+    """Bundle folders of models trained or used before, newest first; vanished ones are left out.
+
+    A training run folder stands for its best bundle, as the engine resolves it wherever a bundle is
+    expected (``cotexnet.bundle.bundle_folder``): it is listed as that bundle.
+    """
+    from cotexnet.bundle import CONFIG_NAME, bundle_folder
+
+    models = []
+    for path in _recentEntries():
+        bundle = bundle_folder(path)
+        if (bundle / CONFIG_NAME).is_file():
+            models.append(path if bundle == Path(path).expanduser() else bundle.as_posix())
+    return list(dict.fromkeys(models))
 
 
 def _normalized(path: str | os.PathLike) -> str:

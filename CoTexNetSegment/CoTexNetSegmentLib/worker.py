@@ -20,7 +20,7 @@ import time
 from typing import Any, Callable, Optional
 
 from .jobs import BackgroundJob, Event
-from .processes import engineEnvironment, killProcessTree, pythonExecutable
+from .processes import NO_WINDOW, engineEnvironment, killProcessTree, pythonExecutable
 
 #: How long a synchronous request (status, device facts) may take, including starting the worker.
 REQUEST_TIMEOUT_S = 120.0
@@ -28,6 +28,18 @@ REQUEST_TIMEOUT_S = 120.0
 
 class WorkerError(RuntimeError):
     """The worker process could not start, or ended while it was working; the message says how."""
+
+
+def _peekNamedPipe(kernel32):
+    """kernel32's ``PeekNamedPipe`` with its signature declared: ctypes passes an undeclared argument as a C
+    ``int``, which cuts a 64-bit handle above 2**31 (or refuses it)."""
+    from ctypes import wintypes
+
+    peek = kernel32.PeekNamedPipe
+    peek.argtypes = (wintypes.HANDLE, wintypes.LPVOID, wintypes.DWORD, wintypes.LPDWORD, wintypes.LPDWORD,
+                     wintypes.LPDWORD)
+    peek.restype = wintypes.BOOL
+    return peek
 
 
 class _LineReader:
@@ -49,7 +61,7 @@ class _LineReader:
 
         available = wintypes.DWORD()
         handle = msvcrt.get_osfhandle(self._fd)
-        if not ctypes.windll.kernel32.PeekNamedPipe(handle, None, 0, None, ctypes.byref(available), None):
+        if not _peekNamedPipe(ctypes.windll.kernel32)(handle, None, 0, None, ctypes.byref(available), None):
             return None
         return available.value
 
@@ -88,6 +100,8 @@ class SegmentationWorker:
         self._stderr = None
         self._events: dict[int, list[dict]] = {}
         self._nextId = 0
+        #: Counts the worker processes started and ended: a job belongs to the generation it was sent to.
+        self.generation = 0
 
     @property
     def alive(self) -> bool:
@@ -101,13 +115,14 @@ class SegmentationWorker:
         try:
             self.process = subprocess.Popen(
                 command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr,
-                env=engineEnvironment(), creationflags=getattr(subprocess, "CREATE_NO_WINDOW", 0),
+                env=engineEnvironment(), creationflags=NO_WINDOW,
             )
         except OSError as error:
             raise WorkerError(f"could not start the CoTexNet worker ({command[0]}): {error}") from error
         self._reader = _LineReader(self.process.stdout)
         self._events = {}
         self.pid = None
+        self.generation += 1
         logging.info(f"CoTexNet worker started: {subprocess.list2cmdline(command)} (pid {self.process.pid})")
 
     def send(self, kind: str, **fields) -> int:
@@ -182,10 +197,11 @@ class SegmentationWorker:
         """Ends the worker's whole process tree at once (Cancel); the next request starts a new worker."""
         if self.process is not None:
             if self.process.poll() is None:
-                killProcessTree(self.process, timeout=5.0)
+                killProcessTree(self.process, timeout=5.0, knownChildren=[self.pid] if self.pid else [])
             for stream in (self.process.stdin, self.process.stdout):
                 with contextlib.suppress(OSError):  # a dead worker's pipe may refuse a last flush
                     stream.close()
+            self.generation += 1
         if self._stderr is not None:
             self._stderr.close()
         self.process = self._reader = self._stderr = None
@@ -209,7 +225,9 @@ class WorkerJob(BackgroundJob):
 
     ``decode(value)`` turns the worker's result into what ``finish`` applies (it runs on the polling
     thread). Cancel ends the worker's process tree, so the work stops at once; the next run starts a new
-    worker. ``reply`` is the worker's raw result (e.g. its model load counter).
+    worker. The worker is shared (module, effect, CoTexNetTrain): a job whose worker was ended or restarted
+    for another job fails with a message saying so. ``reply`` is the worker's raw result (e.g. its model
+    load counter).
     """
 
     def __init__(self, worker: SegmentationWorker, kind: str, fields: dict, decode: Callable[[dict], Any],
@@ -221,9 +239,15 @@ class WorkerJob(BackgroundJob):
         self._cancelled = False
         self.reply: Optional[dict] = None
         self._requestId = worker.send(kind, **fields)
+        self._generation = worker.generation
 
     def _collect(self) -> list[Event]:
         if self._outcome is not None:
+            return []
+        if self._worker.generation != self._generation:
+            self._outcome = ("error", WorkerError(
+                f"{self.name} stopped: the CoTexNet worker was ended for another job (a Cancel elsewhere, or a "
+                f"new worker after a crash); run it again"))
             return []
         alive = self._worker.alive  # before reading: a worker that has ended has written all it will
         events = []

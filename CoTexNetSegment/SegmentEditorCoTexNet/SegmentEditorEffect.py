@@ -5,9 +5,10 @@ the editable area, the editable intensity range and the overwrite setting apply 
 effects; Undo (``saveStateForUndo`` first) brings the previous segments back. The engine runs in the
 background; Cancel leaves the segmentation untouched.
 
-This folder is not a package and nothing imports it: Slicer 5.10+ loads this file as a module named after
-the folder and puts it into ``sys.modules`` under that name (5.6/5.8: ``imp.load_source``). Helpers come
-from ``CoTexNetSegmentLib`` and ``CoTexNetSegmentGui`` (docs/slicer.md, "Effect loading").
+Nothing imports this folder as a package (its ``__init__.py`` only gives the strings their own translation
+context): Slicer 5.10+ loads this file as a module named after the folder and puts it into ``sys.modules``
+under that name (5.6/5.8: ``imp.load_source``). Helpers come from ``CoTexNetSegmentLib`` and
+``CoTexNetSegmentGui`` (docs/slicer.md, "Effect loading").
 """
 
 import os
@@ -20,6 +21,7 @@ from SegmentEditorEffects import AbstractScriptedSegmentEditorEffect
 
 from CoTexNetSegmentGui import JobPoller, ensureEngineReady
 from CoTexNetSegmentLib import CoTexNetSegmentLogic
+from CoTexNetSegmentLib.editing import SegmentEditorTarget
 from CoTexNetSegmentLib.errors import formatError
 from CoTexNetSegmentLib.logic import DEVICES, SLICE_AXES
 from CoTexNetSegmentLib.settings import RECENT_MODELS_SETTING, preferredModelPath, recentModels
@@ -38,8 +40,8 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         scriptedEffect.perSegment = False
         scriptedEffect.requireSegments = False
         AbstractScriptedSegmentEditorEffect.__init__(self, scriptedEffect)
-        self.logic = None
         self.poller = None
+        self._connections = []  # (widget, signal, slot) made by setupOptionsFrame, undone by cleanup
 
     def clone(self):
         import qSlicerSegmentationsEditorEffectsPythonQt as effects
@@ -98,14 +100,29 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         self.statusLabel.wordWrap = True
         self.scriptedEffect.addOptionsWidget(self.statusLabel)
 
-        self.applyButton.connect("clicked()", self.onApply)
-        self.cancelButton.connect("clicked()", self.onCancel)
-        self.modelPathLineEdit.connect("currentPathChanged(QString)", self.updateMRMLFromGUI)
-        self.deviceComboBox.connect("currentIndexChanged(int)", self.updateMRMLFromGUI)
-        self.fusePlanesCheckBox.connect("toggled(bool)", self.updateMRMLFromGUI)
-        self.ttaCheckBox.connect("toggled(bool)", self.updateMRMLFromGUI)
+        self._connections = [
+            (self.applyButton, "clicked()", self.onApply),
+            (self.cancelButton, "clicked()", self.onCancel),
+            (self.modelPathLineEdit, "currentPathChanged(QString)", self.updateMRMLFromGUI),
+            (self.deviceComboBox, "currentIndexChanged(int)", self.updateMRMLFromGUI),
+            (self.fusePlanesCheckBox, "toggled(bool)", self.updateMRMLFromGUI),
+            (self.ttaCheckBox, "toggled(bool)", self.updateMRMLFromGUI),
+            # Slicer 5.6/5.8 delete an effect's widgets without calling cleanup(): a running job stops with them.
+            (self.applyButton, "destroyed()", self.stopJob),
+        ]
+        for widget, signal, slot in self._connections:
+            widget.connect(signal, slot)
 
     def cleanup(self):
+        """Called by Slicer 5.10+ before the effect is deleted (qMRMLSegmentEditorWidget's destructor). The Python
+        slots connected here would keep this object alive (Slicer issue #7392): disconnect them, stop the job."""
+        for widget, signal, slot in self._connections:
+            widget.disconnect(signal, slot)
+        self._connections = []
+        self.stopJob()
+
+    def stopJob(self):
+        """Cancels a running segmentation and stops polling it; the segmentation is left as it was."""
         if self.poller is not None:
             self.poller.stop()
             self.poller = None
@@ -148,10 +165,9 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
             return
         if not ensureEngineReady():
             return
-        if self.logic is None:
-            self.logic = CoTexNetSegmentLogic(segmentationNode.GetScene(), modifySegment=self.modifySegment)
+        editor = SegmentEditorTarget(parameterSetNode, self.scriptedEffect.referenceGeometryImage, self.modifySegment)
         try:
-            job = self.logic.startSegmentation(
+            job = CoTexNetSegmentLogic(segmentationNode.GetScene(), segmentEditor=editor).startSegmentation(
                 sourceVolumeNode,
                 self.modelPathLineEdit.currentPath,
                 self.deviceComboBox.currentText,
@@ -185,7 +201,8 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
             self.statusLabel.text = event.value
 
     def modifySegment(self, segmentationNode, segmentId, labelmap):
-        """Replaces a segment inside the editable area, as SegmentEditorIslandsEffect.py does per segment."""
+        """Replaces a segment inside the editable area, as SegmentEditorIslandsEffect.py does per segment; the
+        labelmap is on ``referenceGeometryImage()`` and its segment is selected (``editing.applyPerSegment``)."""
         self.scriptedEffect.modifySegmentByLabelmap(segmentationNode, segmentId, labelmap,
                                                     slicer.qSlicerSegmentEditorAbstractEffect.ModificationModeSet)
 

@@ -16,7 +16,7 @@ from .dataset import (
     segmentNames,
 )
 from .engine import TrainingRunError, pythonExecutable
-from .logic import CoTexNetTrainLogic, RunExistsError, TrainingState, recipeFields
+from .logic import CoTexNetTrainLogic, RunExistsError, TrainingState, recipeFields, trainingFieldOptions
 from .progress import TrainingProgress, formatDuration
 
 
@@ -52,4 +52,5 @@ __all__ = [
     "recipeFields",
     "recentModels",
     "segmentNames",
+    "trainingFieldOptions",
 ]

@@ -20,6 +20,7 @@ from __future__ import annotations
 import enum
 import json
 import logging
+import math
 import os
 import shutil
 import subprocess
@@ -81,6 +82,13 @@ def recipeFields(backbone: str) -> dict:
 
     recipe = RECIPES[recipe_name(backbone.strip())]
     return {field: recipe[key] for field, key in RECIPE_FIELDS.items()}
+
+
+def trainingFieldOptions(backbone: str, fields: dict) -> dict:
+    """The training fields a run sends: None (not sent) for a value the backbone's recipe sets anyway, so that
+    what the user did not change follows the engine's recipe for that backbone, as ``cotexnet train`` does."""
+    recipe = recipeFields(backbone)
+    return {field: None if math.isclose(value, recipe[field], rel_tol=1e-9) else value for field, value in fields.items()}
 
 
 #: Table columns of the per-epoch curve, in order.
