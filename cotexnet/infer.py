@@ -389,13 +389,15 @@ def segment_file(
     probabilities: str | None = None,
     stem: str | None = None,
     overwrite: bool = False,
+    confidence: bool = False,
     **options,
 ) -> dict:
     """Segment one image file; write its label map (input geometry) and optionally a ``.seg.nrrd``.
 
     With ``reference`` (a ground-truth label map of the same image) the Dice of each class is
     reported too. ``probabilities`` (``uint8`` or ``float32``) also writes each class's probability
-    map on the input's geometry. Outputs are named after ``stem`` (default: the input's name) and an
+    map on the input's geometry; with it, or with ``confidence``, each class's mean confidence is reported.
+    Outputs are named after ``stem`` (default: the input's name) and an
     existing one is refused unless ``overwrite``. ``options`` go to :func:`predict_volume`. Returns what
     was written and measured.
     """
@@ -416,10 +418,10 @@ def segment_file(
     truth = None
     if reference is not None:
         truth = read_label_map(reference, reference=image, num_classes=model.config.num_classes)
-    prediction = predict_volume(model, image, probabilities=probabilities is not None, **options)
+    prediction = predict_volume(model, image, probabilities=probabilities is not None or confidence, **options)
     labels = prediction.labels
     write_image(labels, image, label_path)
-    result = {"input": str(path), "labels": str(label_path), "shape": list(labels.shape),
+    result = {"input": str(path), "labels": str(label_path), "shape": list(labels.shape), "spacing": list(image.spacing),
               "voxels": {name: int((labels == i).sum()) for i, name in enumerate(model.config.classes, start=1)}}
     if seg_nrrd:
         write_segmentation_nrrd(labels, image, seg_path, model.config.classes, model.config.colors)
@@ -429,8 +431,9 @@ def segment_file(
         for index, (name, target) in enumerate(zip(model.config.classes, probability_targets), start=1):
             written[name] = str(write_image(probability_image(prediction.probabilities[index], probabilities), image, target))
         result["probabilities"] = written
-        confidence = prediction.confidence
-        result["mean_confidence"] = {name: float(confidence[labels == i].mean()) if (labels == i).any() else None
+    if prediction.probabilities is not None:
+        best = prediction.confidence
+        result["mean_confidence"] = {name: float(best[labels == i].mean()) if (labels == i).any() else None
                                      for i, name in enumerate(model.config.classes, start=1)}
     if truth is not None:
         scores = segmentation_metrics(labels, truth, model.config.num_classes, spacing=image.spacing[::-1])
