@@ -135,7 +135,7 @@ def test_the_split_covers_every_study_once_and_balances_bytes():
 def test_two_gloo_ranks_segment_every_good_study_once_and_report_all_twelve(bundle, tmp_path):
     manifest = write_cohort(tmp_path)
     out = tmp_path / "out"
-    command = [str(TORCHRUN), "--nproc-per-node", "2", "--master-port", str(29500 + os.getpid() % 1000),
+    command = [str(TORCHRUN), "--standalone", "--nproc-per-node", "2",
                "-m", "cotexnet.cli", "segment", str(bundle), "--inputs", str(manifest), "--out", str(out),
                "--device", "cpu"]
     done = subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=300)
@@ -281,3 +281,16 @@ def test_slicer_segment_files_with_a_report(bundle, tmp_path):
     assert [row["status"] for row in report_rows(tmp_path / "out")] == ["done", "done", "failed", "done"]
     again = logic.segmentFiles([manifest], bundle, tmp_path / "out", device="cpu", report=True)
     assert [row["status"] for row in again] == ["skipped", "skipped", "failed", "skipped"]
+
+
+def test_a_journal_line_cut_by_a_kill_is_ignored_and_the_next_record_stands(tmp_path):
+    from cotexnet.cohort import Journal
+
+    study = Study(0, tmp_path / "a.nii.gz", "a", 1, "test")
+    journal = Journal(tmp_path, "0-of-1-rank-0-of-1", "run1")
+    journal.append(study, "done", row={"id": "a"})
+    with open(journal.path, "a", encoding="utf-8") as handle:
+        handle.write('{"name": "a", "status": "sta')  # killed in the middle of a write
+    assert read_journals(tmp_path)["a"]["status"] == "done"
+    Journal(tmp_path, "0-of-1-rank-0-of-1", "run2").append(study, "failed", error="x")
+    assert read_journals(tmp_path)["a"]["status"] == "failed"

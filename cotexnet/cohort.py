@@ -144,6 +144,7 @@ def make_studies(entries: Sequence[tuple[Path, str | None, str]]) -> list[Study]
     """Studies with output names that no two share: the ``id`` where the manifest gives one, else the
     engine's :func:`~cotexnet.infer.output_stems`. A file listed twice is segmented once; its second
     listing fails on its own."""
+    entries = [(Path(os.path.abspath(path)), name, source) for path, name, source in entries]  # the same from any folder
     paths = [path for path, _, _ in entries]
     names = [name or stem for (_, name, _), stem in zip(entries, output_stems(paths))]
     seen: dict[str, int] = {}
@@ -208,6 +209,11 @@ class Journal:
     def __init__(self, state: Path, label: str, run: str):
         self.path, self.run = state / f"journal-{label}.jsonl", run
         self._lock = threading.Lock()
+        if self.path.is_file() and self.path.stat().st_size:
+            with open(self.path, "rb+") as handle:  # a line a kill cut short is ended, so the next one stands alone
+                handle.seek(-1, os.SEEK_END)
+                if handle.read(1) != b"\n":
+                    handle.write(b"\n")
 
     def append(self, study: Study, status: str, **fields) -> None:
         record = {"name": study.name, "input": str(study.path), "status": status, "run": self.run,
@@ -288,7 +294,7 @@ class CohortRunner:
     def __init__(self, model, model_path, out_dir, *, overwrite: bool = False, read_ahead: int = 2,
                  confidence: bool = True, show_progress: bool = True, progress_total: int | None = None,
                  seg_nrrd: bool = True, probabilities: str | None = None, **options):
-        self.out = Path(out_dir)
+        self.out = Path(os.path.abspath(out_dir))
         check_output_folder(self.out)
         self.state = self.out / STATE_FOLDER
         self.model_name, self.model_version = model_identity(model_path)
@@ -638,10 +644,11 @@ def run_command(args, options: dict) -> int:
 
 def summary_line(part: dict, summary: dict, report: Path) -> str:
     """done, skipped, failed; studies/hour, slices/s and the busy share; where the report is."""
-    busy = summary.get("busy_share")
-    busy = "" if busy is None else f", {'GPU' if summary['device'] == 'cuda' else 'model'} busy {busy:.0%}"
+    speed = ""
+    if part["done"] and summary.get("studies_per_hour") is not None:
+        speed = f": {summary['studies_per_hour']:.0f} studies/hour, {summary['slices_per_second']:.1f} slices/s"
+        if summary.get("busy_share") is not None:
+            speed += f", {'GPU' if summary['device'] == 'cuda' else 'model'} busy {summary['busy_share']:.0%}"
     pending = f", {summary['pending']} pending in other parts" if summary.get("pending") else ""
-    rate = summary.get("studies_per_hour")
-    speed = "" if rate is None else f": {rate:.0f} studies/hour, {summary['slices_per_second']:.1f} slices/s"
     return (f"{part['done']} done, {part['skipped']} skipped, {part['failed']} failed of {sum(part.values())} studies "
-            f"in {summary['seconds']:.1f} s on {summary['processes']} process(es){speed}{busy}{pending}; report {report}")
+            f"in {summary['seconds']:.1f} s on {summary['processes']} process(es){speed}{pending}; report {report}")
