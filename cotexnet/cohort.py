@@ -292,8 +292,7 @@ class CohortRunner:
     """Segments one share of a cohort with one loaded model; see the module docstring."""
 
     def __init__(self, model, model_path, out_dir, *, overwrite: bool = False, read_ahead: int = 2,
-                 confidence: bool = True, show_progress: bool = True, progress_total: int | None = None,
-                 seg_nrrd: bool = True, probabilities: str | None = None, **options):
+                 confidence: bool = True, seg_nrrd: bool = True, probabilities: str | None = None, **options):
         self.out = Path(os.path.abspath(out_dir))
         check_output_folder(self.out)
         self.state = self.out / STATE_FOLDER
@@ -304,7 +303,7 @@ class CohortRunner:
         # A compiled model (CUDA graphs) stays on one thread: no reading ahead, no proxy around it.
         self.model = model if self.compiled else TimedModel(model, self.device)
         self.workers = 1 if self.compiled else 1 + max(0, read_ahead)
-        self.overwrite, self.show_progress = overwrite, show_progress
+        self.overwrite = overwrite
         self.outputs = dict(seg_nrrd=seg_nrrd, probabilities=probabilities, confidence=confidence)
         self.options = options
         settings = {**options, **self.outputs}
@@ -560,7 +559,7 @@ def segment_cohort(model, model_path, inputs: Sequence[str | os.PathLike], out_d
         raise CoTexNetError(f"--part-id {part_id} of --num-parts {num_parts}: expected 0 <= part-id < num-parts")
     studies = make_studies(expand_inputs(inputs))
     rank, world = distributed_rank()
-    runner = CohortRunner(model, model_path, out_dir, show_progress=show_progress, **options)
+    runner = CohortRunner(model, model_path, out_dir, **options)
     job_share = split_studies(studies, num_parts)[part_id]
     share = split_studies(job_share, world)[rank]
     label = f"{part_id}-of-{num_parts}-rank-{rank}-of-{world}"
