@@ -29,7 +29,7 @@ from cotexnet.errors import CoTexNetError, DataError
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-TORCHRUN = Path(sys.executable).with_name("torchrun")
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]  # the torchrun command of this interpreter
 SPACING = (0.8, 0.8, 2.0)  # x, y, z mm: a voxel is 1.28 mm³
 BROKEN = {4: b"not an image at all", 9: b""}  # study index -> what its file holds
 
@@ -135,7 +135,7 @@ def test_the_split_covers_every_study_once_and_balances_bytes():
 def test_two_gloo_ranks_segment_every_good_study_once_and_report_all_twelve(bundle, tmp_path):
     manifest = write_cohort(tmp_path)
     out = tmp_path / "out"
-    command = [str(TORCHRUN), "--standalone", "--nproc-per-node", "2",
+    command = [*TORCHRUN, "--standalone", "--nproc-per-node", "2",
                "-m", "cotexnet.cli", "segment", str(bundle), "--inputs", str(manifest), "--out", str(out),
                "--device", "cpu"]
     done = subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=300)

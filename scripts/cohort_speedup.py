@@ -38,7 +38,7 @@ def run(model: str, manifest: Path, out: Path, processes: int, device: str, read
     command = [sys.executable, "-m", "cotexnet.cli", "segment", model, "--inputs", str(manifest), "--out", str(out),
                "--device", device, "--read-ahead", str(read_ahead), "--json"]
     if processes > 1:
-        command = [str(Path(sys.executable).with_name("torchrun")), "--standalone", "--nproc-per-node", str(processes),
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(processes),
                    *command[1:]]
     subprocess.run(command, check=True, stdout=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"})
     return json.loads((out / "report.json").read_text(encoding="utf-8"))["summary"]
