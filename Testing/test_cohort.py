@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 import SimpleITK as sitk
 import torch
@@ -187,23 +188,27 @@ def test_three_parts_cover_the_manifest_exactly_once(bundle, tmp_path, capsys):
 def test_a_killed_run_restarts_where_it_stopped_and_overwrite_redoes_all(bundle, tmp_path, capsys):
     manifest = write_cohort(tmp_path, count=12, shape=(40, 64, 64), broken={})
     out = tmp_path / "out"
-    command = [sys.executable, "-m", "cotexnet.cli", "segment", str(bundle), "--inputs", str(manifest), "--out", str(out),
-               "--device", "cpu", "--read-ahead", "0", "--batch-size", "4"]
+    command = [*TORCHRUN, "--standalone", "--nproc-per-node", "2", "-m", "cotexnet.cli", "segment", str(bundle),
+               "--inputs", str(manifest), "--out", str(out), "--device", "cpu", "--batch-size", "4"]
+    # Preemption: torchrun and both ranks (torchrun starts each in a session of its own) get SIGKILL, mid-run.
     process = subprocess.Popen(command, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 240
     while len(done_records(out) if (out / STATE_FOLDER).is_dir() else []) < 3:
         assert process.poll() is None and time.monotonic() < deadline, "the run ended before it could be killed"
         time.sleep(0.01)
-    process.send_signal(signal.SIGKILL)
+    ranks = psutil.Process(process.pid).children(recursive=True)
+    for member in [psutil.Process(process.pid), *ranks]:
+        member.send_signal(signal.SIGKILL)
     process.wait(timeout=30)
+    psutil.wait_procs(ranks, timeout=30)
     finished = set(done_records(out))
     assert 3 <= len(finished) < 12, "the run was not cut short: make the studies bigger"
     for labels in out.glob("*_labels.nii.gz"):  # what is in place is whole: written temp-then-rename
         assert read_image(labels).shape[1:] == (64, 64)
 
-    assert main(["segment", str(bundle), "--inputs", str(manifest), "--out", str(out), "--device", "cpu"]) == 0
-    said = capsys.readouterr().out
-    assert f"{12 - len(finished)} done, {len(finished)} skipped, 0 failed of 12 studies" in said, said
+    again = subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr
+    assert f"{12 - len(finished)} done, {len(finished)} skipped, 0 failed of 12 studies" in again.stdout, again.stdout
     assert sorted(done_records(out)) == [f"case-{i:02d}" for i in range(12)]  # nothing segmented twice
     rows = report_rows(out)
     assert {row["id"] for row in rows if row["status"] == "skipped"} == finished
