@@ -119,6 +119,23 @@ def test_globs_expand_sorted_and_a_pattern_matching_nothing_is_an_error(tmp_path
         expand_inputs([str(tmp_path / "none*.nii.gz")])
 
 
+@pytest.mark.parametrize("options, expected", [
+    (["--num-parts", "3", "--part-id", "3"], "--part-id: expected 0 to 2 (--num-parts 3), got 3"),
+    (["--part-id", "1"], "--part-id: give --num-parts too"),
+    (["--num-parts", "0"], "--num-parts: expected a positive integer, got 0"),
+    (["--read-ahead", "-1"], "--read-ahead: expected 0 or more, got -1"),
+    (["--reference", "truth.nii.gz"], "--reference: give reference label maps with inputs listed one by one"),
+    (["--inputs", "missing.csv"], "missing.csv: manifest not found"),
+], ids=["part-out-of-range", "part-without-parts", "zero-parts", "negative-read-ahead", "reference", "no-manifest"])
+def test_cohort_options_are_checked_with_one_error_line(bundle, tmp_path, capsys, options, expected):
+    manifest = write_cohort(tmp_path, count=1, broken={})
+    inputs = [] if "--inputs" in options else ["--inputs", str(manifest)]
+    code = main(["segment", str(bundle), *inputs, "--out", str(tmp_path / "out"), "--device", "cpu", *options])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("error:") == 1 and expected in err and "Traceback" not in err, err
+    assert not (tmp_path / "out").exists()  # refused before any work
+
+
 # ------------------------------------------------------------------------------------------ the split
 def test_the_split_covers_every_study_once_and_balances_bytes():
     sizes = [int(s) for s in np.random.default_rng(3).integers(1, 1000, 57)]

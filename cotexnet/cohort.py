@@ -118,7 +118,9 @@ def expand_inputs(items: Sequence[str | os.PathLike]) -> list[tuple[Path, str | 
     entries = []
     for item in items:
         path = Path(item)
-        if path.is_file() and image_suffix(path) in MANIFEST_SUFFIXES:
+        if image_suffix(path) in MANIFEST_SUFFIXES:
+            if not path.is_file():
+                raise DataError("manifest not found", path)
             entries.extend(read_manifest(path))
         elif not path.exists() and glob.has_magic(str(item)):
             matches = sorted(glob.glob(str(item)))
@@ -173,6 +175,13 @@ def split_studies(studies: Sequence[Study], parts: int) -> list[list[Study]]:
         shares[share].append(study)
         loads[share] += study.size
     return [sorted(share, key=lambda s: s.index) for share in shares]
+
+
+def check_share(num_parts: int, part_id: int) -> None:
+    if num_parts < 1:
+        raise CoTexNetError(f"--num-parts: expected a positive integer, got {num_parts}")
+    if not 0 <= part_id < num_parts:
+        raise CoTexNetError(f"--part-id: expected 0 to {num_parts - 1} (--num-parts {num_parts}), got {part_id}")
 
 
 # ------------------------------------------------------------------------------------------ journal
@@ -555,8 +564,7 @@ def segment_cohort(model, model_path, inputs: Sequence[str | os.PathLike], out_d
     """Segment this process's share of ``inputs`` (see the module docstring) and return the report as
     merged so far: rank 0 (or the single process) returns the report over every study; other ranks their
     own rows. ``options`` go to :class:`CohortRunner` (and through it to :func:`~cotexnet.infer.segment_file`)."""
-    if num_parts < 1 or not 0 <= part_id < num_parts:
-        raise CoTexNetError(f"--part-id {part_id} of --num-parts {num_parts}: expected 0 <= part-id < num-parts")
+    check_share(num_parts, part_id)
     studies = make_studies(expand_inputs(inputs))
     rank, world = distributed_rank()
     runner = CohortRunner(model, model_path, out_dir, **options)
@@ -606,8 +614,7 @@ def run_command(args, options: dict) -> int:
                             "(--inputs, --num-parts or torchrun)")
     if args.part_id is not None and args.num_parts is None:
         raise CoTexNetError("--part-id: give --num-parts too")
-    if args.num_parts is not None and args.num_parts < 1:
-        raise CoTexNetError(f"--num-parts: expected a positive integer, got {args.num_parts}")
+    check_share(1 if args.num_parts is None else args.num_parts, args.part_id or 0)
     if args.read_ahead < 0:
         raise CoTexNetError(f"--read-ahead: expected 0 or more, got {args.read_ahead}")
     inputs = [*args.inputs, *(args.cohort_inputs or [])]
