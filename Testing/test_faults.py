@@ -513,3 +513,36 @@ def test_an_empty_dicom_folder_is_said_once_without_library_noise(bundle, tmp_pa
     assert main(["segment", str(bundle), str(folder), "--out", str(tmp_path / "out"), "--device", "cpu"]) == 1
     err = capfd.readouterr().err
     assert err.count(str(folder)) == 1 and "holds no DICOM series (it is empty)" in err and "GDCM" not in err, err
+
+
+# Issue 21, fault 12: one bad input in a batch
+def _complex_nifti(path: Path) -> Path:
+    """A NIfTI whose voxels are complex numbers (datatype 32): SimpleITK reads it as a complex image."""
+    values = np.random.default_rng(0).random((4, 16, 16)) + 1j
+    sitk.WriteImage(sitk.GetImageFromArray(values.astype(np.complex64)), str(path))
+    return path
+
+
+def _symlink_loop(path: Path) -> Path:
+    os.symlink(path.with_name(path.name + "-other"), path)
+    os.symlink(path, path.with_name(path.name + "-other"))
+    return path
+
+
+@pytest.mark.parametrize("bad_input, expected", [
+    (_complex_nifti, "complex"),
+    (_symlink_loop, "symbolic links"),
+], ids=["12-complex-valued-nifti", "12-symlink-loop"])
+def test_one_bad_input_fails_alone_and_the_batch_goes_on(bundle, tmp_path, capsys, bad_input, expected):
+    rng = np.random.default_rng(1)
+    good = [str(_write_nifti(tmp_path / f"good{i}.nii.gz", rng.random((4, 16, 16)).astype(np.float32))) for i in range(2)]
+    bad = str(bad_input(tmp_path / "bad.nii.gz"))
+    out = tmp_path / "out"
+    assert main(["segment", str(bundle), good[0], bad, good[1], "--out", str(out), "--device", "cpu"]) == 1
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.err
+    failed = [line for line in captured.err.splitlines() if line.startswith("FAILED")]
+    assert len(failed) == 1 and bad in failed[0] and expected in failed[0], captured.err
+    assert "2 segmented, 1 failed" in captured.out
+    for path in good:  # the inputs around the bad one are segmented, each on its own grid
+        assert read_image(out / Path(path).name.replace(".nii.gz", "_labels.nii.gz")).shape == (4, 16, 16)

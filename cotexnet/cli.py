@@ -9,6 +9,7 @@ import argparse
 import json
 import logging
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -213,7 +214,7 @@ def _add_segment(sub) -> None:
                        description="Segment NIfTI, NRRD, MHA, DICOM series folders and PNG/JPG/TIFF images. Writes "
                                    "<name>_labels.<ext> (input geometry) and <name>.seg.nrrd per input.")
     p.add_argument("model", help="model bundle folder, or a training run folder (RUN means RUN/best)")
-    p.add_argument("inputs", nargs="+", help="image files or DICOM folders")
+    p.add_argument("inputs", nargs="*", help="image files or DICOM folders")
     p.add_argument("--out", required=True, help="output folder")
     _add_inference(p)
     p.add_argument("--no-postprocess", action="store_true", help="skip the bundle's 3D post-processing")
@@ -223,13 +224,41 @@ def _add_segment(sub) -> None:
     p.add_argument("--reference", nargs="+", help="ground-truth label maps, one per input, to report Dice")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     p.add_argument("--overwrite", action="store_true", help="replace outputs an earlier run left in --out")
+    _add_cohort(p)
     p.set_defaults(func=_run_segment)
+
+
+def _add_cohort(p) -> None:
+    """The options of a cohort run (:mod:`cotexnet.cohort`)."""
+    p.add_argument("--inputs", nargs="+", metavar="LIST", dest="cohort_inputs",
+                   help="studies as a manifest (.txt/.lst: one path per line; .csv: a 'path' column and an optional "
+                        "'id' column naming the outputs; relative paths are relative to the manifest), files, DICOM "
+                        "folders or glob patterns; runs as a cohort: resumable, one report (OUT/report.csv, .json)")
+    p.add_argument("--num-parts", type=int, help="split the cohort into this many shares (e.g. a Slurm array's size)")
+    p.add_argument("--part-id", type=int, help="the share this process segments, 0 .. num-parts - 1 "
+                                              "(e.g. $SLURM_ARRAY_TASK_ID)")
+    p.add_argument("--read-ahead", type=int, default=2,
+                   help="studies read and written on background threads while one is segmented (cohort; 0: none)")
+    p.add_argument("--no-confidence", action="store_true",
+                   help="cohort: skip the per-class mean confidence in the report (saves a probability volume)")
+
+
+def _is_cohort(args) -> bool:
+    """A manifest, a share, or torchrun makes ``segment`` a cohort run."""
+    return bool(args.cohort_inputs) or args.num_parts is not None or args.part_id is not None \
+        or int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
 def _run_segment(args) -> int:
     from .infer import check_output_folder, resolve_device, segment_files
     from .model import CoTexNet
 
+    if _is_cohort(args):
+        from .cohort import run_command
+
+        return run_command(args, _inference_options(args))
+    if not args.inputs:
+        raise CoTexNetError("no inputs: give image files, DICOM folders or --inputs LIST")
     check_output_folder(Path(args.out))
     device = resolve_device(args.device)
     model = CoTexNet.from_pretrained(args.model, device=device)

@@ -82,6 +82,8 @@ def _check_volume(array: np.ndarray, rgb: bool) -> None:
     spatial = array.ndim - (1 if rgb else 0)
     if array.size == 0:
         raise DataError(f"the image is empty (shape {array.shape})")
+    if not (np.issubdtype(array.dtype, np.integer) or np.issubdtype(array.dtype, np.floating) or array.dtype == bool):
+        raise DataError(f"the image holds {array.dtype} voxels (e.g. complex-valued); expected real numbers")
     if spatial == 4 or (spatial == 3 and rgb):
         raise DataError(f"4D images are not supported (shape {array.shape}); extract one 3D volume first")
     if spatial not in (2, 3):
@@ -309,6 +311,15 @@ def _compiled(model, mode: str):
     return cache[mode]
 
 
+def _resolved(path: Path) -> Path:
+    """``path`` with its symbolic links followed; a loop or a dangling link stays as given, so that only that
+    input fails, when it is read, not the naming of a whole batch."""
+    try:
+        return path.resolve()
+    except (OSError, RuntimeError):
+        return path.absolute()
+
+
 def _input_stem(path: Path) -> str:
     suffix = image_suffix(path) if path.is_file() else ""
     return path.name[: len(path.name) - len(suffix)] if suffix else path.name
@@ -327,11 +338,11 @@ def output_stems(paths: Sequence[str | Path]) -> list[str]:
         seen: dict[str, list[int]] = {}
         for i, name in enumerate(names):
             seen.setdefault(name.casefold(), []).append(i)
-        return [i for group in seen.values() if len({paths[j].resolve() for j in group}) > 1 for i in group]
+        return [i for group in seen.values() if len({_resolved(paths[j]) for j in group}) > 1 for i in group]
 
     clash = clashing(stems)
     if clash:
-        resolved = {i: paths[i].resolve() for i in clash}
+        resolved = {i: _resolved(paths[i]) for i in clash}
         common = Path(os.path.commonpath([resolved[i].parent for i in clash]))
         for i in clash:
             stems[i] = "_".join((*resolved[i].parent.relative_to(common).parts, stems[i]))
@@ -378,13 +389,15 @@ def segment_file(
     probabilities: str | None = None,
     stem: str | None = None,
     overwrite: bool = False,
+    confidence: bool = False,
     **options,
 ) -> dict:
     """Segment one image file; write its label map (input geometry) and optionally a ``.seg.nrrd``.
 
     With ``reference`` (a ground-truth label map of the same image) the Dice of each class is
     reported too. ``probabilities`` (``uint8`` or ``float32``) also writes each class's probability
-    map on the input's geometry. Outputs are named after ``stem`` (default: the input's name) and an
+    map on the input's geometry; with it, or with ``confidence``, each class's mean confidence is reported.
+    Outputs are named after ``stem`` (default: the input's name) and an
     existing one is refused unless ``overwrite``. ``options`` go to :func:`predict_volume`. Returns what
     was written and measured.
     """
@@ -405,10 +418,10 @@ def segment_file(
     truth = None
     if reference is not None:
         truth = read_label_map(reference, reference=image, num_classes=model.config.num_classes)
-    prediction = predict_volume(model, image, probabilities=probabilities is not None, **options)
+    prediction = predict_volume(model, image, probabilities=probabilities is not None or confidence, **options)
     labels = prediction.labels
     write_image(labels, image, label_path)
-    result = {"input": str(path), "labels": str(label_path), "shape": list(labels.shape),
+    result = {"input": str(path), "labels": str(label_path), "shape": list(labels.shape), "spacing": list(image.spacing),
               "voxels": {name: int((labels == i).sum()) for i, name in enumerate(model.config.classes, start=1)}}
     if seg_nrrd:
         write_segmentation_nrrd(labels, image, seg_path, model.config.classes, model.config.colors)
@@ -418,8 +431,9 @@ def segment_file(
         for index, (name, target) in enumerate(zip(model.config.classes, probability_targets), start=1):
             written[name] = str(write_image(probability_image(prediction.probabilities[index], probabilities), image, target))
         result["probabilities"] = written
-        confidence = prediction.confidence
-        result["mean_confidence"] = {name: float(confidence[labels == i].mean()) if (labels == i).any() else None
+    if prediction.probabilities is not None:
+        best = prediction.confidence
+        result["mean_confidence"] = {name: float(best[labels == i].mean()) if (labels == i).any() else None
                                      for i, name in enumerate(model.config.classes, start=1)}
     if truth is not None:
         scores = segmentation_metrics(labels, truth, model.config.num_classes, spacing=image.spacing[::-1])
@@ -452,14 +466,14 @@ def segment_files(
     inputs = list(enumerate(zip(paths, references, output_stems(paths))))
     for i, (path, reference, stem) in tqdm(inputs, desc="segmenting", unit="image", disable=not show_progress):
         try:
-            earlier = segmented.get(Path(path).resolve())
+            earlier = segmented.get(_resolved(Path(path)))
             if earlier is not None:
                 raise DataError(f"given twice (also as input {earlier + 1}, {paths[earlier]}); segmented once", path)
             results.append(segment_file(model, path, out_dir, reference=reference, stem=stem, **options))
-            segmented[Path(path).resolve()] = i
+            segmented[_resolved(Path(path))] = i
         except Cancelled:
             raise
-        except (CoTexNetError, OSError, RuntimeError, ValueError) as error:
+        except Exception as error:  # noqa: BLE001 - one input's failure, whatever it is, is that input's alone
             message = str(error) if str(path) in str(error) else f"{path}: {error}"
             logger.debug("skipped %s", message)  # the caller reports it: the CLI prints it, Slicer shows it
             results.append({"input": str(path), "error": message})

@@ -266,17 +266,25 @@ class CoTexNetSegmentLogic:
         """Segments each volume in turn with one loaded model; returns their segmentation nodes."""
         return [self.segment(volumeNode, modelPath, device, **options) for volumeNode in volumeNodes]
 
-    def segmentFiles(self, paths: Sequence, modelPath, outDir, device: str = "auto", **options) -> list[dict]:
+    def segmentFiles(self, paths: Sequence, modelPath, outDir, device: str = "auto", report: bool = False,
+                     **options) -> list[dict]:
         """Segments image files without loading them into the scene; returns one result per input, in order.
 
         A file that fails does not stop the others, as with ``cotexnet segment``: its result is
         ``{"input", "error"}``, the others say what was written. ``options`` go to
-        ``cotexnet.infer.segment_files`` (e.g. ``batch_size``, ``seg_nrrd``, ``overwrite``).
+        ``cotexnet.infer.segment_files`` (e.g. ``batch_size``, ``seg_nrrd``, ``overwrite``). With ``report``
+        the batch runs as ``cotexnet segment --inputs`` does (``cotexnet.cohort``; ``paths`` may name
+        manifests): studies done by an earlier run are skipped, ``outDir/report.csv`` and ``report.json`` are
+        written, and the rows of that report are returned (``status``, ``error``, ``outputs``, ``volume_ml``...).
         """
-        from cotexnet.infer import segment_files
-
         model = self.loadModel(modelPath, device)
         os.makedirs(outDir, exist_ok=True)
+        if report:
+            from cotexnet.cohort import segment_cohort
+
+            return segment_cohort(model, modelPath, paths, outDir, device=device, show_progress=False, **options)["studies"]
+        from cotexnet.infer import segment_files
+
         return segment_files(model, paths, outDir, device=device, show_progress=False, **options)
 
     def _companion(self, segmentationNode, role: str, className: str, suffix: str, volumeNode, created: list):

@@ -166,6 +166,8 @@ def as_geometry(reference: VolumeImage | ImageGeometry) -> ImageGeometry:
 
 def check_file(path: Path) -> None:
     if not path.exists():
+        if path.is_symlink():
+            raise DataError("a symbolic link that leads nowhere (a loop of symbolic links, or a missing target)", path)
         raise DataError("file not found", path)
     if path.is_file() and path.stat().st_size == 0:
         raise DataError("file is empty", path)
