@@ -513,3 +513,126 @@ def test_an_empty_dicom_folder_is_said_once_without_library_noise(bundle, tmp_pa
     assert main(["segment", str(bundle), str(folder), "--out", str(tmp_path / "out"), "--device", "cpu"]) == 1
     err = capfd.readouterr().err
     assert err.count(str(folder)) == 1 and "holds no DICOM series (it is empty)" in err and "GDCM" not in err, err
+
+
+# Issue 21, part A: files, geometry and outputs
+def _nifti_with_header(path: Path, array: np.ndarray, spacing=(2.0, 2.0, 2.0), **fields) -> Path:
+    """A NIfTI-1 file of ``array`` whose header fields (``pixdim``, ``dim``, ``qform_code``, ``sform_code``)
+    are then set to the given values, as a damaged or hand-written header would hold them."""
+    import gzip
+    import struct
+
+    plain = path.with_name(path.name.removesuffix(".gz"))
+    image = sitk.GetImageFromArray(array)
+    image.SetSpacing(spacing)
+    sitk.WriteImage(image, str(plain))
+    data = bytearray(plain.read_bytes())
+    layout = {"dim": (40, "8h"), "pixdim": (76, "8f"), "qform_code": (252, "h"), "sform_code": (254, "h")}
+    for name, value in fields.items():
+        offset, form = layout[name]
+        struct.pack_into("<" + form, data, offset, *np.atleast_1d(value))
+    if path.name.endswith(".gz"):
+        plain.unlink()
+        path.write_bytes(gzip.compress(bytes(data)))
+    else:
+        path.write_bytes(bytes(data))
+    return path
+
+
+@pytest.mark.parametrize("name", ["scan.nii.gz", "scan.nii"], ids=["1-sibling-nii-of-nii.gz", "1-sibling-nii.gz-of-nii"])
+def test_the_named_nifti_is_read_not_its_sibling(tmp_path, name):
+    """ITK's NIfTI library opens ``scan.nii`` when asked for ``scan.nii.gz`` if both exist."""
+    named = _write_nifti(tmp_path / name, np.full((4, 8, 8), 7, np.int16))
+    other = "scan.nii" if name == "scan.nii.gz" else "scan.nii.gz"
+    _write_nifti(tmp_path / other, np.zeros((3, 5, 6), np.int16))
+    image = read_image(named)
+    assert image.shape == (4, 8, 8) and (image.array == 7).all()
+    from cotexnet.data import read_image_geometry
+
+    assert read_image_geometry(named).shape == (4, 8, 8)
+
+
+def test_a_full_disk_is_an_error_and_leaves_no_output_of_that_input(bundle, tmp_path):
+    """Under a 4 KiB file-size limit SimpleITK's gzip writer cut the float probability maps (to 0 bytes) and
+    reported "ok"; now the input fails, naming the file, and none of its outputs are left."""
+    image = _write_nifti(tmp_path / "scan.nii.gz", np.random.default_rng(0).random((6, 32, 32)).astype(np.float32))
+    out = tmp_path / "out"
+    script = ("import resource, sys; resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096)); "
+              "from cotexnet.cli import main; sys.exit(main(sys.argv[1:]))")
+    run = subprocess.run([sys.executable, "-c", script, "segment", str(bundle), str(image), "--out", str(out),
+                          "--device", "cpu", "--probabilities", "float32"],
+                         env=ENV, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 1, run.stderr
+    assert "not written completely" in run.stderr or "could not be written" in run.stderr, run.stderr
+    assert f"FAILED  {image}: {out / 'scan_prob_'}" in run.stderr and "Traceback" not in run.stderr, run.stderr
+    assert not [p for p in out.rglob("*") if p.is_file()]  # no cut file, no staging file, no orphan label map
+
+
+def test_a_written_image_that_reads_back_differently_is_not_put_in_place(tmp_path, monkeypatch):
+    """The check every output passes before it is renamed into place: what is read back must be what was meant."""
+    from cotexnet.data import VolumeImage, write_image
+
+    reference = VolumeImage(np.zeros((3, 4, 5), np.uint8), (1, 1, 2), (0, 0, 0), tuple(np.eye(3).ravel()))
+    target = tmp_path / "labels.nii.gz"
+    target.write_bytes(b"earlier output")
+    real = sitk.WriteImage
+    monkeypatch.setattr(sitk, "WriteImage", lambda image, name, *args: real(image[:, :, :2], name, *args))
+    with pytest.raises(DataError, match="not written completely") as error:
+        write_image(np.ones((3, 4, 5), np.uint8), reference, target)
+    assert str(target) in str(error.value)
+    assert target.read_bytes() == b"earlier output" and sorted(p.name for p in tmp_path.iterdir()) == [target.name]
+
+
+@pytest.mark.parametrize("name", ["huge.nii", "huge.nii.gz"], ids=["14-header-promises-16GB-nii", "14-header-promises-16GB-nii.gz"])
+def test_a_header_promising_more_than_the_file_holds_is_refused_before_allocating(tmp_path, name):
+    """A 1.3 KB file whose header promises 16 GB: refused from the file size, in a process that cannot
+    even map 4 GB more than it holds (SimpleITK allocated the promise first)."""
+    path = _nifti_with_header(tmp_path / name, np.ones((4, 8, 8), np.int16), dim=(3, 2048, 2048, 2048, 1, 1, 1, 1))
+    script = ("import re, resource, sys\n"
+              "from cotexnet.data import read_image\n"
+              "size = int(re.search(r'VmSize:\\s+(\\d+)', open('/proc/self/status').read()).group(1)) * 1024\n"
+              "resource.setrlimit(resource.RLIMIT_AS, (size + 4 * 2**30, resource.RLIM_INFINITY))\n"
+              "try:\n    read_image(sys.argv[1])\nexcept Exception as error:\n    print(error)\n")
+    run = subprocess.run([sys.executable, "-c", script, str(path)], env=ENV, capture_output=True, text=True, timeout=120)
+    assert f"{path}: is truncated: its header promises {2048 ** 3 * 2} bytes" in run.stdout, run.stdout + run.stderr
+
+
+def test_a_plain_nifti_named_nii_gz_is_said_to_be_not_gzip(tmp_path):
+    path = tmp_path / "scan.nii.gz"
+    _write_nifti(tmp_path / "plain.nii", np.ones((2, 3, 4), np.int16)).rename(path)
+    with pytest.raises(DataError, match="not gzip-compressed") as error:
+        read_image(path)
+    assert "truncated" not in str(error.value) and str(path) in str(error.value)
+
+
+def test_a_valid_sform_with_zero_pixdim_is_refused_not_put_on_a_1_mm_grid(tmp_path):
+    """ITK takes pixdim 0 as 1 mm and keeps the sform's direction only: the label map came back 2x too small."""
+    path = _nifti_with_header(tmp_path / "scan.nii.gz", np.ones((4, 8, 8), np.int16), pixdim=(1, 0, 0, 0, 0, 0, 0, 0),
+                              qform_code=0)
+    with pytest.raises(DataError, match=r"sform says \(2.0, 2.0, 2.0\)") as error:
+        read_image(path)
+    assert str(path) in str(error.value) and "spacing (1.0, 1.0, 1.0)" in str(error.value)
+    from cotexnet.data import read_image_geometry
+
+    with pytest.raises(DataError, match="contradicts itself"):
+        read_image_geometry(path)
+
+
+def test_negative_pixdim_without_orientation_codes_reads_the_same_in_both_readers(tmp_path):
+    """The header reader said -2 mm and the full reader +2 mm (direction -1), so training refused an image and
+    mask whose headers are identical."""
+    from cotexnet.data import read_image_geometry
+    from cotexnet.data.labels import check_label_placement
+
+    array = np.arange(4 * 8 * 8, dtype=np.int16).reshape(4, 8, 8)
+    image = _nifti_with_header(tmp_path / "image.nii.gz", array, pixdim=(1, -2, -2, -2, 0, 0, 0, 0), qform_code=0,
+                               sform_code=0)
+    mask = _nifti_with_header(tmp_path / "mask.nii.gz", (array > 100).astype(np.uint8),
+                              pixdim=(1, -2, -2, -2, 0, 0, 0, 0), qform_code=0, sform_code=0)
+    full, header = read_image(image), read_image_geometry(image)
+    assert full.spacing == header.spacing == (2.0, 2.0, 2.0)
+    np.testing.assert_array_equal(np.reshape(header.direction, (3, 3)), -np.eye(3))
+    assert full.geometry.same_grid(header)
+    np.testing.assert_array_equal(full.array, array)
+    check_label_placement(read_image_geometry(mask), header)
+    assert read_label_map(mask, reference=full).sum() == (array > 100).sum()

@@ -14,6 +14,7 @@ import SimpleITK as sitk
 from ..atomic import write_files_atomic
 from ..errors import DataError
 from .image import (
+    COMPRESSION_LEVEL,
     LOSSY_SUFFIXES,
     PICTURE_SUFFIXES,
     SEGMENTATION_SUFFIX,
@@ -21,6 +22,7 @@ from .image import (
     VolumeImage,
     as_geometry,
     check_file,
+    check_written,
     image_suffix,
     read_image,
     read_picture,
@@ -159,7 +161,7 @@ def write_segmentation_nrrd(
         raise DataError(f"label map holds value {int(labels.max())} but only {len(classes)} classes are named", path)
     if colors is not None and len(colors) != len(classes):
         raise DataError(f"{len(colors)} colors given for {len(classes)} classes", path)
-    voxels = labels.astype(np.uint8).T  # (z, y, x) -> (i, j, k)
+    voxels = labels.astype(np.uint8, copy=False).T  # (z, y, x) -> (i, j, k), Fortran order: what NRRD stores
     if geometry.ndim == 2:
         voxels = voxels[..., None]
     extent = [v for size in voxels.shape for v in (0, size - 1)]
@@ -170,11 +172,19 @@ def write_segmentation_nrrd(
             segment["color"] = [float(c) for c in colors[index - 1]]
         segments.append(segment)
     segmentation = {
-        "voxels": np.ascontiguousarray(voxels),
+        "voxels": voxels,
         "ijkToLPS": geometry.ijk_to_lps(),
         "segments": segments,
         "containedRepresentationNames": ["Binary labelmap"],
         "masterRepresentation": "Binary labelmap",
     }
-    write_files_atomic(path, lambda target: slicerio.write_segmentation(str(target), segmentation))
+
+    def verify(target: Path) -> None:
+        back, grid = read_segmentation_file(target)
+        if not np.array_equal(back["voxels"], segmentation["voxels"]) or not grid.same_grid(geometry if geometry.ndim
+                                                                                          == 3 else grid):
+            raise DataError("the written segments differ from the label map", target)
+
+    write_files_atomic(path, lambda target: slicerio.write_segmentation(str(target), segmentation, COMPRESSION_LEVEL),
+                       lambda target: check_written(path, target, verify))
     return path
