@@ -636,3 +636,39 @@ def test_negative_pixdim_without_orientation_codes_reads_the_same_in_both_reader
     np.testing.assert_array_equal(full.array, array)
     check_label_placement(read_image_geometry(mask), header)
     assert read_label_map(mask, reference=full).sum() == (array > 100).sum()
+
+
+@pytest.mark.parametrize("z_positions, problem", [
+    ([30, 32, 34, 38, 40], "1 slice(s) missing: 4.000 mm between slice002.dcm and slice003.dcm"),
+    ([30, 32, 34.7, 36, 38], "uneven slice spacing: 2.700 mm between slice001.dcm and slice002.dcm"),
+    ([30, 32, 32, 34, 36], "duplicate positions (1 pair(s); first: slice001.dcm and slice002.dcm, both at 32.000 mm"),
+], ids=["5-dicom-missing-slice", "5-dicom-uneven-spacing", "5-dicom-duplicate-position"])
+def test_a_dicom_series_off_a_uniform_grid_is_refused_naming_the_slices(bundle, tmp_path, capsys, z_positions, problem):
+    """ITK spreads the slices evenly over the series' extent: slices were drawn up to half a gap out of place."""
+    from test_data import _dicom_series
+
+    folder = _dicom_series(tmp_path / "ct", np.arange(5 * 6 * 5, dtype=np.int16).reshape(5, 6, 5),
+                           z_positions=z_positions)
+    with pytest.raises(DataError) as error:
+        read_image(folder)
+    assert str(error.value).startswith(f"{folder}: DICOM series has ") and problem in str(error.value)
+    assert main(["segment", str(bundle), str(folder), "--out", str(tmp_path / "out"), "--device", "cpu"]) == 1
+    assert problem in capsys.readouterr().err
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
+
+
+def test_two_dicom_series_of_one_size_say_which_was_read_and_list_the_other(tmp_path, caplog):
+    from test_data import _dicom_series
+
+    folder = tmp_path / "study"
+    folder.mkdir()
+    for end, value in (("8", 1), ("9", 2)):
+        series = _dicom_series(tmp_path / end, np.full((3, 4, 5), value, np.int16), uid_end=end)
+        for file in series.iterdir():
+            file.rename(folder / f"{end}_{file.name}")
+    with caplog.at_level("WARNING", logger="cotexnet.data.image"):
+        image = read_image(folder)
+    message = caplog.text
+    read, other = ("8", "9") if (image.array == 1).all() else ("9", "8")
+    assert f"holds 2 DICOM series; reading 1.2.826.0.1.3680043.2.1125.{read}.2 (3 files)" in message, message
+    assert f"Not read: 1.2.826.0.1.3680043.2.1125.{other}.2 (3 files)" in message and str(folder) in message

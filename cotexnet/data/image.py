@@ -11,6 +11,7 @@ mean as classes is :mod:`.labels`' job.
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +21,8 @@ import SimpleITK as sitk
 from ..atomic import write_files_atomic
 from ..errors import DataError, error_summary
 from .nifti import NiftiGrid, quiet_itk, read_nifti, read_nifti_grid
+
+logger = logging.getLogger(__name__)
 
 VOLUME_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".dcm")
 PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
@@ -180,26 +183,92 @@ def _unsupported(path: Path) -> DataError:
 
 
 def _dicom_series_files(folder: Path) -> list[str]:
-    """Files of the DICOM series with the most files in ``folder``.
+    """Files of the DICOM series with the most files in ``folder``; when it holds others, a warning says
+    which was read and lists the others (the first in GDCM's order wins a tie).
 
     ITK prints a warning of its own for a folder without a series; the error raised here says it once.
     """
     with quiet_itk():
-        series = [sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid)
-                  for uid in sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))]
+        series = {uid: sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid)
+                  for uid in sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))}
     if not series:
         empty = not any(folder.iterdir())
         raise DataError("folder holds no DICOM series" + (" (it is empty)" if empty else ""), folder)
-    return list(max(series, key=len))
+    chosen = max(series, key=lambda uid: len(series[uid]))
+    if len(series) > 1:
+        others = "; ".join(_describe_series(uid, files) for uid, files in series.items() if uid != chosen)
+        logger.warning("%s: holds %d DICOM series; reading %s. Not read: %s. Give a folder with one series to "
+                       "choose another", folder, len(series), _describe_series(chosen, series[chosen]), others)
+    return list(series[chosen])
+
+
+def _describe_series(uid: str, files) -> str:
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(files[0])
+    try:
+        with quiet_itk():
+            reader.ReadImageInformation()
+        description = reader.GetMetaData("0008|103e").strip() if reader.HasMetaDataKey("0008|103e") else ""
+    except RuntimeError:
+        description = ""
+    return f"{uid} ({len(files)} files{', ' + repr(description) if description else ''})"
+
+
+def _read_dicom_series(folder: Path) -> sitk.Image:
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(_dicom_series_files(folder))
+    reader.MetaDataDictionaryArrayUpdateOn()
+    with quiet_itk():  # its warning about uneven slices names no file; the check below does
+        image = reader.Execute()
+    if image.GetDimension() == 3 and image.GetSize()[2] > 1:
+        _check_slice_positions(image, reader, folder)
+    return image
+
+
+def _check_slice_positions(image: sitk.Image, reader: sitk.ImageSeriesReader, folder: Path) -> None:
+    """Refuse a series whose slices do not lie on the uniform grid ITK puts them on (a missing slice, uneven
+    spacing, two slices at one position, slices shifted sideways): each would be drawn out of place."""
+    files = reader.GetFileNames()
+    try:
+        positions = np.array([[float(v) for v in reader.GetMetaData(i, "0020|0032").split("\\")]
+                              for i in range(len(files))])
+    except (RuntimeError, ValueError):
+        raise DataError("a slice of the DICOM series has no valid Image Position (Patient) (0020,0032); its slices "
+                        "cannot be placed", folder) from None
+    direction = np.reshape(image.GetDirection(), (3, 3))
+    along = positions @ direction[:, 2]
+    sideways = np.linalg.norm((positions - positions[0]) - np.outer(along - along[0], direction[:, 2]), axis=1)
+    gaps = np.diff(along)
+    step = float(np.median(gaps))  # ITK spreads the slices evenly over the series' extent instead
+    tolerance = max(1e-3, 0.01 * abs(step))
+
+    def name(i: int) -> str:
+        return Path(files[i]).name
+
+    same = np.flatnonzero(np.abs(gaps) < tolerance)
+    if same.size:
+        i = int(same[0])
+        raise DataError(f"DICOM series has slices at duplicate positions ({same.size} pair(s); first: {name(i)} and "
+                        f"{name(i + 1)}, both at {along[i]:.3f} mm along the slice normal); remove the duplicates",
+                        folder)
+    uneven = np.flatnonzero(np.abs(gaps - step) > tolerance)
+    if uneven.size:
+        i = int(uneven[0])
+        missing = round(gaps[i] / step) - 1
+        what = f"{missing} slice(s) missing" if missing >= 1 and abs(gaps[i] - (missing + 1) * step) <= tolerance \
+            else "uneven slice spacing"
+        raise DataError(f"DICOM series has {what}: {gaps[i]:.3f} mm between {name(i)} and {name(i + 1)} where the "
+                        f"other slices are {step:.3f} mm apart ({uneven.size} uneven gap(s)); its slices would be "
+                        f"drawn out of place, so it is refused", folder)
+    if sideways.max() > tolerance:
+        i = int(np.argmax(sideways))
+        raise DataError(f"DICOM series slices are not stacked along their normal: {name(i)} is shifted "
+                        f"{sideways[i]:.3f} mm sideways (gantry tilt?); resample it before use", folder)
 
 
 def _read_sitk(path: Path) -> sitk.Image:
     try:
-        if path.is_dir():
-            reader = sitk.ImageSeriesReader()
-            reader.SetFileNames(_dicom_series_files(path))
-            return reader.Execute()
-        return sitk.ReadImage(str(path))
+        return _read_dicom_series(path) if path.is_dir() else sitk.ReadImage(str(path))
     except RuntimeError as error:
         raise DataError(f"cannot be read as an image ({error_summary(error)})", path) from None
 
