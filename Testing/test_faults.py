@@ -672,3 +672,43 @@ def test_two_dicom_series_of_one_size_say_which_was_read_and_list_the_other(tmp_
     read, other = ("8", "9") if (image.array == 1).all() else ("9", "8")
     assert f"holds 2 DICOM series; reading 1.2.826.0.1.3680043.2.1125.{read}.2 (3 files)" in message, message
     assert f"Not read: 1.2.826.0.1.3680043.2.1125.{other}.2 (3 files)" in message and str(folder) in message
+
+
+def test_a_fifo_as_input_is_refused_before_it_is_opened(bundle, tmp_path):
+    """Reading a FIFO waits for a writer that never comes: the CLI hung (and so did the worker's slot)."""
+    fifo = tmp_path / "scan.nii.gz"
+    os.mkfifo(fifo)
+    try:
+        run = subprocess.run([sys.executable, "-m", "cotexnet.cli", "segment", str(bundle), str(fifo), "--out",
+                              str(tmp_path / "out"), "--device", "cpu"], env=ENV, capture_output=True, text=True,
+                             timeout=120)
+    except subprocess.TimeoutExpired:
+        pytest.fail("segment waited on the FIFO")
+    assert run.returncode == 1 and f"FAILED  {fifo}: is neither a regular file nor a folder" in run.stderr, run.stderr
+    with pytest.raises(DataError, match="neither a regular file nor a folder"):
+        read_label_map(fifo)
+
+
+@pytest.mark.parametrize("shift, dropped", [(100.0, 48), (3.0, 24)], ids=["7-seg-nrrd-outside", "7-seg-nrrd-half-outside"])
+def test_a_seg_nrrd_outside_its_image_is_refused_naming_the_file(tmp_path, shift, dropped):
+    """Resampled onto its image, such a segmentation became all (or partly) background without a word."""
+    from cotexnet.data import ImageGeometry, write_segmentation_nrrd
+
+    image = read_image(_write_nifti(tmp_path / "image.nii.gz", np.zeros((4, 8, 8), np.float32)))
+    labels = np.zeros((4, 8, 8), np.uint8)
+    labels[1:3, 2:6, 2:5] = 1  # columns 2..4, 24 voxels: 3 mm to the left they still lie on the image
+    labels[1:3, 2:6, 5:8] = 2  # columns 5..7, 24 voxels: 3 mm to the left they are off it
+    placed = ImageGeometry((4, 8, 8), (1.0, 1.0, 1.0), (shift, 0.0, 0.0), tuple(np.eye(3).ravel()))
+    seg = write_segmentation_nrrd(labels, placed, tmp_path / "mask.seg.nrrd", ["liver", "spleen"])
+    with pytest.raises(DataError, match=rf"{dropped} of its 48 segment voxels") as error:
+        read_label_map(seg, reference=image, classes=["liver", "spleen"])
+    assert str(error.value).startswith(f"{seg}: ") and str(tmp_path / "image.nii.gz") in str(error.value)
+    assert ("liver" in str(error.value)) == (dropped == 48) and "spleen" in str(error.value)
+
+
+def test_itk_messages_have_no_object_addresses_and_keep_the_reason(tmp_path):
+    path = tmp_path / "cut.nrrd"
+    path.write_bytes(b"NRRD0004\ntype: short\ndimension: 3\nsizes: 4 4 4\nencoding: raw\n\nab")
+    with pytest.raises(DataError) as error:
+        read_image(path)
+    assert "0x" not in str(error.value) and "require endian info" in str(error.value), str(error.value)

@@ -168,8 +168,13 @@ def as_geometry(reference: VolumeImage | ImageGeometry) -> ImageGeometry:
 
 
 def check_file(path: Path) -> None:
+    """Refuse a missing or empty file, and anything that is neither a regular file nor a folder before it is
+    opened: reading a FIFO or a device would wait forever (and hold the worker's segmentation slot)."""
     if not path.exists():
         raise DataError("file not found", path)
+    if not (path.is_file() or path.is_dir()):
+        raise DataError("is neither a regular file nor a folder (a FIFO, socket or device?); give an image file or "
+                        "a DICOM series folder", path)
     if path.is_file() and path.stat().st_size == 0:
         raise DataError("file is empty", path)
 

@@ -207,6 +207,11 @@ def _read_bytes(path: Path, header_only: bool) -> tuple[_Header, bytearray]:
     return header, buffer
 
 
+def _itk_error(error: RuntimeError, copy: Path, path: Path) -> DataError:
+    """ITK's complaint about the private copy, told about the user's file."""
+    return DataError(f"cannot be read as an image ({error_summary(error).replace(str(copy), path.name)})", path)
+
+
 def _itk_grid(header: _Header, header_bytes: bytes, path: Path) -> NiftiGrid:
     """ITK's reading of this header (from a copy in a private folder), normalised and checked."""
     with tempfile.TemporaryDirectory(prefix="cotexnet-nifti-") as folder:
@@ -218,7 +223,7 @@ def _itk_grid(header: _Header, header_bytes: bytes, path: Path) -> NiftiGrid:
             with quiet_itk():
                 reader.ReadImageInformation()
         except RuntimeError as error:
-            raise DataError(f"cannot be read as an image ({error_summary(error)})", path) from None
+            raise _itk_error(error, copy, path) from None
     n = reader.GetDimension()
     spacing = np.array(reader.GetSpacing(), dtype=float)
     direction = np.reshape(reader.GetDirection(), (n, n)).copy()
@@ -300,4 +305,4 @@ def read_nifti(path: str | Path) -> tuple[np.ndarray | sitk.Image, NiftiGrid]:
             with quiet_itk():
                 return sitk.ReadImage(str(copy)), grid
         except RuntimeError as error:
-            raise DataError(f"cannot be read as an image ({error_summary(error)})", path) from None
+            raise _itk_error(error, copy, path) from None
