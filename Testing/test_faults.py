@@ -539,7 +539,8 @@ def _nifti_with_header(path: Path, array: np.ndarray, spacing=(2.0, 2.0, 2.0), *
     return path
 
 
-@pytest.mark.parametrize("name", ["scan.nii.gz", "scan.nii"], ids=["1-sibling-nii-of-nii.gz", "1-sibling-nii.gz-of-nii"])
+@pytest.mark.parametrize("name", ["scan.nii.gz", "scan.nii"],
+                         ids=["1-sibling-nii-of-nii.gz", "1-sibling-nii.gz-of-nii"])
 def test_the_named_nifti_is_read_not_its_sibling(tmp_path, name):
     """ITK's NIfTI library opens ``scan.nii`` when asked for ``scan.nii.gz`` if both exist."""
     named = _write_nifti(tmp_path / name, np.full((4, 8, 8), 7, np.int16))
@@ -561,7 +562,7 @@ def test_a_full_disk_is_an_error_and_leaves_no_output_of_that_input(bundle, tmp_
               "from cotexnet.cli import main; sys.exit(main(sys.argv[1:]))")
     run = subprocess.run([sys.executable, "-c", script, "segment", str(bundle), str(image), "--out", str(out),
                           "--device", "cpu", "--probabilities", "float32"],
-                         env=ENV, capture_output=True, text=True, timeout=300)
+                         env=ENV, capture_output=True, encoding="utf-8", errors="replace", timeout=300)
     assert run.returncode == 1, run.stderr
     assert "not written completely" in run.stderr or "could not be written" in run.stderr, run.stderr
     assert f"FAILED  {image}: {out / 'scan_prob_'}" in run.stderr and "Traceback" not in run.stderr, run.stderr
@@ -583,7 +584,8 @@ def test_a_written_image_that_reads_back_differently_is_not_put_in_place(tmp_pat
     assert target.read_bytes() == b"earlier output" and sorted(p.name for p in tmp_path.iterdir()) == [target.name]
 
 
-@pytest.mark.parametrize("name", ["huge.nii", "huge.nii.gz"], ids=["14-header-promises-16GB-nii", "14-header-promises-16GB-nii.gz"])
+@pytest.mark.parametrize("name", ["huge.nii", "huge.nii.gz"],
+                         ids=["14-header-promises-16GB-nii", "14-header-promises-16GB-nii.gz"])
 def test_a_header_promising_more_than_the_file_holds_is_refused_before_allocating(tmp_path, name):
     """A 1.3 KB file whose header promises 16 GB: refused from the file size, in a process that cannot
     even map 4 GB more than it holds (SimpleITK allocated the promise first)."""
@@ -593,7 +595,8 @@ def test_a_header_promising_more_than_the_file_holds_is_refused_before_allocatin
               "size = int(re.search(r'VmSize:\\s+(\\d+)', open('/proc/self/status').read()).group(1)) * 1024\n"
               "resource.setrlimit(resource.RLIMIT_AS, (size + 4 * 2**30, resource.RLIM_INFINITY))\n"
               "try:\n    read_image(sys.argv[1])\nexcept Exception as error:\n    print(error)\n")
-    run = subprocess.run([sys.executable, "-c", script, str(path)], env=ENV, capture_output=True, text=True, timeout=120)
+    run = subprocess.run([sys.executable, "-c", script, str(path)], env=ENV, capture_output=True, encoding="utf-8",
+                         errors="replace", timeout=120)
     assert f"{path}: is truncated: its header promises {2048 ** 3 * 2} bytes" in run.stdout, run.stdout + run.stderr
 
 
@@ -680,8 +683,8 @@ def test_a_fifo_as_input_is_refused_before_it_is_opened(bundle, tmp_path):
     os.mkfifo(fifo)
     try:
         run = subprocess.run([sys.executable, "-m", "cotexnet.cli", "segment", str(bundle), str(fifo), "--out",
-                              str(tmp_path / "out"), "--device", "cpu"], env=ENV, capture_output=True, text=True,
-                             timeout=120)
+                              str(tmp_path / "out"), "--device", "cpu"], env=ENV, capture_output=True,
+                             encoding="utf-8", errors="replace", timeout=120)
     except subprocess.TimeoutExpired:
         pytest.fail("segment waited on the FIFO")
     assert run.returncode == 1 and f"FAILED  {fifo}: is neither a regular file nor a folder" in run.stderr, run.stderr
@@ -689,7 +692,8 @@ def test_a_fifo_as_input_is_refused_before_it_is_opened(bundle, tmp_path):
         read_label_map(fifo)
 
 
-@pytest.mark.parametrize("shift, dropped", [(100.0, 48), (3.0, 24)], ids=["7-seg-nrrd-outside", "7-seg-nrrd-half-outside"])
+@pytest.mark.parametrize("shift, dropped", [(100.0, 48), (3.0, 24)],
+                         ids=["7-seg-nrrd-outside", "7-seg-nrrd-half-outside"])
 def test_a_seg_nrrd_outside_its_image_is_refused_naming_the_file(tmp_path, shift, dropped):
     """Resampled onto its image, such a segmentation became all (or partly) background without a word."""
     from cotexnet.data import ImageGeometry, write_segmentation_nrrd

@@ -225,7 +225,7 @@ def _read_dicom_series(folder: Path) -> sitk.Image:
     reader.MetaDataDictionaryArrayUpdateOn()
     with quiet_itk():  # its warning about uneven slices names no file; the check below does
         image = reader.Execute()
-    if image.GetDimension() == 3 and image.GetSize()[2] > 1:
+    if image.GetDimension() == 3 and image.GetSize()[2] == len(reader.GetFileNames()) > 1:  # a file per slice
         _check_slice_positions(image, reader, folder)
     return image
 
@@ -234,12 +234,16 @@ def _check_slice_positions(image: sitk.Image, reader: sitk.ImageSeriesReader, fo
     """Refuse a series whose slices do not lie on the uniform grid ITK puts them on (a missing slice, uneven
     spacing, two slices at one position, slices shifted sideways): each would be drawn out of place."""
     files = reader.GetFileNames()
+    if not all(reader.HasMetaDataKey(i, "0020|0032") for i in range(len(files))):
+        logger.warning("%s: the DICOM slices carry no Image Position (Patient) (0020,0032); they are stacked "
+                       "%.3f mm apart, as ITK guesses", folder, image.GetSpacing()[2])
+        return
     try:
         positions = np.array([[float(v) for v in reader.GetMetaData(i, "0020|0032").split("\\")]
                               for i in range(len(files))])
-    except (RuntimeError, ValueError):
-        raise DataError("a slice of the DICOM series has no valid Image Position (Patient) (0020,0032); its slices "
-                        "cannot be placed", folder) from None
+    except ValueError:
+        raise DataError("a slice of the DICOM series has an invalid Image Position (Patient) (0020,0032); its "
+                        "slices cannot be placed", folder) from None
     direction = np.reshape(image.GetDirection(), (3, 3))
     along = positions @ direction[:, 2]
     sideways = np.linalg.norm((positions - positions[0]) - np.outer(along - along[0], direction[:, 2]), axis=1)
@@ -427,7 +431,7 @@ def read_image_geometry(path: str | Path) -> ImageGeometry:
 
 
 #: zlib level of compressed outputs: 1, the fastest (a label map compresses well at any level; NRRD and
-#: MHA at level 9 take ~15x longer for a ~4x smaller file). ITK's NIfTI writer takes no level (its own).
+#: MHA at level 9 take ~14x longer for a ~4x smaller file). ITK's NIfTI writer takes no level (its own).
 COMPRESSION_LEVEL = 1
 
 

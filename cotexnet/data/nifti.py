@@ -148,27 +148,24 @@ def _gunzip_chunks(handle, path: Path):
         raise DataError(f"is truncated or corrupt: its gzip stream is damaged ({error})", path) from None
 
 
-def _open_nifti(path: Path):
-    """(header, open file, chunks of the decompressed stream or None for ``.nii``), the compression the
-    name states checked against the file's first bytes."""
+def _open_nifti(handle, path: Path):
+    """(header, chunks of the decompressed stream or None for ``.nii``), the compression the name states checked
+    against the file's first bytes."""
     compressed = path.name.lower().endswith(".gz")
-    handle = path.open("rb")
-    is_gzip = handle.read(2) == _GZIP_MAGIC
-    handle.seek(0)
-    if compressed != is_gzip:
-        handle.close()
+    if compressed != (handle.read(2) == _GZIP_MAGIC):
         name, other = (".gz", "a plain NIfTI should be named .nii") if compressed else \
             (".nii", "a compressed NIfTI should be named .nii.gz")
         state = "not gzip-compressed" if compressed else "gzip-compressed"
         raise DataError(f"cannot be read as an image ({state}, although its name ends in {name}; {other})", path)
+    handle.seek(0)
     if not compressed:
-        return _Header(handle.read(540), path), handle, None
+        return _Header(handle.read(540), path), None
     chunks, start = _gunzip_chunks(handle, path), b""
     for chunk in chunks:
         start += chunk
         if len(start) >= 540:
             break
-    return _Header(start, path), handle, (start, chunks)
+    return _Header(start, path), (start, chunks)
 
 
 def _check_size(header: _Header, path: Path, compressed: bool) -> None:
@@ -183,8 +180,8 @@ def _check_size(header: _Header, path: Path, compressed: bool) -> None:
 
 
 def _read_bytes(path: Path, header_only: bool) -> tuple[_Header, bytearray]:
-    header, handle, stream = _open_nifti(path)
-    with handle:
+    with path.open("rb") as handle:
+        header, stream = _open_nifti(handle, path)
         _check_size(header, path, stream is not None)
         want = header.offset if header_only else header.offset + header.bytes
         buffer = bytearray(want)
@@ -227,7 +224,7 @@ def _itk_grid(header: _Header, header_bytes: bytes, path: Path) -> NiftiGrid:
     n = reader.GetDimension()
     spacing = np.array(reader.GetSpacing(), dtype=float)
     direction = np.reshape(reader.GetDirection(), (n, n)).copy()
-    direction[:, spacing < 0] *= -1.0  # a negative step is a direction (ITK's full reader says so, its header reader not)
+    direction[:, spacing < 0] *= -1.0  # a negative step is a direction, as ITK's full reader (not its header reader) says
     spacing = np.abs(spacing)
     grid = NiftiGrid(tuple(reader.GetSize()), tuple(spacing), tuple(reader.GetOrigin()), tuple(direction.ravel() + 0.0),
                      reader.GetPixelID(), reader.GetNumberOfComponents())
