@@ -692,6 +692,34 @@ def test_a_fifo_as_input_is_refused_before_it_is_opened(bundle, tmp_path):
         read_label_map(fifo)
 
 
+def test_a_fifo_as_worker_input_is_refused_and_frees_the_segmentation_slot(bundle, tmp_path):
+    import io
+    import threading
+
+    from cotexnet.worker import Worker
+
+    fifo = tmp_path / "volume.npy"
+    os.mkfifo(fifo)
+    worker, outcome = Worker(io.StringIO()), []
+    request = {"input": str(fifo), "model": str(bundle), "spacing": [1, 1, 1], "direction": list(np.eye(3).ravel()),
+               "output": str(tmp_path / "labels.npy"), "device": "cpu"}
+
+    def segment():
+        try:
+            worker._handle_segment(1, request)
+        except Exception as error:
+            outcome.append(error)
+
+    thread = threading.Thread(target=segment, daemon=True)
+    thread.start()
+    thread.join(timeout=30)
+    if thread.is_alive():  # the old reader waits on the FIFO: a writer that closes at once lets it go
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        thread.join(timeout=30)
+        pytest.fail("the worker waited on the FIFO")
+    assert len(outcome) == 1 and isinstance(outcome[0], DataError) and "neither a regular file" in str(outcome[0])
+
+
 @pytest.mark.parametrize("shift, dropped", [(100.0, 48), (3.0, 24)],
                          ids=["7-seg-nrrd-outside", "7-seg-nrrd-half-outside"])
 def test_a_seg_nrrd_outside_its_image_is_refused_naming_the_file(tmp_path, shift, dropped):
