@@ -269,11 +269,15 @@ def test_unreadable_bundle_names_the_path_and_what_to_do(bundle, monkeypatch):
 def test_a_folder_that_cannot_be_written_is_named_not_a_temporary_file(bundle, tmp_path, monkeypatch, capsys):
     import tempfile
 
-    def denied(prefix=None, suffix=None, dir=None):
-        raise PermissionError(13, "Permission denied", os.path.join(dir, f"{prefix}x1y2z3{suffix or ''}"))
+    def denied(real):
+        def make(prefix=None, suffix=None, dir=None):
+            if dir is None:  # the system's temporary folder (the NIfTI reader's header copy) stays writable
+                return real(prefix=prefix, suffix=suffix)
+            raise PermissionError(13, "Permission denied", os.path.join(dir, f"{prefix}x1y2z3{suffix or ''}"))
+        return make
 
-    monkeypatch.setattr(tempfile, "mkstemp", denied)
-    monkeypatch.setattr(tempfile, "mkdtemp", denied)
+    monkeypatch.setattr(tempfile, "mkstemp", denied(tempfile.mkstemp))
+    monkeypatch.setattr(tempfile, "mkdtemp", denied(tempfile.mkdtemp))
     path = _write_nifti(tmp_path / "scan.nii.gz", np.ones((4, 16, 16), np.float32))
     assert main(["segment", str(bundle), str(path), "--out", str(tmp_path / "out"), "--device", "cpu"]) == 1
     err = capsys.readouterr().err
