@@ -66,8 +66,10 @@ def test_bundle_round_trip_gives_identical_outputs(bundle):
     assert {"config.json", "model.safetensors", "vocab.json", "merges.txt", "training.json"} <= names
     loaded = CoTexNet.from_pretrained(path, device="cpu")
     images = torch.rand(2, 3, 64, 64)
-    with torch.no_grad():
-        assert torch.equal(loaded(images), model(images))
+    for name, tensor in model.state_dict().items():  # weights bit for bit
+        assert torch.equal(loaded.state_dict()[name], tensor), name
+    with torch.no_grad():  # so the outputs differ at most by the order of float sums (another kernel's blocking)
+        torch.testing.assert_close(loaded(images), model(images), rtol=0, atol=1e-6)
     assert loaded.sigma.item() == 1.25 and loaded.config.classes == ["gm", "wm"]
     assert json.loads((path / "training.json").read_text(encoding="utf-8")) == {"epochs": 3}
 
@@ -206,8 +208,13 @@ FIXTURES = Path(__file__).resolve().parent / "fixtures"
 
 def test_bundle_saved_by_the_first_release_loads_with_identical_logits_and_saves_the_same_bytes(tmp_path):
     """``fixtures/bundle_v1`` was written by the engine at commit c547d33 (``fixtures/make_bundle_v1.py``);
-    today's loader must give exactly the logits that code gave, and saving it again must reproduce every
-    weight bit for bit and its config field for field."""
+    today's loader must give the logits that code gave, and saving it again must reproduce every weight bit for
+    bit and its config field for field.
+
+    The logits are compared within 1e-5: the reference was computed on one CPU, and float32 sums taken in
+    another order (another thread count, AVX2 instead of AVX-512 kernels) move these logits (|x| < 0.43) by
+    ~1e-7 (1.04e-7 seen on a second x86 machine); a changed computation (a layer, a weight, a normalisation)
+    moves them by orders of magnitude more."""
     import numpy as np
     from safetensors import safe_open
 
@@ -217,7 +224,7 @@ def test_bundle_saved_by_the_first_release_loads_with_identical_logits_and_saves
     with torch.inference_mode():
         logits = model(torch.from_numpy(reference["images"]))
     expected = torch.from_numpy(reference["logits"])
-    assert torch.equal(logits, expected), f"max difference {(logits - expected).abs().max().item():.3g}"
+    torch.testing.assert_close(logits, expected, rtol=0, atol=1e-5)
     again = model.save_pretrained(tmp_path / "again")
     # Tensor for tensor and bit for bit (the file's header lists tensors in a per-process hash order).
     saved, original = (safe_open(str(path / "model.safetensors"), "pt") for path in (again, FIXTURES / "bundle_v1"))

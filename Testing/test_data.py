@@ -96,19 +96,23 @@ def _folder2d(root, names=("a", "b"), size=(8, 10)):
     return root
 
 
-def _dicom_series(folder, array, spacing=(0.8, 0.6, 2.0), origin=(10.0, 20.0, 30.0)):
-    """Write ``array`` (z, y, x) as a CT DICOM series, one file per slice."""
+def _dicom_series(folder, array, spacing=(0.8, 0.6, 2.0), origin=(10.0, 20.0, 30.0), z_positions=None, uid_end="7"):
+    """Write ``array`` (z, y, x) as a CT DICOM series, one file per slice; ``z_positions`` (mm) replaces the
+    slices' evenly spaced positions."""
     folder.mkdir(parents=True)
     volume = _volume(array, spacing, origin)
     writer = sitk.ImageFileWriter()
     writer.KeepOriginalImageUIDOn()
-    uid = "1.2.826.0.1.3680043.2.1125.7"
+    uid = f"1.2.826.0.1.3680043.2.1125.{uid_end}"
     for k in range(volume.GetDepth()):
         image = volume[:, :, k]
+        position = volume.TransformIndexToPhysicalPoint((0, 0, k))
+        if z_positions is not None:
+            position = (*position[:2], z_positions[k])
         tags = {
             "0008|0016": "1.2.840.10008.5.1.4.1.1.2", "0008|0018": f"{uid}.3.{k + 1}", "0008|0060": "CT",
             "0020|000d": f"{uid}.1", "0020|000e": f"{uid}.2", "0020|0013": str(k + 1),
-            "0020|0032": "\\".join(map(str, volume.TransformIndexToPhysicalPoint((0, 0, k)))),
+            "0020|0032": "\\".join(map(str, position)),
             "0020|0037": "1\\0\\0\\0\\1\\0", "0018|0050": str(spacing[2]),
         }
         for tag, value in tags.items():

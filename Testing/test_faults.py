@@ -269,11 +269,15 @@ def test_unreadable_bundle_names_the_path_and_what_to_do(bundle, monkeypatch):
 def test_a_folder_that_cannot_be_written_is_named_not_a_temporary_file(bundle, tmp_path, monkeypatch, capsys):
     import tempfile
 
-    def denied(prefix=None, suffix=None, dir=None):
-        raise PermissionError(13, "Permission denied", os.path.join(dir, f"{prefix}x1y2z3{suffix or ''}"))
+    def denied(real):
+        def make(prefix=None, suffix=None, dir=None):
+            if dir is None:  # the system's temporary folder (the NIfTI reader's header copy) stays writable
+                return real(prefix=prefix, suffix=suffix)
+            raise PermissionError(13, "Permission denied", os.path.join(dir, f"{prefix}x1y2z3{suffix or ''}"))
+        return make
 
-    monkeypatch.setattr(tempfile, "mkstemp", denied)
-    monkeypatch.setattr(tempfile, "mkdtemp", denied)
+    monkeypatch.setattr(tempfile, "mkstemp", denied(tempfile.mkstemp))
+    monkeypatch.setattr(tempfile, "mkdtemp", denied(tempfile.mkdtemp))
     path = _write_nifti(tmp_path / "scan.nii.gz", np.ones((4, 16, 16), np.float32))
     assert main(["segment", str(bundle), str(path), "--out", str(tmp_path / "out"), "--device", "cpu"]) == 1
     err = capsys.readouterr().err
@@ -546,3 +550,234 @@ def test_one_bad_input_fails_alone_and_the_batch_goes_on(bundle, tmp_path, capsy
     assert "2 segmented, 1 failed" in captured.out
     for path in good:  # the inputs around the bad one are segmented, each on its own grid
         assert read_image(out / Path(path).name.replace(".nii.gz", "_labels.nii.gz")).shape == (4, 16, 16)
+
+
+# Issue 21, part A: files, geometry and outputs
+def _nifti_with_header(path: Path, array: np.ndarray, spacing=(2.0, 2.0, 2.0), **fields) -> Path:
+    """A NIfTI-1 file of ``array`` whose header fields (``pixdim``, ``dim``, ``qform_code``, ``sform_code``)
+    are then set to the given values, as a damaged or hand-written header would hold them."""
+    import gzip
+    import struct
+
+    plain = path.with_name(path.name.removesuffix(".gz"))
+    image = sitk.GetImageFromArray(array)
+    image.SetSpacing(spacing)
+    sitk.WriteImage(image, str(plain))
+    data = bytearray(plain.read_bytes())
+    layout = {"dim": (40, "8h"), "pixdim": (76, "8f"), "qform_code": (252, "h"), "sform_code": (254, "h")}
+    for name, value in fields.items():
+        offset, form = layout[name]
+        struct.pack_into("<" + form, data, offset, *np.atleast_1d(value))
+    if path.name.endswith(".gz"):
+        plain.unlink()
+        path.write_bytes(gzip.compress(bytes(data)))
+    else:
+        path.write_bytes(bytes(data))
+    return path
+
+
+@pytest.mark.parametrize("name", ["scan.nii.gz", "scan.nii"],
+                         ids=["1-sibling-nii-of-nii.gz", "1-sibling-nii.gz-of-nii"])
+def test_the_named_nifti_is_read_not_its_sibling(tmp_path, name):
+    """ITK's NIfTI library opens ``scan.nii`` when asked for ``scan.nii.gz`` if both exist."""
+    named = _write_nifti(tmp_path / name, np.full((4, 8, 8), 7, np.int16))
+    other = "scan.nii" if name == "scan.nii.gz" else "scan.nii.gz"
+    _write_nifti(tmp_path / other, np.zeros((3, 5, 6), np.int16))
+    image = read_image(named)
+    assert image.shape == (4, 8, 8) and (image.array == 7).all()
+    from cotexnet.data import read_image_geometry
+
+    assert read_image_geometry(named).shape == (4, 8, 8)
+
+
+def test_a_full_disk_is_an_error_and_leaves_no_output_of_that_input(bundle, tmp_path):
+    """Under a 4 KiB file-size limit SimpleITK's gzip writer cut the float probability maps (to 0 bytes) and
+    reported "ok"; now the input fails, naming the file, and none of its outputs are left."""
+    image = _write_nifti(tmp_path / "scan.nii.gz", np.random.default_rng(0).random((6, 32, 32)).astype(np.float32))
+    out = tmp_path / "out"
+    script = ("import resource, sys; resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096)); "
+              "from cotexnet.cli import main; sys.exit(main(sys.argv[1:]))")
+    run = subprocess.run([sys.executable, "-c", script, "segment", str(bundle), str(image), "--out", str(out),
+                          "--device", "cpu", "--probabilities", "float32"],
+                         env=ENV, capture_output=True, encoding="utf-8", errors="replace", timeout=300)
+    assert run.returncode == 1, run.stderr
+    assert "not written completely" in run.stderr or "could not be written" in run.stderr, run.stderr
+    assert f"FAILED  {image}: {out / 'scan_prob_'}" in run.stderr and "Traceback" not in run.stderr, run.stderr
+    assert not [p for p in out.rglob("*") if p.is_file()]  # no cut file, no staging file, no orphan label map
+
+
+def test_a_written_image_that_reads_back_differently_is_not_put_in_place(tmp_path, monkeypatch):
+    """The check every output passes before it is renamed into place: what is read back must be what was meant."""
+    from cotexnet.data import VolumeImage, write_image
+
+    reference = VolumeImage(np.zeros((3, 4, 5), np.uint8), (1, 1, 2), (0, 0, 0), tuple(np.eye(3).ravel()))
+    target = tmp_path / "labels.nii.gz"
+    target.write_bytes(b"earlier output")
+    real = sitk.WriteImage
+    monkeypatch.setattr(sitk, "WriteImage", lambda image, name, *args: real(image[:, :, :2], name, *args))
+    with pytest.raises(DataError, match="not written completely") as error:
+        write_image(np.ones((3, 4, 5), np.uint8), reference, target)
+    assert str(target) in str(error.value)
+    assert target.read_bytes() == b"earlier output" and sorted(p.name for p in tmp_path.iterdir()) == [target.name]
+
+
+@pytest.mark.parametrize("name", ["huge.nii", "huge.nii.gz"],
+                         ids=["14-header-promises-16GB-nii", "14-header-promises-16GB-nii.gz"])
+def test_a_header_promising_more_than_the_file_holds_is_refused_before_allocating(tmp_path, name):
+    """A 1.3 KB file whose header promises 16 GB: refused from the file size, in a process that cannot
+    even map 4 GB more than it holds (SimpleITK allocated the promise first)."""
+    path = _nifti_with_header(tmp_path / name, np.ones((4, 8, 8), np.int16), dim=(3, 2048, 2048, 2048, 1, 1, 1, 1))
+    script = ("import re, resource, sys\n"
+              "from cotexnet.data import read_image\n"
+              "size = int(re.search(r'VmSize:\\s+(\\d+)', open('/proc/self/status').read()).group(1)) * 1024\n"
+              "resource.setrlimit(resource.RLIMIT_AS, (size + 4 * 2**30, resource.RLIM_INFINITY))\n"
+              "try:\n    read_image(sys.argv[1])\nexcept Exception as error:\n    print(error)\n")
+    run = subprocess.run([sys.executable, "-c", script, str(path)], env=ENV, capture_output=True, encoding="utf-8",
+                         errors="replace", timeout=120)
+    assert f"{path}: is truncated: its header promises {2048 ** 3 * 2} bytes" in run.stdout, run.stdout + run.stderr
+
+
+def test_a_plain_nifti_named_nii_gz_is_said_to_be_not_gzip(tmp_path):
+    path = tmp_path / "scan.nii.gz"
+    _write_nifti(tmp_path / "plain.nii", np.ones((2, 3, 4), np.int16)).rename(path)
+    with pytest.raises(DataError, match="not gzip-compressed") as error:
+        read_image(path)
+    assert "truncated" not in str(error.value) and str(path) in str(error.value)
+
+
+def test_a_valid_sform_with_zero_pixdim_is_refused_not_put_on_a_1_mm_grid(tmp_path):
+    """ITK takes pixdim 0 as 1 mm and keeps the sform's direction only: the label map came back 2x too small."""
+    path = _nifti_with_header(tmp_path / "scan.nii.gz", np.ones((4, 8, 8), np.int16), pixdim=(1, 0, 0, 0, 0, 0, 0, 0),
+                              qform_code=0)
+    with pytest.raises(DataError, match=r"sform says \(2.0, 2.0, 2.0\)") as error:
+        read_image(path)
+    assert str(path) in str(error.value) and "spacing (1.0, 1.0, 1.0)" in str(error.value)
+    from cotexnet.data import read_image_geometry
+
+    with pytest.raises(DataError, match="contradicts itself"):
+        read_image_geometry(path)
+
+
+def test_negative_pixdim_without_orientation_codes_reads_the_same_in_both_readers(tmp_path):
+    """The header reader said -2 mm and the full reader +2 mm (direction -1), so training refused an image and
+    mask whose headers are identical."""
+    from cotexnet.data import read_image_geometry
+    from cotexnet.data.labels import check_label_placement
+
+    array = np.arange(4 * 8 * 8, dtype=np.int16).reshape(4, 8, 8)
+    image = _nifti_with_header(tmp_path / "image.nii.gz", array, pixdim=(1, -2, -2, -2, 0, 0, 0, 0), qform_code=0,
+                               sform_code=0)
+    mask = _nifti_with_header(tmp_path / "mask.nii.gz", (array > 100).astype(np.uint8),
+                              pixdim=(1, -2, -2, -2, 0, 0, 0, 0), qform_code=0, sform_code=0)
+    full, header = read_image(image), read_image_geometry(image)
+    assert full.spacing == header.spacing == (2.0, 2.0, 2.0)
+    np.testing.assert_array_equal(np.reshape(header.direction, (3, 3)), -np.eye(3))
+    assert full.geometry.same_grid(header)
+    np.testing.assert_array_equal(full.array, array)
+    check_label_placement(read_image_geometry(mask), header)
+    assert read_label_map(mask, reference=full).sum() == (array > 100).sum()
+
+
+@pytest.mark.parametrize("z_positions, problem", [
+    ([30, 32, 34, 38, 40], "1 slice(s) missing: 4.000 mm between slice002.dcm and slice003.dcm"),
+    ([30, 32, 34.7, 36, 38], "uneven slice spacing: 2.700 mm between slice001.dcm and slice002.dcm"),
+    ([30, 32, 32, 34, 36], "duplicate positions (1 pair(s); first: slice001.dcm and slice002.dcm, both at 32.000 mm"),
+], ids=["5-dicom-missing-slice", "5-dicom-uneven-spacing", "5-dicom-duplicate-position"])
+def test_a_dicom_series_off_a_uniform_grid_is_refused_naming_the_slices(bundle, tmp_path, capsys, z_positions, problem):
+    """ITK spreads the slices evenly over the series' extent: slices were drawn up to half a gap out of place."""
+    from test_data import _dicom_series
+
+    folder = _dicom_series(tmp_path / "ct", np.arange(5 * 6 * 5, dtype=np.int16).reshape(5, 6, 5),
+                           z_positions=z_positions)
+    with pytest.raises(DataError) as error:
+        read_image(folder)
+    assert str(error.value).startswith(f"{folder}: DICOM series has ") and problem in str(error.value)
+    assert main(["segment", str(bundle), str(folder), "--out", str(tmp_path / "out"), "--device", "cpu"]) == 1
+    assert problem in capsys.readouterr().err
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
+
+
+def test_two_dicom_series_of_one_size_say_which_was_read_and_list_the_other(tmp_path, caplog):
+    from test_data import _dicom_series
+
+    folder = tmp_path / "study"
+    folder.mkdir()
+    for end, value in (("8", 1), ("9", 2)):
+        series = _dicom_series(tmp_path / end, np.full((3, 4, 5), value, np.int16), uid_end=end)
+        for file in series.iterdir():
+            file.rename(folder / f"{end}_{file.name}")
+    with caplog.at_level("WARNING", logger="cotexnet.data.image"):
+        image = read_image(folder)
+    message = caplog.text
+    read, other = ("8", "9") if (image.array == 1).all() else ("9", "8")
+    assert f"holds 2 DICOM series; reading 1.2.826.0.1.3680043.2.1125.{read}.2 (3 files)" in message, message
+    assert f"Not read: 1.2.826.0.1.3680043.2.1125.{other}.2 (3 files)" in message and str(folder) in message
+
+
+def test_a_fifo_as_input_is_refused_before_it_is_opened(bundle, tmp_path):
+    """Reading a FIFO waits for a writer that never comes: the CLI hung (and so did the worker's slot)."""
+    fifo = tmp_path / "scan.nii.gz"
+    os.mkfifo(fifo)
+    try:
+        run = subprocess.run([sys.executable, "-m", "cotexnet.cli", "segment", str(bundle), str(fifo), "--out",
+                              str(tmp_path / "out"), "--device", "cpu"], env=ENV, capture_output=True,
+                             encoding="utf-8", errors="replace", timeout=120)
+    except subprocess.TimeoutExpired:
+        pytest.fail("segment waited on the FIFO")
+    assert run.returncode == 1 and f"FAILED  {fifo}: is neither a regular file nor a folder" in run.stderr, run.stderr
+    with pytest.raises(DataError, match="neither a regular file nor a folder"):
+        read_label_map(fifo)
+
+
+def test_a_fifo_as_worker_input_is_refused_and_frees_the_segmentation_slot(bundle, tmp_path):
+    import io
+    import threading
+
+    from cotexnet.worker import Worker
+
+    fifo = tmp_path / "volume.npy"
+    os.mkfifo(fifo)
+    worker, outcome = Worker(io.StringIO()), []
+    request = {"input": str(fifo), "model": str(bundle), "spacing": [1, 1, 1], "direction": list(np.eye(3).ravel()),
+               "output": str(tmp_path / "labels.npy"), "device": "cpu"}
+
+    def segment():
+        try:
+            worker._handle_segment(1, request)
+        except Exception as error:
+            outcome.append(error)
+
+    thread = threading.Thread(target=segment, daemon=True)
+    thread.start()
+    thread.join(timeout=30)
+    if thread.is_alive():  # the old reader waits on the FIFO: a writer that closes at once lets it go
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        thread.join(timeout=30)
+        pytest.fail("the worker waited on the FIFO")
+    assert len(outcome) == 1 and isinstance(outcome[0], DataError) and "neither a regular file" in str(outcome[0])
+
+
+@pytest.mark.parametrize("shift, dropped", [(100.0, 48), (3.0, 24)],
+                         ids=["7-seg-nrrd-outside", "7-seg-nrrd-half-outside"])
+def test_a_seg_nrrd_outside_its_image_is_refused_naming_the_file(tmp_path, shift, dropped):
+    """Resampled onto its image, such a segmentation became all (or partly) background without a word."""
+    from cotexnet.data import ImageGeometry, write_segmentation_nrrd
+
+    image = read_image(_write_nifti(tmp_path / "image.nii.gz", np.zeros((4, 8, 8), np.float32)))
+    labels = np.zeros((4, 8, 8), np.uint8)
+    labels[1:3, 2:6, 2:5] = 1  # columns 2..4, 24 voxels: 3 mm to the left they still lie on the image
+    labels[1:3, 2:6, 5:8] = 2  # columns 5..7, 24 voxels: 3 mm to the left they are off it
+    placed = ImageGeometry((4, 8, 8), (1.0, 1.0, 1.0), (shift, 0.0, 0.0), tuple(np.eye(3).ravel()))
+    seg = write_segmentation_nrrd(labels, placed, tmp_path / "mask.seg.nrrd", ["liver", "spleen"])
+    with pytest.raises(DataError, match=rf"{dropped} of its 48 segment voxels") as error:
+        read_label_map(seg, reference=image, classes=["liver", "spleen"])
+    assert str(error.value).startswith(f"{seg}: ") and str(tmp_path / "image.nii.gz") in str(error.value)
+    assert ("liver" in str(error.value)) == (dropped == 48) and "spleen" in str(error.value)
+
+
+def test_itk_messages_have_no_object_addresses_and_keep_the_reason(tmp_path):
+    path = tmp_path / "cut.nrrd"
+    path.write_bytes(b"NRRD0004\ntype: short\ndimension: 3\nsizes: 4 4 4\nencoding: raw\n\nab")
+    with pytest.raises(DataError) as error:
+        read_image(path)
+    assert "0x" not in str(error.value) and "require endian info" in str(error.value), str(error.value)

@@ -12,7 +12,7 @@ import torch
 from cotexnet import Cancelled, CoTexNet
 from cotexnet.cli import main
 from cotexnet.data import VolumeImage, read_image, write_image
-from cotexnet.infer import segment_file, segment_files, segment_volume
+from cotexnet.infer import predict_volume, segment_file, segment_files, segment_volume
 
 OBLIQUE = tuple(np.array([[0.866, -0.5, 0.0], [0.5, 0.866, 0.0], [0.0, 0.0, 1.0]]).ravel())
 
@@ -37,6 +37,16 @@ def model(bundle):
     return CoTexNet.from_pretrained(bundle)
 
 
+def assert_labels_agree_where_decided(labels, expected, probabilities, margin=1e-5):
+    """Label maps computed by two float paths (other batch shapes, softmax before the arg-max, another CPU's
+    kernels) agree wherever the top two class probabilities differ by more than ``margin``: float32 sums
+    in another order move a probability by ~1e-7, so only a near-tie can flip. Most voxels must be decided."""
+    top_two = np.sort(probabilities, axis=0)[-2:]
+    decided = top_two[1] - top_two[0] > margin
+    assert decided.mean() > 0.95, f"only {decided.mean():.3f} of the voxels are decided"
+    np.testing.assert_array_equal(labels[decided], expected[decided])
+
+
 def volume(shape=(9, 40, 50), seed=0):
     rng = np.random.default_rng(seed)
     return rng.normal(100, 30, size=shape).astype(np.float32)
@@ -47,7 +57,7 @@ def test_label_map_has_the_input_shape_and_batching_does_not_change_it(model):
     one = segment_volume(model, array, batch_size=1, device="cpu")
     seven = segment_volume(model, array, batch_size=7, device="cpu")
     assert one.shape == array.shape and one.dtype == np.uint8
-    assert np.array_equal(one, seven)
+    assert_labels_agree_where_decided(one, seven, predict_volume(model, array, probabilities=True).probabilities)
     assert set(np.unique(one)) <= {0, 1, 2}
 
 

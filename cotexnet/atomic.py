@@ -94,19 +94,29 @@ def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
     write_text_atomic(path, json.dumps(data, indent=2, default=json_default) + "\n")
 
 
-def write_files_atomic(path: str | os.PathLike, write: Callable[[Path], None]) -> None:
+def write_files_atomic(path: str | os.PathLike, write: Callable[[Path], None],
+                       verify: Callable[[Path], None] | None = None) -> None:
     """Let ``write(target)`` create ``path`` in a private folder next to it, then move the result(s) into place.
 
-    Formats with a separate data file (``.mhd`` + ``.raw``) refer to it by name, so the files are
-    written under their final names and moved data-first, header last.
+    ``verify(target)`` checks the staged file before anything is moved (libraries that ignore write
+    errors, as SimpleITK's gzip writer does on a full disk, would otherwise put a cut file in place); an
+    error from it, or a failed write (disk full, file size limit), leaves what was there before. Formats
+    with a separate data file (``.mhd`` + ``.raw``) refer to it by name, so the files are written under
+    their final names and moved data-first, header last.
     """
     path = Path(path)
     staging = _mkdtemp(path)
     try:
-        write(staging / path.name)
+        target = staging / path.name
+        write(target)
+        if verify is not None:
+            verify(target)
         _publish(staging)
         for produced in sorted(staging.iterdir(), key=lambda p: p.name == path.name):
             os.replace(produced, path.parent / produced.name)
+    except OSError as error:
+        raise CoTexNetError(f"{path}: could not be written ({error.strerror or error}); nothing was replaced") \
+            from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 

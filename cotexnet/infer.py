@@ -420,20 +420,27 @@ def segment_file(
         truth = read_label_map(reference, reference=image, num_classes=model.config.num_classes)
     prediction = predict_volume(model, image, probabilities=probabilities is not None or confidence, **options)
     labels = prediction.labels
-    write_image(labels, image, label_path)
     result = {"input": str(path), "labels": str(label_path), "shape": list(labels.shape), "spacing": list(image.spacing),
               "voxels": {name: int((labels == i).sum()) for i, name in enumerate(model.config.classes, start=1)}}
-    if seg_nrrd:
-        write_segmentation_nrrd(labels, image, seg_path, model.config.classes, model.config.colors)
-        result["segmentation"] = str(seg_path)
-    if probabilities is not None:
-        written = {}
-        for index, (name, target) in enumerate(zip(model.config.classes, probability_targets), start=1):
-            written[name] = str(write_image(probability_image(prediction.probabilities[index], probabilities), image, target))
-        result["probabilities"] = written
+    written = []
+    try:  # one input's outputs are all there or none: a failed write (disk full) removes the others
+        written.append(write_image(labels, image, label_path))
+        if seg_nrrd:
+            written.append(write_segmentation_nrrd(labels, image, seg_path, model.config.classes, model.config.colors))
+            result["segmentation"] = str(seg_path)
+        if probabilities is not None:
+            result["probabilities"] = {}
+            for index, (name, target) in enumerate(zip(model.config.classes, probability_targets), start=1):
+                written.append(write_image(probability_image(prediction.probabilities[index], probabilities), image,
+                                           target))
+                result["probabilities"][name] = str(target)
+    except BaseException:
+        for output in written:
+            output.unlink(missing_ok=True)
+        raise
     if prediction.probabilities is not None:
-        best = prediction.confidence
-        result["mean_confidence"] = {name: float(best[labels == i].mean()) if (labels == i).any() else None
+        confidence = prediction.confidence
+        result["mean_confidence"] = {name: float(confidence[labels == i].mean()) if (labels == i).any() else None
                                      for i, name in enumerate(model.config.classes, start=1)}
     if truth is not None:
         scores = segmentation_metrics(labels, truth, model.config.num_classes, spacing=image.spacing[::-1])

@@ -20,6 +20,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from .data.image import check_file
 from .errors import Cancelled, DataError
 
 PROTOCOL = 1
@@ -219,6 +220,7 @@ class Worker:
         return device_info()
 
     def _handle_segment(self, request_id, request: dict) -> dict:
+        check_file(Path(request["input"]))  # a FIFO would hold the segmentation slot forever
         volume = np.load(request["input"], allow_pickle=False)
         model = self.models.get(request["model"], request.get("device", "auto"))
         self.send("log", request_id, text=f"Model {Path(request['model']).name} ready ({self.models.loads} load(s) "

@@ -14,6 +14,7 @@ import SimpleITK as sitk
 from ..atomic import write_files_atomic
 from ..errors import DataError
 from .image import (
+    COMPRESSION_LEVEL,
     LOSSY_SUFFIXES,
     PICTURE_SUFFIXES,
     SEGMENTATION_SUFFIX,
@@ -21,6 +22,7 @@ from .image import (
     VolumeImage,
     as_geometry,
     check_file,
+    check_written,
     image_suffix,
     read_image,
     read_picture,
@@ -60,6 +62,7 @@ def _segmentation_labels(path: Path, reference: ImageGeometry | None, classes: S
                             path)
         return labels[0]
     if not geometry.same_grid(reference):
+        _check_inside(labels, geometry, reference, classes, path)
         grid = sitk.Image([int(s) for s in reversed(reference.shape)], sitk.sitkUInt8)
         grid.SetSpacing(reference.spacing)
         grid.SetOrigin(reference.origin)
@@ -67,6 +70,28 @@ def _segmentation_labels(path: Path, reference: ImageGeometry | None, classes: S
         resampled = sitk.Resample(sitk_on_grid(labels, geometry), grid, sitk.Transform(), sitk.sitkNearestNeighbor, 0)
         labels = sitk.GetArrayFromImage(resampled)
     return labels
+
+
+def _check_inside(labels: np.ndarray, geometry: ImageGeometry, reference: ImageGeometry, classes: list[str],
+                  path: Path) -> None:
+    """Refuse a segmentation whose segment voxels fall outside the image it is resampled onto: resampling
+    would drop them silently (a segmentation of another image, or one placed elsewhere)."""
+    to_reference = np.linalg.inv(reference.ijk_to_lps()) @ geometry.ijk_to_lps()
+    upper = np.array(list(reversed(reference.shape))) - 0.5
+    outside, dropped = 0, set()
+    voxels = np.flatnonzero(labels)
+    for start in range(0, voxels.size, 1 << 20):  # a million voxels at a time
+        chunk = voxels[start : start + (1 << 20)]
+        k, j, i = np.unravel_index(chunk, labels.shape)
+        ijk = to_reference[:3, :3] @ np.stack([i, j, k]) + to_reference[:3, 3:]
+        out = ((ijk < -0.5) | (ijk > upper[:, None])).any(axis=0)
+        outside += int(out.sum())
+        dropped.update(np.unique(labels.ravel()[chunk[out]]).tolist())
+    if outside:
+        segments = [classes[c - 1] for c in sorted(dropped)]
+        where = f" ({reference.path})" if reference.path is not None else ""
+        raise DataError(f"{outside} of its {voxels.size} segment voxels (of {', '.join(segments)}) lie outside the "
+                        f"image{where}; the segmentation belongs to another image or is placed elsewhere", path)
 
 
 def _class_indices(image: VolumeImage, path: Path, num_classes: int | None) -> np.ndarray:
@@ -159,7 +184,7 @@ def write_segmentation_nrrd(
         raise DataError(f"label map holds value {int(labels.max())} but only {len(classes)} classes are named", path)
     if colors is not None and len(colors) != len(classes):
         raise DataError(f"{len(colors)} colors given for {len(classes)} classes", path)
-    voxels = labels.astype(np.uint8).T  # (z, y, x) -> (i, j, k)
+    voxels = labels.astype(np.uint8, copy=False).T  # (z, y, x) -> (i, j, k), Fortran order: what NRRD stores
     if geometry.ndim == 2:
         voxels = voxels[..., None]
     extent = [v for size in voxels.shape for v in (0, size - 1)]
@@ -170,11 +195,19 @@ def write_segmentation_nrrd(
             segment["color"] = [float(c) for c in colors[index - 1]]
         segments.append(segment)
     segmentation = {
-        "voxels": np.ascontiguousarray(voxels),
+        "voxels": voxels,
         "ijkToLPS": geometry.ijk_to_lps(),
         "segments": segments,
         "containedRepresentationNames": ["Binary labelmap"],
         "masterRepresentation": "Binary labelmap",
     }
-    write_files_atomic(path, lambda target: slicerio.write_segmentation(str(target), segmentation))
+
+    def verify(target: Path) -> None:
+        back, grid = read_segmentation_file(target)
+        if not np.array_equal(back["voxels"], segmentation["voxels"]) or not grid.same_grid(geometry if geometry.ndim
+                                                                                          == 3 else grid):
+            raise DataError("the written segments differ from the label map", target)
+
+    write_files_atomic(path, lambda target: slicerio.write_segmentation(str(target), segmentation, COMPRESSION_LEVEL),
+                       lambda target: check_written(path, target, verify))
     return path
