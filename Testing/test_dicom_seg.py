@@ -220,3 +220,14 @@ def test_dicom_seg_needs_dicom_input_and_the_extra(tmp_path, bundle, capsys, mon
 
     with pytest.raises(CoTexNetError, match=r"pip install \"cotexnet\[dicom\]\""):
         require_dicom_libraries()
+
+
+def test_slicer_console_segment_files_writes_a_dicom_seg(series, bundle, tmp_path):
+    import slicer
+
+    from CoTexNetSegmentLib.logic import CoTexNetSegmentLogic
+
+    results = CoTexNetSegmentLogic(slicer.vtkMRMLScene()).segmentFiles([series], bundle, tmp_path, "cpu",
+                                                                       dicomSeg=True)
+    seg = pydicom.dcmread(results[0]["dicom_seg"]["path"])
+    assert seg.Modality == "SEG" and seg.ReferencedSeriesSequence[0].SeriesInstanceUID == SERIES

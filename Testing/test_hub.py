@@ -22,6 +22,7 @@ import pytest
 import SimpleITK as sitk
 
 from cotexnet.cli import main
+from test_slicer_segment import CLASSES, add_volume, bundle, phantom, scene  # noqa: F401 (fixtures)
 
 huggingface_hub = pytest.importorskip("huggingface_hub")
 REPO = Path(__file__).resolve().parents[1]
@@ -173,7 +174,7 @@ def trained_bundle(tmp_path: Path) -> Path:
     from cotexnet.train import train
 
     data = shapes_dataset(tmp_path / "shapes", count=10, size=48)
-    train(quick(data, tmp_path / "run", epochs=1, image_size=48))
+    train(quick(data, tmp_path / "run", epochs=4, image_size=48, lr=3e-3))
     return tmp_path / "run"
 
 
@@ -193,7 +194,7 @@ def test_trained_bundle_card_holds_its_real_metrics_and_an_evaluation_rewrites_i
     best_row = max(info["history"], key=lambda row: row["val_dice"])
     assert f"mean Dice {100 * best_row['val_dice']:.2f} %" in card
     test = info["evaluations"]["test"]
-    assert test["cases"] == len(split["test"])
+    assert test["cases"] == len(split["test"]) and test["per_class"][0]["dice"] > 0  # numbers that tell classes apart
     row = f"| disk | {100 * test['per_class'][0]['dice']:.2f} | {100 * test['per_class'][0]['iou']:.2f} |"
     assert row in card and "### val split" in card
 
@@ -235,6 +236,7 @@ def test_push_then_segment_by_repo_id_round_trips_and_works_offline(hub, tmp_pat
     assert {"config.json", "model.safetensors", "README.md", "vocab.json"} <= set(tree)
     assert not {"trainer_state.pt", "training.json", "pytorch_model.bin"} & set(tree)
     assert tree["model.safetensors"] == (run / "best" / "model.safetensors").read_bytes()
+    assert b"cotexnet segment alice/disks scan.nii.gz" in tree["README.md"]  # the card says how to use it from there
 
     # A branch: pushed from another bundle, read back at that revision only.
     other = tiny_model(classes=("disk", "square", "ring"), image_size=32)
@@ -274,7 +276,8 @@ def test_push_then_segment_by_repo_id_round_trips_and_works_offline(hub, tmp_pat
     done = subprocess.run([*command[:4], "bob/unknown", str(image), *command[4:]], env=env, capture_output=True,
                           text=True, timeout=300)
     assert done.returncode == 2 and done.stderr.count("\n") == 1
-    assert "bob/unknown: could not be downloaded" in done.stderr and "(HF_HUB_OFFLINE is set)" in done.stderr
+    assert "bob/unknown: no such local folder, and as a Hub repository it could not be downloaded" in done.stderr
+    assert "(HF_HUB_OFFLINE is set)" in done.stderr
 
 
 def test_a_repo_with_code_or_pickles_is_read_for_its_safetensors_only(hub, tmp_path, tiny_model):
@@ -297,3 +300,47 @@ def test_a_repo_with_code_or_pickles_is_read_for_its_safetensors_only(hub, tmp_p
     snapshot = Path(model.name_or_path) if Path(model.name_or_path).exists() else None
     assert snapshot is None  # it remembers the repo id it was loaded from, which a DICOM SEG names
     assert model.name_or_path == "mallory/model"
+
+
+def test_slicer_worker_segments_with_a_repo_id_from_the_cache_offline(hub, bundle, scene, monkeypatch):
+    """CoTexNetSegment's GUI path: the model field holds ``owner/name``; the worker process loads it from the Hugging
+    Face cache with HF_HUB_OFFLINE=1 and gives the labels the local bundle gives. CoTexNetTrain reads its classes."""
+    import time
+
+    from huggingface_hub import constants
+
+    from CoTexNetSegmentLib import mrml
+    from CoTexNetSegmentLib.logic import CoTexNetSegmentLogic
+    from CoTexNetSegmentLib.worker import SegmentationWorker
+    from cotexnet import CoTexNet
+    from cotexnet.hub import push_bundle
+
+    push_bundle(bundle, "carol/organs")
+    CoTexNet.from_pretrained("carol/organs")  # downloaded once, online
+    hub.shutdown()
+    hub.server_close()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", constants.HF_HUB_CACHE)
+    monkeypatch.setenv("HF_ENDPOINT", hub.url)
+
+    volume = add_volume(scene, phantom())
+    worker = SegmentationWorker(command=[sys.executable, "-m", "cotexnet.worker"])
+    try:
+        logic = CoTexNetSegmentLogic(scene, worker=worker)
+        job = logic.startSegmentation(volume, "carol/organs", "cpu", concepts=False)
+        deadline = time.monotonic() + 240
+        while not job.finished:
+            assert time.monotonic() < deadline
+            job.poll()
+            time.sleep(0.02)
+        assert job.state == job.DONE, job.error
+    finally:
+        worker.stop()
+    in_process = logic.segment(volume, str(bundle), "cpu", concepts=False)
+    from CoTexNetTrainLib.dataset import modelClasses
+
+    assert modelClasses("carol/organs") == CLASSES  # CoTexNetTrain's "continue from" field takes the repo id too
+    from_hub = mrml.segmentationToLabelMap(job.result, volume, CLASSES)
+    assert len(np.unique(from_hub)) >= 2
+    np.testing.assert_array_equal(from_hub, mrml.segmentationToLabelMap(in_process, volume, CLASSES))
+

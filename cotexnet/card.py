@@ -83,7 +83,7 @@ def _metrics_section(config: CoTexNetConfig, info: dict) -> list[str]:
         lines += ["3D validation Dice after the chosen post-processing: " + ", ".join(
             f"{name} {_percent(chosen['dice_after'].get(name))} %" for name in config.classes) + ".", ""]
     for part, result in sorted((info.get("evaluations") or {}).items()):
-        lines += [f"### {part} split ({result['cases']} cases of `{result['data']}`, 3D volumes)", ""]
+        lines += [f"### {part} split ({result['cases']} case(s) of `{result['data']}`, 3D volumes)", ""]
         lines += _metrics_table(config.classes, result["per_class"], result["mean"]) + [""]
     return lines or ["No metrics recorded yet: evaluate it (`cotexnet evaluate MODEL DATA --json > test.json`) and "
                      "record them (`cotexnet card MODEL --evaluation test.json`).", ""]
@@ -104,8 +104,8 @@ def _recipe_section(config: CoTexNetConfig, info: dict) -> list[str]:
     return lines + [""]
 
 
-def model_card(config: CoTexNetConfig, info: dict, license: str = NO_LICENSE) -> str:
-    """The card's text for a bundle's config and training record."""
+def model_card(config: CoTexNetConfig, info: dict, license: str = NO_LICENSE, repo_id: str = "OWNER/NAME") -> str:
+    """The card's text for a bundle's config and training record; ``repo_id`` is where it is shared."""
     random_init = config.backbone in SYNTHETIC_BACKBONES
     classes = "\n".join(f"| {i} | {name} | {config.keywords[i - 1]} | "
                         f"#{''.join(f'{round(255 * c):02x}' for c in config.colors[i - 1])} |"
@@ -128,11 +128,11 @@ def model_card(config: CoTexNetConfig, info: dict, license: str = NO_LICENSE) ->
               "data above and may fail on other scanners, protocols, populations or anatomy; check every result.", "",
               "## How to use", "",
               "Command line (`pip install cotexnet`; add `[dicom]` for DICOM SEG output):", "", "```bash",
-              "cotexnet segment OWNER/NAME scan.nii.gz --out results/",
-              "cotexnet segment OWNER/NAME dicom_series/ --out results/ --dicom-seg", "```", "",
-              "3D Slicer: install the CoTexNet extension, open *CoTexNetSegment*, type `OWNER/NAME` (this repository's "
+              f"cotexnet segment {repo_id} scan.nii.gz --out results/",
+              f"cotexnet segment {repo_id} dicom_series/ --out results/ --dicom-seg", "```", "",
+              f"3D Slicer: install the CoTexNet extension, open *CoTexNetSegment*, type `{repo_id}` (the Hub repository "
               "id) or the bundle folder into *Model*, choose the volume and click *Apply*.", "",
-              "Python: `CoTexNet.from_pretrained(\"OWNER/NAME\")` (downloaded once into the Hugging Face cache; "
+              f"Python: `CoTexNet.from_pretrained(\"{repo_id}\")` (downloaded once into the Hugging Face cache; "
               "afterwards it works with `HF_HUB_OFFLINE=1`). Only safetensors weights are read; nothing in the "
               "repository is executed.", ""]
     return "\n".join(lines)
@@ -144,22 +144,23 @@ def _read(folder: Path) -> tuple[CoTexNetConfig, dict]:
     return read_bundle_config(folder), read_training_info(folder)
 
 
-def write_model_card(folder: str | os.PathLike, license: str | None = None) -> Path:
-    """(Re)write ``README.md`` of a bundle folder from its config and training record; ``license`` is kept in
-    ``training.json`` for later rewrites."""
+def write_model_card(folder: str | os.PathLike, license: str | None = None, repo_id: str | None = None) -> Path:
+    """(Re)write ``README.md`` of a bundle folder from its config and training record. ``license`` and ``repo_id``
+    (where it is shared) are kept in ``training.json`` for later rewrites."""
     from .atomic import write_json_atomic, write_text_atomic
     from .bundle import TRAINING_NAME
 
     folder = Path(folder)
     config, info = _read(folder)
-    if license is not None:
-        if not license.strip() or any(ch.isspace() for ch in license):
-            raise CoTexNetError(f"license: expected a Hugging Face license id such as apache-2.0 or cc-by-4.0, "
-                                f"got {license!r}")
-        info.setdefault("card", {})["license"] = license
+    if license is not None and (not license.strip() or any(ch.isspace() for ch in license)):
+        raise CoTexNetError(f"license: expected a Hugging Face license id such as apache-2.0 or cc-by-4.0, got {license!r}")
+    chosen = {key: value for key, value in (("license", license), ("repo_id", repo_id)) if value is not None}
+    if chosen:
+        info["card"] = {**info.get("card", {}), **chosen}
         write_json_atomic(folder / TRAINING_NAME, info)
-    chosen = (info.get("card") or {}).get("license", NO_LICENSE)
-    write_text_atomic(folder / CARD_NAME, model_card(config, info, chosen))
+    card = info.get("card") or {}
+    write_text_atomic(folder / CARD_NAME, model_card(config, info, card.get("license", NO_LICENSE),
+                                                     card.get("repo_id", "OWNER/NAME")))
     return folder / CARD_NAME
 
 

@@ -328,13 +328,9 @@ def _add_push(sub) -> None:
 
 
 def _run_push(args) -> int:
-    from .bundle import bundle_folder
-    from .card import write_model_card
     from .hub import push_bundle
 
-    if args.license:
-        write_model_card(bundle_folder(args.model), args.license)
-    report = push_bundle(args.model, args.repo_id, private=args.private, revision=args.revision)
+    report = push_bundle(args.model, args.repo_id, private=args.private, revision=args.revision, license=args.license)
     if args.json:
         _print_json(report)
     else:

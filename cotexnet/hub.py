@@ -53,13 +53,14 @@ def download_model(repo_id: str, revision: str | None = None, files=DOWNLOAD_PAT
     except RevisionNotFoundError:
         raise BundleError(f"{where}: the Hub repository has no revision {revision!r}") from None
     except RepositoryNotFoundError:
-        raise BundleError(f"{repo_id}: no such model repository on {constants.ENDPOINT} (or it is private and no "
-                          f"token was given: huggingface-cli login, or set HF_TOKEN)") from None
+        raise BundleError(f"{repo_id}: no such local folder, and no such model repository on {constants.ENDPOINT} (or "
+                          f"it is private and no token was given: huggingface-cli login, or set HF_TOKEN)") from None
     except Exception as error:  # offline and not cached, network down, server errors: one message
         offline = " (HF_HUB_OFFLINE is set)" if constants.HF_HUB_OFFLINE else ""
-        raise BundleError(f"{where}: could not be downloaded from {constants.ENDPOINT} and is not in the Hugging Face "
-                          f"cache{offline} ({type(error).__name__}). Run once with a connection to cache it, or "
-                          f"download it (huggingface-cli download {repo_id} --local-dir DIR) and use that folder") from None
+        raise BundleError(f"{where}: no such local folder, and as a Hub repository it could not be downloaded from "
+                          f"{constants.ENDPOINT} and is not in the Hugging Face cache{offline} ({type(error).__name__}). "
+                          f"Run once with a connection to cache it, or download it (huggingface-cli download {repo_id} "
+                          f"--local-dir DIR) and use that folder") from None
     needed = [CONFIG_NAME] + ([WEIGHTS_NAME] if any(p.endswith(".safetensors") for p in files) else [])
     missing = [name for name in needed if not (folder / name).is_file()]
     if missing:
@@ -82,27 +83,27 @@ def resolve_model(name: str | os.PathLike, revision: str | None = None, files=DO
 
 
 def push_bundle(bundle: str | os.PathLike, repo_id: str, *, private: bool = False, revision: str | None = None,
-                token: str | None = None) -> dict:
+                license: str | None = None, token: str | None = None) -> dict:
     """Upload a bundle (or a training run's best bundle) to a Hub model repository; returns what was pushed.
 
-    The repository is created when missing (``private`` then applies) and the branch ``revision`` too. A
-    bundle without a card gets one first (:func:`cotexnet.card.write_model_card`).
+    The repository is created when missing (``private`` then applies) and the branch ``revision`` too. The card
+    is rewritten first (:func:`cotexnet.card.write_model_card`, with ``license`` when given) so that it says how
+    to use the model from there.
     """
     from huggingface_hub import HfApi
     from huggingface_hub.utils import HfHubHTTPError
 
     from .bundle import bundle_folder, read_bundle_config
-    from .card import CARD_NAME, write_model_card
+    from .card import write_model_card
 
-    if parse_repo_id(repo_id) is None or "@" in repo_id:
+    if not REPO_ID.match(repo_id):
         raise CoTexNetError(f"{repo_id}: expected a Hub repository id owner/name (letters, digits, '-', '_', '.'); "
                             f"give a branch with --revision")
-    folder = bundle_folder(bundle)
     if parse_repo_id(bundle) is not None:
-        raise CoTexNetError(f"{bundle}: push takes a local bundle folder or training run folder")
+        raise CoTexNetError(f"{bundle}: no such folder; push takes a local bundle folder or training run folder")
+    folder = bundle_folder(bundle)
     read_bundle_config(folder)  # a folder that is not a loadable bundle is refused before anything is uploaded
-    if not (folder / CARD_NAME).is_file():
-        write_model_card(folder)
+    write_model_card(folder, license, repo_id + (f"@{revision}" if revision else ""))  # says how to use it from there
     files = [name for name in UPLOAD_FILES if (folder / name).is_file()]
     api = HfApi(token=token)
     try:

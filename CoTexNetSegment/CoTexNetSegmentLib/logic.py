@@ -274,18 +274,20 @@ class CoTexNetSegmentLogic:
         """Segments each volume in turn with one loaded model; returns their segmentation nodes."""
         return [self.segment(volumeNode, modelPath, device, **options) for volumeNode in volumeNodes]
 
-    def segmentFiles(self, paths: Sequence, modelPath, outDir, device: str = "auto", **options) -> list[dict]:
+    def segmentFiles(self, paths: Sequence, modelPath, outDir, device: str = "auto", *, dicomSeg: bool = False,
+                     **options) -> list[dict]:
         """Segments image files without loading them into the scene; returns one result per input, in order.
 
         A file that fails does not stop the others, as with ``cotexnet segment``: its result is
-        ``{"input", "error"}``, the others say what was written. ``options`` go to
+        ``{"input", "error"}``, the others say what was written. ``dicomSeg`` also writes a DICOM
+        Segmentation for each DICOM series (``cotexnet segment --dicom-seg``). ``options`` go to
         ``cotexnet.infer.segment_files`` (e.g. ``batch_size``, ``seg_nrrd``, ``overwrite``).
         """
         from cotexnet.infer import segment_files
 
         model = self.loadModel(modelPath, device)
         os.makedirs(outDir, exist_ok=True)
-        return segment_files(model, paths, outDir, device=device, show_progress=False, **options)
+        return segment_files(model, paths, outDir, device=device, show_progress=False, dicom_seg=dicomSeg, **options)
 
     def _companion(self, segmentationNode, role: str, className: str, suffix: str, volumeNode, created: list):
         """The node ``segmentationNode`` references under ``role`` (its concept table, its confidence volume), made
