@@ -215,6 +215,8 @@ def test_trained_bundle_card_holds_its_real_metrics_and_an_evaluation_rewrites_i
     assert main(["card", str(run), "--evaluation", str(evaluation)]) == 2
     assert "evaluates classes ['a', 'b']" in capsys.readouterr().err
     assert (best / "README.md").read_text() == card
+    assert main(["card", "alice/not-here", "--license", "mit"]) == 2  # never a Hub id: the cache is not ours to edit
+    assert "card rewrites a local bundle" in capsys.readouterr().err
 
 
 def test_push_then_segment_by_repo_id_round_trips_and_works_offline(hub, tmp_path, tiny_model, capsys):

@@ -297,7 +297,11 @@ def _add_card(sub) -> None:
 def _run_card(args) -> int:
     from .bundle import bundle_folder
     from .card import record_evaluation, write_model_card
+    from .hub import parse_repo_id
 
+    if parse_repo_id(args.model):  # its files live in the Hugging Face cache, which is not ours to edit
+        raise CoTexNetError(f"{args.model}: no such folder; card rewrites a local bundle (download a Hub model with "
+                            f"huggingface-cli download {args.model} --local-dir DIR and give DIR)")
     folder = bundle_folder(args.model)
     results = []
     for path in args.evaluation:  # all read before the bundle changes, so a bad file changes nothing
