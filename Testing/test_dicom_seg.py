@@ -50,7 +50,7 @@ def write_ct_series(folder: Path, depth: int = 6, rows: int = 40, columns: int =
                 "0020|0037": "\\".join(f"{v:.9f}" for v in (*row, *column)), "0018|0050": str(SPACING[2])}
         for key, value in tags.items():
             image.SetMetaData(key, value)
-        writer.SetFileName(str(folder / f"IM{(k * 5) % depth:04d}.dcm"))
+        writer.SetFileName(str(folder / f"IM{depth - 1 - k:04d}.dcm"))  # names in reverse slice order
         writer.Execute(image)
     return volume
 
