@@ -4,6 +4,7 @@ The widget only wires the .ui to ``CoTexNetSegmentLib.CoTexNetSegmentLogic``, wh
 can be used from the Python console without this GUI.
 """
 
+import html
 import logging
 import os
 import tempfile
@@ -205,10 +206,11 @@ class CoTexNetSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def updateModelInfo(self, *unused):
         path = self.ui.modelPathLineEdit.currentPath
         if not path:
-            self.ui.modelInfoLabel.text = _("Choose a trained model folder.")
+            self.ui.modelInfoLabel.text = _("Choose a trained model folder or type a Hugging Face repository id.")
             return
         try:
             config = self.logic.bundleConfig(path)
+            title = self.logic.modelDescription(path)["title"]
         except ImportError:
             self.ui.modelInfoLabel.text = _("Install the dependencies to read this model.")
             return
@@ -216,7 +218,7 @@ class CoTexNetSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.modelInfoLabel.text = f"<span style='color:#c0392b'>{formatError(error)}</span>"
             return
         tiny = " <b>" + _("Test model with a random tiny backbone: not for real use.") + "</b>" if config.backbone == "tiny" else ""
-        self.ui.modelInfoLabel.text = _("Classes: {classes} ({axis} slices, {size} px).").format(
+        self.ui.modelInfoLabel.text = f"<b>{html.escape(title)}</b><br>" + _("Classes: {classes} ({axis} slices, {size} px).").format(
             classes=", ".join(config.classes), axis=config.slice_axis, size=config.image_size) + tiny
 
     def updateDeviceInfo(self, *unused):

@@ -11,6 +11,7 @@ A *bundle* is a trained model directory, Hugging Face style (docs/bundle-format.
     model.safetensors   every weight (safetensors: loading never unpickles or runs code)
     vocab.json, merges.txt, tokenizer_config.json, special_tokens_map.json
     training.json       data, metrics and attributes used (optional)
+    README.md           the model card (cotexnet.card), rewritten with every save
 
 Bundles are written to a temporary sibling directory and renamed into place, so an interrupted save
 never leaves a half-written bundle where a good one was. torch loads on first use, so a bundle's config
@@ -137,6 +138,8 @@ def save_bundle(model, directory: str | os.PathLike, training_info: dict | None 
     """
     from safetensors.torch import save_file
 
+    from .card import write_model_card
+
     def fill(staging: Path) -> None:
         model.config.to_json_file(staging / CONFIG_NAME)
         state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
@@ -144,6 +147,7 @@ def save_bundle(model, directory: str | os.PathLike, training_info: dict | None 
         model.tokenizer.save_pretrained(str(staging))
         if training_info is not None:
             write_json_atomic(staging / TRAINING_NAME, training_info)
+        write_model_card(staging)
         if extra_files is not None:
             extra_files(staging)
 
@@ -156,9 +160,13 @@ def save_bundle(model, directory: str | os.PathLike, training_info: dict | None 
         raise BundleError(f"{directory}: exists and is not a CoTexNet bundle; refusing to overwrite it") from None
 
 
-def bundle_folder(directory: str | os.PathLike) -> Path:
-    """The bundle ``directory`` names: itself, or ``RUN/best`` when it is a training run folder (said once)."""
-    directory = Path(directory).expanduser()
+def bundle_folder(directory: str | os.PathLike, revision: str | None = None, files: tuple[str, ...] | None = None) -> Path:
+    """The bundle ``directory`` names: itself, ``RUN/best`` when it is a training run folder (said once), or the
+    cached snapshot of a Hugging Face Hub repository ``owner/name[@revision]`` (:mod:`cotexnet.hub`; ``files``:
+    the patterns to fetch, by default everything loading needs)."""
+    from .hub import DOWNLOAD_PATTERNS, resolve_model
+
+    directory = resolve_model(directory, revision, files or DOWNLOAD_PATTERNS)
     best = directory / RUN_BEST
     if not (directory / CONFIG_NAME).is_file() and (best / CONFIG_NAME).is_file():
         if directory.resolve() not in _announced_runs:
@@ -175,8 +183,11 @@ def unreadable_bundle(error: PermissionError, directory: Path) -> BundleError:
 
 
 def read_bundle_config(directory: str | os.PathLike) -> CoTexNetConfig:
-    """The config of a bundle (or of a run folder's best bundle), with errors that say what is wrong."""
-    directory = bundle_folder(directory)
+    """The config of a bundle (or of a run folder's best bundle, or of a Hub repository: its config and card are
+    fetched, not its weights), with errors that say what is wrong."""
+    from .hub import DESCRIPTION_FILES
+
+    directory = bundle_folder(directory, files=DESCRIPTION_FILES)
     try:
         return _read_bundle_config(directory)
     except PermissionError as error:
@@ -250,15 +261,18 @@ class BundleMixin:
         return save_bundle(self, directory, training_info)
 
     @classmethod
-    def from_pretrained(cls, directory: str | os.PathLike, device="cpu"):
-        """Load a bundle written by :meth:`save_pretrained` (or a run folder's best), offline, without unpickling.
+    def from_pretrained(cls, directory: str | os.PathLike, device="cpu", revision: str | None = None):
+        """Load a bundle written by :meth:`save_pretrained` (or a run folder's best), without unpickling.
 
-        The architecture is rebuilt from the config's ``backbone_config`` and every tensor's presence
-        and shape is checked before the weights are loaded.
+        ``directory`` may also be a Hub repository id ``owner/name`` (at ``revision``), downloaded once into
+        the Hugging Face cache and loaded from there, offline too (:mod:`cotexnet.hub`). The architecture is
+        rebuilt from the config's ``backbone_config`` and every tensor's presence and shape is checked
+        before the weights are loaded.
         """
         from transformers import CLIPSegConfig
 
-        directory = bundle_folder(directory)
+        name_or_path = str(directory)
+        directory = bundle_folder(directory, revision)
         config, state = read_bundle_weights(directory)
         backbone = build_clipseg(CLIPSegConfig.from_dict(config.backbone_config))
         try:
@@ -268,6 +282,7 @@ class BundleMixin:
         model = cls(config, backbone=backbone, tokenizer=tokenizer)
         _check_state(state, model.state_dict(), directory)
         model.load_state_dict(state)
+        model.name_or_path = name_or_path  # as transformers does: what the model was loaded from (a SEG names it)
         return model.to(device).eval()
 
 

@@ -213,7 +213,8 @@ def _add_segment(sub) -> None:
     p = sub.add_parser("segment", help="segment images or volumes with a trained model",
                        description="Segment NIfTI, NRRD, MHA, DICOM series folders and PNG/JPG/TIFF images. Writes "
                                    "<name>_labels.<ext> (input geometry) and <name>.seg.nrrd per input.")
-    p.add_argument("model", help="model bundle folder, or a training run folder (RUN means RUN/best)")
+    p.add_argument("model", help="model bundle folder, a training run folder (RUN means RUN/best), or a Hugging Face "
+                                 "Hub repository id owner/name[@revision] (downloaded once, then cached)")
     p.add_argument("inputs", nargs="*", help="image files or DICOM folders")
     p.add_argument("--out", required=True, help="output folder")
     _add_inference(p)
@@ -221,6 +222,9 @@ def _add_segment(sub) -> None:
     p.add_argument("--probabilities", nargs="?", const="uint8", choices=PROBABILITY_FORMATS,
                    help="also write <name>_prob_<class> maps in the input geometry (uint8 0-255, the default, or float32)")
     p.add_argument("--no-seg-nrrd", action="store_true", help="do not write Slicer .seg.nrrd files")
+    p.add_argument("--dicom-seg", action="store_true",
+                   help="also write <name>_seg.dcm, a DICOM Segmentation referencing each DICOM input series "
+                        "(FRACTIONAL with --probabilities, else BINARY; needs the 'dicom' extra)")
     p.add_argument("--reference", nargs="+", help="ground-truth label maps, one per input, to report Dice")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     p.add_argument("--overwrite", action="store_true", help="replace outputs an earlier run left in --out")
@@ -264,7 +268,8 @@ def _run_segment(args) -> int:
     model = CoTexNet.from_pretrained(args.model, device=device)
     options = {**_inference_options(args), "device": device}
     results = segment_files(model, args.inputs, args.out, references=args.reference, seg_nrrd=not args.no_seg_nrrd,
-                            probabilities=args.probabilities, show_progress=not args.json, overwrite=args.overwrite, **options)
+                            probabilities=args.probabilities, show_progress=not args.json, overwrite=args.overwrite,
+                            dicom_seg=args.dicom_seg, **options)
     failed = [r for r in results if "error" in r]
     if args.json:
         _print_json({"model": args.model, "device": str(device), "results": results})
@@ -303,6 +308,68 @@ def _run_evaluate(args) -> int:
               f"TTA {'on' if inference['tta'] else 'off'}, post-processing "
               f"{'on' if inference['postprocessing'] else 'off'}; segmentation {inference['segment_seconds']:.2f} s")
         print(result["table"])
+    return 0
+
+
+# ------------------------------------------------------------------------------------------ card / push
+def _add_card(sub) -> None:
+    p = sub.add_parser("card", help="rewrite a bundle's model card (README.md), recording evaluations",
+                       description="Rewrites README.md of a bundle from its config and training record. Each "
+                                   "--evaluation file (the output of `cotexnet evaluate MODEL DATA --json`) is stored "
+                                   "in training.json under its split and shown on the card.")
+    p.add_argument("model", help="model bundle folder, or a training run folder (RUN means RUN/best)")
+    p.add_argument("--evaluation", nargs="+", default=[], help="JSON files written by `cotexnet evaluate --json`")
+    p.add_argument("--license", help="Hugging Face license id for the card, e.g. apache-2.0 (kept for later rewrites)")
+    p.set_defaults(func=_run_card)
+
+
+def _run_card(args) -> int:
+    from .bundle import bundle_folder
+    from .card import record_evaluation, write_model_card
+    from .hub import parse_repo_id
+
+    if parse_repo_id(args.model):  # its files live in the Hugging Face cache, which is not ours to edit
+        raise CoTexNetError(f"{args.model}: no such folder; card rewrites a local bundle (download a Hub model with "
+                            f"huggingface-cli download {args.model} --local-dir DIR and give DIR)")
+    folder = bundle_folder(args.model)
+    results = []
+    for path in args.evaluation:  # all read before the bundle changes, so a bad file changes nothing
+        try:
+            results.append((path, json.loads(Path(path).read_text(encoding="utf-8"))))
+        except (OSError, ValueError) as error:
+            raise CoTexNetError(f"{path}: cannot read it as JSON ({error})") from None
+    card = write_model_card(folder, args.license)
+    for path, result in results:
+        print(f"recorded the {record_evaluation(folder, result, path)} split from {path}")
+    print(f"wrote {card}")
+    return 0
+
+
+def _add_push(sub) -> None:
+    p = sub.add_parser("push", help="upload a bundle to the Hugging Face Hub",
+                       description="Uploads config, safetensors weights, tokenizer files and the model card of a "
+                                   "bundle (a run folder's best model) to a Hub model repository, created if missing. "
+                                   "Never the training state of last/, nor training.json (it holds local paths). "
+                                   "Log in first (huggingface-cli login) or set HF_TOKEN.")
+    p.add_argument("model", help="model bundle folder, or a training run folder (RUN means RUN/best)")
+    p.add_argument("repo_id", help="Hub repository id, owner/name")
+    p.add_argument("--private", action="store_true", help="create the repository private")
+    p.add_argument("--revision", help="branch to push to (created from main if missing)")
+    p.add_argument("--license", help="Hugging Face license id written into the card first, e.g. apache-2.0")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_run_push)
+
+
+def _run_push(args) -> int:
+    from .hub import push_bundle
+
+    report = push_bundle(args.model, args.repo_id, private=args.private, revision=args.revision, license=args.license)
+    if args.json:
+        _print_json(report)
+    else:
+        print(f"pushed {report['bundle']} to {report['repo_id']}@{report['revision']} ({', '.join(report['files'])})")
+        print(f"use it with: cotexnet segment {report['repo_id']}"
+              + (f"@{report['revision']}" if args.revision else "") + " INPUT --out DIR")
     return 0
 
 
@@ -505,8 +572,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"cotexnet {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging and full tracebacks")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_train, _add_segment, _add_evaluate, _add_postprocess, _add_concepts, _add_bench, _add_demo,
-                _add_app):
+    for add in (_add_train, _add_segment, _add_evaluate, _add_postprocess, _add_card, _add_push, _add_concepts,
+                _add_bench, _add_demo, _add_app):
         add(sub)
     return parser
 

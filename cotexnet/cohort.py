@@ -48,6 +48,7 @@ from . import __version__
 from .atomic import write_json_atomic, write_text_atomic
 from .bundle import WEIGHTS_NAME, bundle_folder
 from .data.image import image_suffix
+from .dicom_seg import seg_path as dicom_seg_path
 from .errors import Cancelled, CoTexNetError, DataError
 from .infer import check_output_folder, output_paths, output_stems, probability_paths, resolve_device, segment_file
 from .runlock import RunLock, RunLockedError
@@ -56,7 +57,7 @@ MANIFEST_SUFFIXES = (".csv", ".txt", ".lst", ".list")
 STATE_FOLDER = ".cotexnet-cohort"
 REPORT_CSV, REPORT_JSON = "report.csv", "report.json"
 #: Options that change what is written; a study done with other values is not "done" for this run.
-RESULT_SETTINGS = ("seg_nrrd", "probabilities", "axis", "planes", "tta", "postprocess", "precision", "confidence")
+RESULT_SETTINGS = ("seg_nrrd", "dicom_seg", "probabilities", "axis", "planes", "tta", "postprocess", "precision", "confidence")
 STATUSES = ("done", "skipped", "failed", "pending")
 
 
@@ -301,7 +302,8 @@ class CohortRunner:
     """Segments one share of a cohort with one loaded model; see the module docstring."""
 
     def __init__(self, model, model_path, out_dir, *, overwrite: bool = False, read_ahead: int = 2,
-                 confidence: bool = True, seg_nrrd: bool = True, probabilities: str | None = None, **options):
+                 confidence: bool = True, seg_nrrd: bool = True, dicom_seg: bool = False, probabilities: str | None = None,
+                 **options):
         self.out = Path(os.path.abspath(out_dir))
         check_output_folder(self.out)
         self.state = self.out / STATE_FOLDER
@@ -313,7 +315,7 @@ class CohortRunner:
         self.model = model if self.compiled else TimedModel(model, self.device)
         self.workers = 1 if self.compiled else 1 + max(0, read_ahead)
         self.overwrite = overwrite
-        self.outputs = dict(seg_nrrd=seg_nrrd, probabilities=probabilities, confidence=confidence)
+        self.outputs = dict(seg_nrrd=seg_nrrd, dicom_seg=dicom_seg, probabilities=probabilities, confidence=confidence)
         self.options = options
         settings = {**options, **self.outputs}
         self.settings = {key: settings.get(key) for key in RESULT_SETTINGS}
@@ -322,6 +324,7 @@ class CohortRunner:
         labels, seg = output_paths(study.path, self.out, study.name)
         probabilities = self.outputs["probabilities"]
         return [labels, *([seg] if self.outputs["seg_nrrd"] else []),
+                *([dicom_seg_path(self.out, study.name)] if self.outputs["dicom_seg"] else []),
                 *(probability_paths(study.path, self.out, self.classes, study.name) if probabilities else [])]
 
     def run(self, share: Sequence[Study], label: str, run_id: str, progress=None) -> PartResult:
@@ -413,6 +416,7 @@ class CohortRunner:
                 journal.append(study, "failed", error=message)
                 return self._row(study, "failed", message, time.perf_counter() - started, batch_size=batch_size)
         written = [result["labels"], *([result["segmentation"]] if "segmentation" in result else []),
+                   *([result["dicom_seg"]["path"]] if "dicom_seg" in result else []),
                    *result.get("probabilities", {}).values()]
         voxel_ml = float(np.prod(result["spacing"])) / 1000.0 if len(result["spacing"]) == 3 else None
         row = self._row(study, "done", seconds=time.perf_counter() - started, slices=slices[0], batch_size=batch_size,
@@ -630,7 +634,8 @@ def run_command(args, options: dict) -> int:
     report = segment_cohort(model, args.model, inputs, args.out, num_parts=args.num_parts or 1,
                             part_id=args.part_id or 0, show_progress=not args.json, overwrite=args.overwrite,
                             read_ahead=args.read_ahead, confidence=not args.no_confidence,
-                            seg_nrrd=not args.no_seg_nrrd, probabilities=args.probabilities, **{**options, "device": device})
+                            seg_nrrd=not args.no_seg_nrrd, dicom_seg=args.dicom_seg, probabilities=args.probabilities,
+                            **{**options, "device": device})
     if rank != 0:
         return 1 if report["summary"]["failed"] else 0
     part, summary = report["this_part"], report["summary"]

@@ -117,6 +117,9 @@ class CoTexNetConfig:
     planes: list[str] | None = None
     #: Per class name, the 3D post-processing steps chosen on validation (``None``: none chosen).
     postprocessing: dict[str, dict[str, Any]] | None = None
+    #: Per class name, DICOM codes for SEG output, ``{"category": [value, scheme, meaning], "type": [...]}``
+    #: (``None``: SNOMED CT for names DICOM knows, else generic tissue; :mod:`cotexnet.dicom_seg`).
+    segment_codes: dict[str, dict[str, list[str]]] | None = None
     #: transformers ``CLIPSegConfig.to_dict()`` of the backbone, recorded so a bundle rebuilds the
     #: architecture without fetching the backbone again.
     backbone_config: dict[str, Any] | None = None
@@ -173,6 +176,8 @@ class CoTexNetConfig:
             self.planes = validate_planes(self.planes)
         if self.postprocessing is not None:
             self.postprocessing = validate_postprocessing(self.postprocessing, self.classes)
+        if self.segment_codes is not None:
+            self.segment_codes = validate_segment_codes(self.segment_codes, self.classes)
         if not isinstance(self.intensity, dict) or "mode" not in self.intensity:
             raise ConfigError(f"intensity: expected a dict with a 'mode' key, got {self.intensity!r}")
         if not isinstance(self.format_version, int) or self.format_version < 1:
@@ -209,7 +214,7 @@ class CoTexNetConfig:
         """The fields as JSON-ready values; optional fields added after the first release are left out while
         unset, so a bundle that does not use them is written exactly as that release wrote it."""
         data = asdict(self)
-        for name in ("planes", "postprocessing"):
+        for name in ("planes", "postprocessing", "segment_codes"):
             if data[name] is None:
                 del data[name]
         return data
@@ -288,6 +293,22 @@ def validate_postprocessing(choice, classes) -> dict[str, dict[str, Any]]:
             out[key] = value
         checked[name] = out
     return checked
+
+
+def validate_segment_codes(codes, classes) -> dict[str, dict[str, list[str]]]:
+    """``{class name: {"category": [value, scheme, meaning], "type": [...]}}`` for known classes."""
+    if not isinstance(codes, dict):
+        raise ConfigError(f"segment_codes: expected an object keyed by class name, got {type(codes).__name__}")
+    for name, entry in codes.items():
+        if name not in classes:
+            raise ConfigError(f"segment_codes: {name!r} is not one of the classes {list(classes)}")
+        ok = isinstance(entry, dict) and set(entry) == {"category", "type"} and all(
+            isinstance(code, (list, tuple)) and len(code) == 3 and all(isinstance(v, str) and v for v in code)
+            for code in entry.values())
+        if not ok:
+            raise ConfigError(f"segment_codes[{name!r}]: expected {{\"category\": [value, scheme, meaning], \"type\": "
+                              f"[value, scheme, meaning]}} (e.g. [\"10200004\", \"SCT\", \"Liver\"]), got {entry!r}")
+    return {name: {key: list(code) for key, code in entry.items()} for name, entry in codes.items()}
 
 
 @dataclass

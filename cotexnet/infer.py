@@ -390,10 +390,13 @@ def segment_file(
     stem: str | None = None,
     overwrite: bool = False,
     confidence: bool = False,
+    dicom_seg: bool = False,
     **options,
 ) -> dict:
     """Segment one image file; write its label map (input geometry) and optionally a ``.seg.nrrd``.
 
+    ``dicom_seg`` also writes ``<stem>_seg.dcm``, a DICOM Segmentation referencing a DICOM input
+    (:mod:`cotexnet.dicom_seg`; FRACTIONAL with ``probabilities``, else BINARY).
     With ``reference`` (a ground-truth label map of the same image) the Dice of each class is
     reported too. ``probabilities`` (``uint8`` or ``float32``) also writes each class's probability
     map on the input's geometry; with it, or with ``confidence``, each class's mean confidence is reported.
@@ -410,7 +413,13 @@ def segment_file(
     label_path, seg_path = output_paths(path, out_dir, stem)
     probability_targets = [] if probabilities is None else probability_paths(path, out_dir, model.config.classes, stem)
     check_output_folder(out_dir)
-    for output in [label_path, *([seg_path] if seg_nrrd else []), *probability_targets]:
+    dicom_targets = []
+    if dicom_seg:
+        from . import dicom_seg as seg
+
+        seg.check_dicom_input(path)  # a non-DICOM input or a missing extra fails before the work
+        dicom_targets.append(seg.seg_path(out_dir, stem or _input_stem(path)))
+    for output in [label_path, *([seg_path] if seg_nrrd else []), *probability_targets, *dicom_targets]:
         if output.exists() and not overwrite:
             raise DataError("exists already (from an earlier run?); pass --overwrite (overwrite=True) to replace "
                             "it, or choose another output folder", output)
@@ -428,6 +437,10 @@ def segment_file(
         if seg_nrrd:
             written.append(write_segmentation_nrrd(labels, image, seg_path, model.config.classes, model.config.colors))
             result["segmentation"] = str(seg_path)
+        if dicom_seg:
+            fractions = prediction.probabilities if probabilities is not None else None
+            result["dicom_seg"] = seg.write_for_input(model, path, image, labels, dicom_targets[0], fractions)
+            written.append(Path(result["dicom_seg"]["path"]))
         if probabilities is not None:
             result["probabilities"] = {}
             for index, (name, target) in enumerate(zip(model.config.classes, probability_targets), start=1):
@@ -568,6 +581,7 @@ def fit_postprocessing(model_path: str | Path, data: str | Path | None = None, *
 
     from .atomic import write_json_atomic
     from .bundle import CONFIG_NAME, TRAINING_NAME, read_training_info
+    from .card import write_model_card
     from .data import load_dataset, split_cases
     from .model import CoTexNet
     from .postprocess import choose_postprocessing
@@ -597,4 +611,5 @@ def fit_postprocessing(model_path: str | Path, data: str | Path | None = None, *
     info = read_training_info(model_path)
     info["postprocessing"] = {**report, "cases": list(case_ids)}
     write_json_atomic(Path(model_path) / TRAINING_NAME, info)
+    write_model_card(model_path)
     return report

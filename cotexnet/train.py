@@ -44,6 +44,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from .atomic import recover_folder, write_files_atomic, write_text_atomic
 from .bundle import TRAINING_NAME, read_training_info, save_bundle
+from .card import record_evaluation
 from .config import CoTexNetConfig, TrainOptions
 from .config import DEFAULT_PALETTE, RECIPES
 from .data import (IntensityNormalization, flip_rule, load_dataset, read_image_geometry, save_split, split_cases)
@@ -52,7 +53,7 @@ from .data.laterality import FlipRule
 from .data.slice_dataset import ForegroundBatchSampler, SliceDataset
 from .data.slicing import array_slice_axis
 from .errors import ConfigError, CoTexNetError, DataError
-from .infer import autocast_dtype, fit_postprocessing, resolve_device
+from .infer import autocast_dtype, evaluate, fit_postprocessing, resolve_device
 from .losses import CoTexNetLoss
 from .metrics import DatasetDice
 from .model import CoTexNet
@@ -761,6 +762,11 @@ class Trainer:
             self.cache.close()
         if self.is_main and self.split.get("val"):  # 3D post-processing chosen on validation (cotexnet.postprocess)
             fit_postprocessing(self.best_dir, index=self.index, case_ids=self.split["val"], device=self.device)
+        if self.is_main:  # the card's 3D metrics (Dice, IoU, HD95) on the validation and test cases
+            for part in ("val", "test"):
+                if self.split.get(part):
+                    record_evaluation(self.best_dir, evaluate(self.best_dir, self.options.data, split=part,
+                                                              show_progress=False, device=self.device))
         self.emit("done", bundle=str(self.best_dir), best_val_dice=self.best if self.best > -math.inf else None,
                   stopped=self.stopped, epoch=self.epoch, step=self.step)
         return self.best_dir
@@ -772,6 +778,9 @@ class Trainer:
             "data": str(Path(options.data).resolve()), "format": self.index.format, "classes": self.config.classes,
             "split": self.split, "epochs_run": self.epoch, "best_val_dice": best if best > -math.inf else None,
             "history": self.history, "concept_backend": options.concept_backend,
+            "slices": {"train": len(self.train_set), "val": len(self.val_set)} if hasattr(self, "val_set") else {},
+            "sources": {part: [self.index.case(case).image_path.name for case in cases]
+                        for part, cases in self.split.items()},
             "recipe": {"name": options.recipe, **{name: getattr(options, name) for name in RECIPES[options.recipe]}},
             "augmentation": self.flips_info() if hasattr(self, "flips") else None,
             "attributes": options.attributes or ["number", "shape", "size", "color", "location", "keyword"],

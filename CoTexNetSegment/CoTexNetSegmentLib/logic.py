@@ -130,6 +130,14 @@ class CoTexNetSegmentLogic:
 
         return read_bundle_config(_checkedModelPath(modelPath))
 
+    @staticmethod
+    def modelDescription(modelPath) -> dict:
+        """``{"title", "classes"}`` of a model for the model field: its card's title and its classes. A Hugging Face
+        Hub repository id (``owner/name``) fetches only its config and card; BundleError if unusable."""
+        from cotexnet.card import card_summary
+
+        return card_summary(_checkedModelPath(modelPath))
+
     def loadModel(self, modelPath, device: str = "auto"):
         """Loads a bundle in this process once per (folder, device, weights file version); later calls reuse it."""
         if self._models is None:
@@ -225,7 +233,7 @@ class CoTexNetSegmentLogic:
             from cotexnet.worker import segment_array
 
             model = self.loadModel(modelPath, device)
-            reporter.log(f"Loaded model {Path(modelPath).name}: {', '.join(config.classes)}")
+            reporter.log(f"Loaded model {model.name_or_path}: {', '.join(config.classes)}")
             labels, records, certainty = segment_array(model, image, geometry.spacing, geometry.direction,
                                                        progress=reporter.progress, cancel=reporter.cancelEvent,
                                                        log=reporter.log, **options)
@@ -239,7 +247,7 @@ class CoTexNetSegmentLogic:
         inputPath, outputPath = os.path.join(folder.name, "input.npy"), os.path.join(folder.name, "labels.npy")
         try:
             np.save(inputPath, image)
-            request = dict(model=str(_checkedModelPath(modelPath).resolve()), input=inputPath, output=outputPath,
+            request = dict(model=_workerModel(modelPath), input=inputPath, output=outputPath,
                            spacing=list(geometry.spacing), direction=list(geometry.direction), **options)
 
             def decode(reply: dict) -> EngineResult:
@@ -266,12 +274,14 @@ class CoTexNetSegmentLogic:
         """Segments each volume in turn with one loaded model; returns their segmentation nodes."""
         return [self.segment(volumeNode, modelPath, device, **options) for volumeNode in volumeNodes]
 
-    def segmentFiles(self, paths: Sequence, modelPath, outDir, device: str = "auto", report: bool = False,
+    def segmentFiles(self, paths: Sequence, modelPath, outDir, device: str = "auto", report: bool = False, *,
+                     dicomSeg: bool = False,
                      **options) -> list[dict]:
         """Segments image files without loading them into the scene; returns one result per input, in order.
 
         A file that fails does not stop the others, as with ``cotexnet segment``: its result is
-        ``{"input", "error"}``, the others say what was written. ``options`` go to
+        ``{"input", "error"}``, the others say what was written. ``dicomSeg`` also writes a DICOM
+        Segmentation for each DICOM series (``cotexnet segment --dicom-seg``). ``options`` go to
         ``cotexnet.infer.segment_files`` (e.g. ``batch_size``, ``seg_nrrd``, ``overwrite``). With ``report``
         the batch runs as ``cotexnet segment --inputs`` does (``cotexnet.cohort``; ``paths`` may name
         manifests): studies done by an earlier run are skipped, ``outDir/report.csv`` and ``report.json`` are
@@ -282,10 +292,11 @@ class CoTexNetSegmentLogic:
         if report:
             from cotexnet.cohort import segment_cohort
 
-            return segment_cohort(model, modelPath, paths, outDir, device=device, show_progress=False, **options)["studies"]
+            return segment_cohort(model, modelPath, paths, outDir, device=device, show_progress=False,
+                                  dicom_seg=dicomSeg, **options)["studies"]
         from cotexnet.infer import segment_files
 
-        return segment_files(model, paths, outDir, device=device, show_progress=False, **options)
+        return segment_files(model, paths, outDir, device=device, show_progress=False, dicom_seg=dicomSeg, **options)
 
     def _companion(self, segmentationNode, role: str, className: str, suffix: str, volumeNode, created: list):
         """The node ``segmentationNode`` references under ``role`` (its concept table, its confidence volume), made
@@ -459,5 +470,15 @@ def _checkedModelPath(modelPath) -> Path:
     from cotexnet.errors import BundleError
 
     if not isChosenPath(modelPath):
-        raise BundleError("no model chosen: select a trained CoTexNet model folder (it holds config.json)")
+        raise BundleError("no model chosen: select a trained CoTexNet model folder (it holds config.json) or type a "
+                          "Hugging Face Hub repository id (owner/name)")
     return Path(modelPath).expanduser()
+
+
+def _workerModel(modelPath) -> str:
+    """What the worker loads: a Hub repository id as given (the worker downloads it, off the GUI's thread), else
+    the folder's absolute path (the worker's working folder may differ)."""
+    from cotexnet.hub import parse_repo_id
+
+    path = _checkedModelPath(modelPath)
+    return str(modelPath) if parse_repo_id(str(modelPath)) else str(path.resolve())
