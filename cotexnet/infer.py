@@ -27,13 +27,11 @@ from .config import COMPILE_MODES, DEVICES, EVALUATION_SPLITS, PRECISIONS, PROBA
 from .data import (IntensityNormalization, VolumeImage, image_suffix, read_image, read_label_map, write_image,
                    write_segmentation_nrrd)
 from .data.laterality import flip_rule, swap_channels
+from .data.normalization import LUMA
 from .data.slicing import array_slice_axis, resize_slices
 from .errors import Cancelled, CoTexNetError, DataError
 
 logger = logging.getLogger(__name__)
-
-#: ITU-R BT.601 luma weights, to give an RGB picture to a model trained on grayscale.
-LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -172,7 +170,7 @@ def predict_volume(
         raise CoTexNetError(f"batch_size: expected a positive integer, got {batch_size}")
     if compile is not None and compile not in COMPILE_MODES:
         raise CoTexNetError(f"compile: expected one of {', '.join(COMPILE_MODES)}, got {compile!r}")
-    if rgb and normalization.mode != "rgb":  # a photo for a grayscale model: its luminance
+    if rgb and not config.color_input:  # a photo for a model trained on grayscale: its luminance, as in training
         array, rgb = array.astype(np.float32) @ LUMA, False
     spatial_ndim = array.ndim - (1 if rgb else 0)
     views = resolve_planes(config, planes, axis)

@@ -49,7 +49,7 @@ from .config import DEFAULT_PALETTE, RECIPES
 from .data import (IntensityNormalization, flip_rule, load_dataset, read_image_geometry, save_split, split_cases)
 from .data.augment import augment_batch
 from .data.laterality import FlipRule
-from .data.slice_dataset import ForegroundBatchSampler, SliceDataset
+from .data.slice_dataset import ForegroundBatchSampler, SliceDataset, reads_as_color
 from .data.slicing import array_slice_axis
 from .errors import ConfigError, CoTexNetError, DataError
 from .infer import autocast_dtype, fit_postprocessing, resolve_device
@@ -166,7 +166,7 @@ class PromptSource:
         labels_np = labels.detach().cpu().numpy()
         prompts = []
         for image, label in zip(images_np, labels_np):
-            picture = image[0] if self.config.intensity.get("mode") != "rgb" else np.moveaxis(image, 0, -1)
+            picture = np.moveaxis(image, 0, -1) if self.config.color_input else image[0]
             records = describe(picture, label, self.config.classes, self.config.keywords, self.backend,
                                attributes=self.attributes, cache=self.cache if self.cached_per_slice else None)
             prompts.append(" ".join(record["prompt"] for record in records))
@@ -193,11 +193,14 @@ def _set_rng_state(state: dict) -> None:
     random.setstate(ast.literal_eval(state["python"]))
 
 
-def _build_config(options: TrainOptions, classes: list[str], normalization: IntensityNormalization,
+def _build_config(options: TrainOptions, index, normalization: IntensityNormalization,
                   modality: str | None) -> CoTexNetConfig:
-    fields = dict(classes=classes, keywords=options.keywords, backbone=options.backbone,
+    """A new run's config; ``channels`` says what training feeds: colour when the dataset holds colour pictures
+    (or the intensity mode is ``rgb``), so that inference feeds colour too."""
+    color = normalization.mode == "rgb" or any(reads_as_color(case.image_path) for case in index.cases)
+    fields = dict(classes=index.classes, keywords=options.keywords, backbone=options.backbone,
                   image_size=options.image_size, slice_axis=options.slice_axis, modality=modality or "MR",
-                  intensity=normalization.to_dict())
+                  intensity=normalization.to_dict(), channels="rgb" if color else "grayscale")
     fields.update(options.config_overrides)
     return CoTexNetConfig(**fields)
 
@@ -379,7 +382,7 @@ class Trainer:
         if not self.split["train"]:
             raise DataError("the split leaves no training case", options.data)
         common = dict(normalization=normalization, split=self.split, axis=config.slice_axis,
-                      image_size=config.image_size, seed=options.seed)
+                      image_size=config.image_size, seed=options.seed, color=config.color_input)
         self.train_set = SliceDataset(self.index, "train", empty_fraction=options.empty_fraction, **common)
         val_name = "val" if self.split.get("val") else "train"
         if val_name == "train":
@@ -492,7 +495,7 @@ class Trainer:
             normalization = IntensityNormalization.from_dict(options.intensity)
         else:
             normalization = IntensityNormalization.for_modality(options.modality or index.modality)
-        self.config = _build_config(options, index.classes, normalization, options.modality or index.modality)
+        self.config = _build_config(options, index, normalization, options.modality or index.modality)
         if options.init_from:
             self.model = initialized_from(options.init_from, self.config)
             self.config = self.model.config
