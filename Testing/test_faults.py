@@ -542,3 +542,20 @@ def test_3_a_model_trained_on_colour_pictures_is_fed_colour_at_inference(tmp_pat
     assert item["image"].shape == (3, 64, 64) and not torch.allclose(item["image"][0], item["image"][1], atol=0.1)
     torch.testing.assert_close(fed[0][0], item["image"], atol=2e-3, rtol=0)  # float16 cache of training slices
     assert model.config.channels == "rgb"
+
+
+def test_4_init_from_with_the_classes_in_another_order_keeps_each_class_its_channel(bundle, tmp_path):
+    """Same classes, other order: the head's shapes match, so its channels were kept under the new names."""
+    from cotexnet.train import initialized_from
+
+    head = "clipseg.decoder.transposed_convolution.4"  # one channel per class after the background
+    source = CoTexNet.from_pretrained(bundle)
+    with torch.no_grad():
+        source.state_dict()[f"{head}.bias"][2] += 1.0  # 'square' differs from 'disk'
+    source.save_pretrained(tmp_path / "source")
+    model = initialized_from(tmp_path / "source", CoTexNetConfig(classes=["square", "disk"], backbone="tiny",
+                                                                 image_size=32))
+    assert model.config.classes == ["square", "disk"]
+    old, new = source.state_dict(), model.state_dict()
+    for key, dim in ((f"{head}.weight", 1), (f"{head}.bias", 0)):
+        assert torch.equal(new[key].movedim(dim, 0), old[key].movedim(dim, 0)[[0, 2, 1]]), key

@@ -55,7 +55,7 @@ from .errors import ConfigError, CoTexNetError, DataError
 from .infer import autocast_dtype, fit_postprocessing, resolve_device
 from .losses import CoTexNetLoss
 from .metrics import DatasetDice
-from .model import CoTexNet
+from .model import CoTexNet, output_head
 from .runlock import RunLock, existing_run_files
 
 logger = logging.getLogger(__name__)
@@ -216,7 +216,7 @@ def _write_metrics_csv(path: Path, rows: list[dict]) -> None:
 def initialized_from(bundle: str | Path, config: CoTexNetConfig) -> CoTexNet:
     """A model for ``config``'s classes starting from a trained bundle (or run folder): its architecture,
     weights, image size, slicing and intensity normalisation. The same classes keep every weight; otherwise
-    classes are matched by name (case ignored), each of the bundle's classes must be among the new ones,
+    (new classes, or the same in another order) classes are matched by name (case ignored), each of the bundle's classes must be among the new ones,
     and the output head's channels of new classes start from the background channel, negated."""
     from transformers import CLIPSegConfig
 
@@ -238,9 +238,10 @@ def initialized_from(bundle: str | Path, config: CoTexNetConfig) -> CoTexNet:
                                    "colors": [list(c) for c in colors]})
     model = CoTexNet(new_config, build_clipseg(CLIPSegConfig.from_dict(old.backbone_config)), source.tokenizer)
     state = source.state_dict()
-    head = [k for k, v in model.state_dict().items() if k in state and v.shape != state[k].shape]
+    head = output_head(model.clipseg.decoder)
+    prefix = next(name for name, module in model.named_modules() if module is head)
     target = model.state_dict()
-    for key in head:  # weight (in, n+1, k, k) or bias (n+1,): channel 0 is background
+    for key in (f"{prefix}.weight", f"{prefix}.bias"):  # remapped by name even when only the order changed  # weight (in, n+1, k, k) or bias (n+1,): channel 0 is background
         dim = 1 if target[key].ndim == 4 else 0
         old_channels = state[key].movedim(dim, 0)
         new_channels = target[key].movedim(dim, 0).clone()

@@ -149,7 +149,7 @@ def reads_as_color(path) -> bool:
         reader = sitk.ImageFileReader()
         reader.SetFileName(str(path))
         reader.ReadImageInformation()
-        return reader.GetNumberOfComponentsPerPixel() > 1
+        return reader.GetNumberOfComponents() > 1
     except (OSError, RuntimeError, ValueError):  # a damaged file: reading its voxels says what is wrong
         return False
 
