@@ -559,3 +559,35 @@ def test_4_init_from_with_the_classes_in_another_order_keeps_each_class_its_chan
     old, new = source.state_dict(), model.state_dict()
     for key, dim in ((f"{head}.weight", 1), (f"{head}.bias", 0)):
         assert torch.equal(new[key].movedim(dim, 0), old[key].movedim(dim, 0)[[0, 2, 1]]), key
+
+
+def _picture_dataset(shapes: Path, root: Path, labels: dict[str, int], relabel: list[int]) -> Path:
+    """The shapes cases as an nnU-Net dataset naming ``labels``; mask values go through ``relabel``."""
+    for folder in ("imagesTr", "labelsTr"):
+        (root / folder).mkdir(parents=True)
+    for i in range(4):
+        shutil.copy(shapes / "images" / f"case{i:02d}.png", root / "imagesTr" / f"c{i}_0000.png")
+        mask = np.array(relabel, np.uint8)[np.array(Image.open(shapes / "masks" / f"case{i:02d}.png"))]
+        Image.fromarray(mask).save(root / "labelsTr" / f"c{i}.png")
+    (root / "dataset.json").write_text(json.dumps({"labels": {"background": 0, **labels}, "file_ending": ".png",
+                                                   "numTraining": 4}))
+    return root
+
+
+def test_6_evaluate_matches_classes_by_name_and_refuses_other_names(shapes, tmp_path, monkeypatch, capsys):
+    """A dataset listing the model's classes in another order was scored by position (Dice 73/67 -> 21/24)."""
+    import cotexnet.infer
+
+    model = tmp_path / "model"
+    CoTexNet.from_config(CoTexNetConfig(classes=["disk", "square"], backbone="tiny", image_size=32)).save_pretrained(model)
+    truths = {f"c{i}_0000.png": np.array(Image.open(shapes / "masks" / f"case{i:02d}.png")) for i in range(4)}
+    perfect = lambda model, image, **options: truths[image.path.name]  # noqa: E731  (the model's order: disk, square)
+    monkeypatch.setattr(cotexnet.infer, "segment_volume", perfect)
+    swapped = _picture_dataset(shapes, tmp_path / "swapped", {"square": 1, "disk": 2}, [0, 2, 1])
+    assert main(["evaluate", str(model), str(swapped), "--split", "all", "--device", "cpu", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert [row["dice"] for row in report["per_class"]] == [1.0, 1.0]
+    other = _picture_dataset(shapes, tmp_path / "other", {"disk": 1, "circle": 2}, [0, 1, 2])
+    assert main(["evaluate", str(model), str(other), "--split", "all", "--device", "cpu"]) == 2
+    message = one_error_line(capsys.readouterr().err)
+    assert "['circle']" in message and "['disk', 'square']" in message and str(other) in message
