@@ -591,3 +591,27 @@ def test_6_evaluate_matches_classes_by_name_and_refuses_other_names(shapes, tmp_
     assert main(["evaluate", str(model), str(other), "--split", "all", "--device", "cpu"]) == 2
     message = one_error_line(capsys.readouterr().err)
     assert "['circle']" in message and "['disk', 'square']" in message and str(other) in message
+
+
+def test_8_island_volumes_in_mm3_do_not_apply_to_2d_pictures(tmp_path):
+    """A picture's spacing is a nominal 1 and a slice has no thickness: the same slice kept 1,044 pixels as PNG
+    and 2,009 as NIfTI. Island sizes now apply to 3D label maps only, and are not chosen on 2D cases."""
+    from cotexnet.postprocess import apply_postprocessing, choose_postprocessing
+
+    labels = np.zeros((32, 32), np.uint8)
+    labels[2:12, 2:12] = labels[20:30, 20:30] = 1  # two true components (largest-component would lose one)
+    labels[16:18, 2:4] = 1  # a 4-pixel island
+    Image.fromarray(labels).save(tmp_path / "slice.png")
+    nifti = sitk.GetImageFromArray(labels)
+    nifti.SetSpacing((3.0, 3.0))
+    sitk.WriteImage(nifti, str(tmp_path / "slice.nii.gz"))
+    choice = {"a": {"min_volume_mm3": 10.0}}
+    results = [apply_postprocessing(labels, choice, ["a"], read_image(tmp_path / name).spacing)
+               for name in ("slice.png", "slice.nii.gz")]
+    assert np.array_equal(results[0], results[1]) and np.array_equal(results[0], labels)
+    truth = labels.copy()
+    truth[16:18, 2:4] = 0
+    assert choose_postprocessing([labels], [truth], ["a"], [(1.0, 1.0)])["classes"]["a"]["min_volume_mm3"] == 0.0
+    volume, choice = np.stack([labels] * 3), {"a": {"min_volume_mm3": 50.0}}
+    assert apply_postprocessing(volume, choice, ["a"], (1.0, 1.0, 1.0))[:, 16:18, 2:4].sum() == 0  # 12 mm3 go
+    assert apply_postprocessing(volume, choice, ["a"], (2.0, 2.0, 2.0))[:, 16:18, 2:4].sum() == 12  # 96 mm3 stay
