@@ -615,3 +615,20 @@ def test_8_island_volumes_in_mm3_do_not_apply_to_2d_pictures(tmp_path):
     volume, choice = np.stack([labels] * 3), {"a": {"min_volume_mm3": 50.0}}
     assert apply_postprocessing(volume, choice, ["a"], (1.0, 1.0, 1.0))[:, 16:18, 2:4].sum() == 0  # 12 mm3 go
     assert apply_postprocessing(volume, choice, ["a"], (2.0, 2.0, 2.0))[:, 16:18, 2:4].sum() == 12  # 96 mm3 stay
+
+
+def test_9_a_bundle_with_nan_weights_is_refused_naming_the_tensor_and_file(bundle, shapes, tmp_path, capsys):
+    """It segmented everything as background and said "ok"."""
+    from safetensors.torch import load_file, save_file
+
+    copy = tmp_path / "bundle"
+    shutil.copytree(bundle, copy)
+    state = load_file(str(copy / "model.safetensors"))
+    name = "clipseg.decoder.transposed_convolution.4.bias"
+    state[name][1] = float("nan")
+    save_file(state, str(copy / "model.safetensors"), metadata={"format": "pt"})
+    out = tmp_path / "out"
+    assert main(["segment", str(copy), str(shapes / "images" / "case00.png"), "--out", str(out), "--device", "cpu"]) == 2
+    message = one_error_line(capsys.readouterr().err)
+    assert str(copy / "model.safetensors") in message and name in message and "NaN" in message
+    assert not out.exists() or not list(out.iterdir())
