@@ -632,3 +632,21 @@ def test_9_a_bundle_with_nan_weights_is_refused_naming_the_tensor_and_file(bundl
     message = one_error_line(capsys.readouterr().err)
     assert str(copy / "model.safetensors") in message and name in message and "NaN" in message
     assert not out.exists() or not list(out.iterdir())
+
+
+def test_10_more_than_255_classes_are_refused_not_wrapped_in_8_bits(tmp_path, capsys):
+    """Label maps are uint8: class 256 became 0 and 300 became 44."""
+    def sixteen_bit(i, label):
+        wide = label.astype(np.uint16)
+        wide[0, :4, :4], wide[1, :4, :4] = 256, 300
+        return wide
+
+    data = volume_dataset(tmp_path / "data", sixteen_bit)
+    labels = {"background": 0, **{f"structure {i}": i for i in range(1, 301)}}
+    (data / "dataset.json").write_text(json.dumps({"labels": labels, "file_ending": ".nii.gz", "numTraining": 4}))
+    with pytest.raises(DataError, match="at most 255"):
+        read_label_map(data / "labelsTr" / "c0.nii.gz", num_classes=300)
+    assert train_cli(data, tmp_path / "run") == 2
+    assert "at most 255" in one_error_line(capsys.readouterr().err)
+    with pytest.raises(CoTexNetError, match="at most 255"):
+        CoTexNetConfig(classes=[f"c{i}" for i in range(256)])
