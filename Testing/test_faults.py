@@ -650,3 +650,121 @@ def test_10_more_than_255_classes_are_refused_not_wrapped_in_8_bits(tmp_path, ca
     assert "at most 255" in one_error_line(capsys.readouterr().err)
     with pytest.raises(CoTexNetError, match="at most 255"):
         CoTexNetConfig(classes=[f"c{i}" for i in range(256)])
+
+
+def test_11_the_feature_cache_is_reserved_on_disk_and_a_full_disk_is_a_named_error(shapes, tmp_path):
+    """Sparse memory-mapped cache files on a disk that filled up killed training with SIGBUS (exit 135), no
+    message, run.lock left."""
+    trainer = Trainer(quick(shapes, tmp_path / "run", train_encoder="none"))
+    trainer.initialize()
+    files = list(trainer.cache.folder.glob("*.bin"))
+    assert len(files) == 4 and all(f.stat().st_blocks * 512 >= f.stat().st_size > 0 for f in files)  # not sparse
+    trainer.cache.close()
+
+    mount, run = tmp_path / "small disk", tmp_path / "small disk" / "run"
+    mount.mkdir()
+    command = [sys.executable, "-m", "cotexnet.cli", "train", str(shapes), "--classes", "disk", "square", *TINY_TRAIN,
+               "--epochs", "3", "--train-encoder", "none", "--out", str(run)]
+    script = (f"mount -t tmpfs -o size=12m tmpfs '{mount}' || exit 99\n"  # a bundle of the tiny model is 8 MB
+              f"{' '.join(repr(part) for part in command)}\ncode=$?\nls -a '{run}'\nexit $code")
+    if shutil.which("unshare") is None:
+        pytest.skip("needs unshare to mount a small disk")
+    result = subprocess.run(["unshare", "-rm", "sh", "-c", script], env=ENV, capture_output=True, text=True, timeout=300)
+    if result.returncode == 99 or result.stderr.startswith("unshare:"):
+        pytest.skip(f"cannot mount a small disk here: {result.stderr.strip()}")
+    errors = [line for line in result.stderr.splitlines() if "error:" in line]
+    assert result.returncode == 2 and len(errors) == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert str(run) in errors[0] and "No space left on device" in errors[0]
+    assert "run.lock" not in result.stdout.split() and "feature_cache" not in result.stdout.split()
+
+
+def test_15_a_diverging_training_stops_with_a_message_and_keeps_the_last_good_checkpoint(shapes, tmp_path, capsys,
+                                                                                          monkeypatch):
+    """--lr 1e6 died in the progress writer ("Out of range float values are not JSON compliant") and left a
+    folder that needed --overwrite."""
+    run = tmp_path / "run"
+    assert train_cli(shapes, run, "--classes", "disk", "square", "--lr", "1e6") == 2
+    message = one_error_line(capsys.readouterr().err)
+    assert "training diverged at epoch 1, step 2: the loss is nan" in message and "lower --lr (now 1000000.0)" in message
+    assert sorted(path.name for path in run.iterdir()) == ["split.json"]
+    # ended before its first checkpoint (diverged, or killed in epoch 1): --resume starts it anew
+    assert train_cli(shapes, run, "--classes", "disk", "square", "--max-steps-per-epoch", "1", "--resume") == 0
+    assert torch.load(run / "last" / TRAINER_STATE, weights_only=True)["epoch"] == 1
+
+    step = Trainer.train_step
+
+    def diverging_in_epoch_2(self, batch):
+        terms = step(self, batch)
+        if self.epoch == 2:
+            with torch.no_grad():
+                for parameter in self.model.trainable_parameters():
+                    parameter.fill_(float("nan"))
+            terms["loss"] = float("nan")
+        return terms
+
+    monkeypatch.setattr(Trainer, "train_step", diverging_in_epoch_2)
+    with pytest.raises(CoTexNetError, match="diverged at epoch 2, step 1.*last good checkpoint is kept"):
+        train(quick(shapes, tmp_path / "run2", epochs=3))
+    assert torch.load(tmp_path / "run2" / "last" / TRAINER_STATE, weights_only=True)["epoch"] == 1
+    CoTexNet.from_pretrained(tmp_path / "run2" / "last")  # finite weights: loading refuses NaN ones
+
+
+def _stop_file(tmp: Path) -> str:
+    (tmp / "stop").touch()
+    return str(tmp / "stop")
+
+
+@pytest.mark.parametrize("arguments, named", [
+    (lambda shapes, tmp: ["--cache-limit-gb", "-1"], "cache_limit_gb"),
+    (lambda shapes, tmp: ["--cache-limit-gb", "nan"], "cache_limit_gb"),
+    (lambda shapes, tmp: ["--image-size", "40"], "multiple of the backbone's patch size 16, e.g. 48"),
+    (lambda shapes, tmp: ["--weight-decay", "-1"], "weight_decay"),
+    (lambda shapes, tmp: ["--weight-decay", "nan"], "weight_decay"),
+    (lambda shapes, tmp: ["--seed", "-1"], "seed"),
+    (lambda shapes, tmp: ["--workers", "-1"], "num_workers"),
+    (lambda shapes, tmp: ["--progress-file", str(tmp)], "the progress file is a folder"),
+    (lambda shapes, tmp: ["--lr", "inf"], "lr: expected a finite positive number"),
+    (lambda shapes, tmp: ["--max-steps-per-epoch", "0"], "max_steps_per_epoch"),
+    (lambda shapes, tmp: ["--train-encoder", "last-99"], "the image encoder has 4 layers"),
+    (lambda shapes, tmp: ["--stop-file", _stop_file(tmp)], "the stop file exists already"),
+    (lambda shapes, tmp: ["--out", str(shapes / "run")], "lies inside the dataset"),
+], ids=["19-cache-limit-negative", "19-cache-limit-nan", "19-image-size-40", "19-weight-decay-negative",
+        "19-weight-decay-nan", "19-seed-negative", "19-workers-negative", "19-progress-file-folder", "15-lr-inf",
+        "20-max-steps-0", "20-train-encoder-last-99", "20-stop-file-at-start", "20-out-inside-dataset"])
+def test_bad_train_options_give_one_error_line_and_write_nothing(shapes, tmp_path, capsys, arguments, named):
+    run = tmp_path / "run"
+    assert main(["train", str(shapes), "--classes", "disk", "square", "--out", str(run), *TINY_TRAIN, "--epochs", "1",
+                 *arguments(shapes, tmp_path)]) == 2
+    assert named in one_error_line(capsys.readouterr().err)
+    assert not run.exists() or not any(run.iterdir())
+    assert not (shapes / "run").exists()
+
+
+@pytest.mark.parametrize("arguments, named", [
+    (["--volume", "10xAx10"], "--volume"), (["--iterations", "0"], "--iterations"), (["--batch-size", "0"], "--batch-size"),
+], ids=["19-bench-volume-not-numbers", "19-bench-iterations-0", "19-bench-batch-size-0"])
+def test_bad_bench_options_give_one_error_line(capsys, arguments, named):
+    with pytest.raises(SystemExit) as exit:
+        main(["bench", "--backbone", "tiny", "--device", "cpu", *arguments])
+    err = capsys.readouterr().err
+    assert exit.value.code == 2 and [line for line in err.splitlines() if "error:" in line] == [
+        line for line in err.splitlines() if named in line and "error:" in line] != [], err
+
+
+def test_20_a_lock_being_written_is_not_called_unreadable(tmp_path):
+    """A lock file exists (empty) between its creation and its write: 10 of 300 simultaneous takers were told to
+    delete an "unreadable" lock instead of being told who holds it."""
+    import threading
+
+    from cotexnet.runlock import LOCK_NAME, RunLock, RunLockedError
+
+    lock = tmp_path / LOCK_NAME
+    lock.touch()  # created by another trainer, which writes it a moment later
+    text = json.dumps({"pid": os.getpid(), "host": __import__("socket").gethostname(), "started": time.time()})
+    threading.Timer(0.3, lock.write_text, args=(text,)).start()
+    with pytest.raises(RunLockedError, match=f"in use by training process {os.getpid()}"):
+        RunLock(tmp_path).acquire()
+    lock.write_text("{half")  # a lock that stays broken is still called unreadable
+    os.utime(lock, (time.time() - 60, time.time() - 60))
+    with pytest.raises(RunLockedError, match="unreadable lock file"):
+        RunLock(tmp_path).acquire()

@@ -385,16 +385,31 @@ class TrainOptions:
             raise ConfigError(f"oversample: expected a share in [0, 1], got {self.oversample!r}")
         if not isinstance(self.views, int) or self.views < 1:
             raise ConfigError(f"views: expected a positive integer, got {self.views!r}")
-        for name in ("epochs", "batch_size", "patience", "image_size"):
+        for name in ("epochs", "batch_size", "patience", "image_size", "max_steps_per_epoch"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
+            if (value is not None or name != "max_steps_per_epoch") and not _integer_at_least(value, 1):
                 raise ConfigError(f"{name}: expected a positive integer, got {value!r}")
-        if not (isinstance(self.lr, (int, float)) and self.lr > 0):
-            raise ConfigError(f"lr: expected a positive number, got {self.lr!r}")
+        for name, top in (("seed", 2**32 - 1), ("num_workers", None)):  # numpy seeds are 32-bit
+            value = getattr(self, name)
+            if not _integer_at_least(value, 0) or (top is not None and value > top):
+                raise ConfigError(f"{name}: expected an integer from 0{f' to {top}' if top else ''}, got {value!r}")
+        if not _finite_at_least(self.lr, 0.0) or self.lr == 0:
+            raise ConfigError(f"lr: expected a finite positive number, got {self.lr!r}")
+        for name in ("weight_decay", "grad_clip", "cache_limit_gb"):
+            if not _finite_at_least(getattr(self, name), 0.0):
+                raise ConfigError(f"{name}: expected a finite number >= 0, got {getattr(self, name)!r}")
         for name, choices in (("optimizer", OPTIMIZERS), ("slice_axis", SLICE_AXES),
                               ("concept_backend", CONCEPT_BACKENDS)):
             if getattr(self, name) not in choices:
                 raise ConfigError(f"{name}: expected one of {', '.join(choices)}, got {getattr(self, name)!r}")
+
+
+def _integer_at_least(value, low: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= low
+
+
+def _finite_at_least(value, low: float) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= low
 
 
 def recipe_name(backbone: str) -> str:

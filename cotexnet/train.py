@@ -22,6 +22,7 @@ continues the epoch from there, so the resumed run takes as many optimiser steps
 from __future__ import annotations
 
 import csv
+import errno
 import io
 import json
 import logging
@@ -33,7 +34,7 @@ import signal
 import sys
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
+from contextlib import nullcontext, suppress
 from dataclasses import asdict
 from pathlib import Path
 
@@ -51,7 +52,7 @@ from .data.augment import augment_batch
 from .data.laterality import FlipRule
 from .data.slice_dataset import ForegroundBatchSampler, SliceDataset, reads_as_color
 from .data.slicing import array_slice_axis
-from .errors import ConfigError, CoTexNetError, DataError
+from .errors import ConfigError, CoTexNetError, DataError, error_summary
 from .infer import autocast_dtype, fit_postprocessing, resolve_device
 from .losses import CoTexNetLoss
 from .metrics import DatasetDice
@@ -74,6 +75,8 @@ class ProgressWriter:
     def __init__(self, path: str | None, stdout: bool, enabled: bool):
         self.path = Path(path) if (path and enabled) else None
         self.stdout = stdout and enabled
+        if self.path is not None and self.path.is_dir():
+            raise ConfigError(f"{self.path}: the progress file is a folder; --progress-file takes a file name")
         if self.path is not None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
 
@@ -301,9 +304,7 @@ class Trainer:
         options = self.options
         self.stop.install()
         try:
-            if self.out.exists() and not self.out.is_dir():
-                raise ConfigError(f"{self.out}: the output is a file; --out takes a folder (a new one, or a run "
-                                  f"to resume)")
+            self.check_output()
             with RunLock(self.out) if self.is_main else nullcontext():  # one trainer per run folder
                 self.initialize()
                 start_epoch = self.start_epoch
@@ -330,17 +331,53 @@ class Trainer:
                         if self.stale >= options.patience:
                             self.emit("early_stop", epoch=epoch, patience=options.patience, best_val_dice=self.best)
                         break
-                self.bar.close()
                 return self.finish()
+        except OSError as error:
+            if error.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            message = f"{error.filename or self.out}: no space left on the disk; free space and continue with --resume"
+            with suppress(OSError):  # the progress file may be on the full disk too
+                self.emit("error", message=message)
+            raise CoTexNetError(message) from None
         except CoTexNetError as error:
-            self.emit("error", message=str(error))
+            with suppress(OSError):
+                self.emit("error", message=str(error))
             raise
         finally:
             self.stop.uninstall()
+            if getattr(self, "bar", None) is not None:  # ends its line, so an error is printed on a line of its own
+                self.bar.close()
+            if getattr(self, "cache", None) is not None:  # never leave gigabytes of cache behind an error
+                self.cache.close()
             if self.world > 1 and dist.is_initialized():
                 dist.destroy_process_group()
 
     # ------------------------------------------------------------------------------------------- set-up
+    def check_output(self) -> None:
+        """Refuse, before anything is written, an output that cannot hold a run, and a stop file already there."""
+        data = Path(self.options.data).resolve()
+        if self.out.exists() and not self.out.is_dir():
+            raise ConfigError(f"{self.out}: the output is a file; --out takes a folder (a new one, or a run "
+                              f"to resume)")
+        if self.out.resolve().is_relative_to(data):
+            raise ConfigError(f"{self.out}: the output folder lies inside the dataset {data}; choose a folder outside "
+                              f"it (the run's files would become part of the dataset)")
+        if self.stop.stop_file is not None and self.stop.stop_file.exists():
+            raise ConfigError(f"{self.stop.stop_file}: the stop file exists already, so the run would stop before "
+                              f"its first step; delete it first")
+
+    def check_model_options(self) -> None:
+        """Options that only the built model can check: the size its patches tile, the encoder layers it has."""
+        options, vision = self.options, self.model.vision.config
+        size, patch = self.config.image_size, vision.patch_size
+        if size % patch:
+            raise ConfigError(f"image_size {size}: expected a multiple of the backbone's patch size {patch}, e.g. "
+                              f"{-(-size // patch) * patch}")
+        layers = vision.num_hidden_layers
+        if options.train_encoder.startswith("last-") and int(options.train_encoder[5:]) > layers:
+            raise ConfigError(f"train_encoder {options.train_encoder}: the image encoder has {layers} layers; "
+                              f"expected last-1 to last-{layers}, or all")
+
     def check_run_folder(self) -> None:
         """Refuse, before anything is written, to train over an earlier run that is not to be replaced."""
         found = existing_run_files(self.out)
@@ -373,11 +410,14 @@ class Trainer:
         _seed_everything(options.seed + self.rank)
         self.index = load_dataset(options.data, options.classes)
         self.check_run_folder()
-        if self.is_main:
-            self.prepare_run_folder()
+        if self.is_main and options.resume:
+            self.prepare_run_folder()  # resuming reads last/: put back a checkpoint a kill left half-swapped
         if self.world > 1:
             dist.barrier()
         resume_state = self.build_model()
+        self.check_model_options()
+        if self.is_main and not options.resume:
+            self.prepare_run_folder()  # an earlier run is replaced only once the new one's model is built
         config = self.config
         normalization = IntensityNormalization.from_dict(config.intensity)
         if not self.split["train"]:
@@ -474,13 +514,23 @@ class Trainer:
         if views == 0:
             self.emit("warning", message=message)
             return None
-        return FeatureCache(folder, layout, len(self.train_set), views)
+        try:
+            return FeatureCache(folder, layout, len(self.train_set), views)
+        except OSError as error:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise CoTexNetError(f"{folder}: cannot reserve the feature cache on disk ({error.strerror}); free space "
+                                f"there, lower --cache-limit-gb or pass --feature-cache off") from None
 
     def build_model(self) -> dict | None:
         """``self.model``, ``self.config`` and ``self.split``: a new model on the backbone, or the run in
         ``OUT/last`` when resuming (then its trainer state is returned)."""
         options, index = self.options, self.index
-        if options.resume:
+        never_saved = not any((self.out / name).exists() for name in ("best", "last"))
+        if options.resume and never_saved:  # stopped (killed, diverged) before its first checkpoint
+            message = f"{self.out}: the run saved no checkpoint before it ended; starting it from the beginning"
+            logger.warning(message)
+            self.emit("warning", message=message)
+        elif options.resume:
             if not (self.last_dir / TRAINER_STATE).is_file():
                 raise CoTexNetError(f"{self.last_dir}: nothing to resume (no {TRAINER_STATE}); start without --resume")
             self.model = CoTexNet.from_pretrained(self.last_dir)
@@ -600,6 +650,8 @@ class Trainer:
                 self._halve_batch()
                 iterator = iter(self.train_loader)
                 continue
+            if any_rank(not math.isfinite(terms["loss"]), self.device, self.world):
+                raise self.diverged(epoch, done + 1, terms["loss"])
             done += 1
             self.steps_run += 1
             for key in totals:
@@ -612,6 +664,16 @@ class Trainer:
                                  refresh=False)
             self.bar.update(1)
         return done, totals
+
+    def diverged(self, epoch: int, step: int, loss: float) -> CoTexNetError:
+        """The error that ends a run whose loss stopped being finite; the weights it has now are never saved."""
+        if (self.last_dir / TRAINER_STATE).is_file():
+            kept = (f"the last good checkpoint is kept in {self.last_dir}; start again with --overwrite, or with "
+                    f"--init-from {self.best_dir} and a new --out to keep what was learnt")
+        else:
+            kept = "no checkpoint had been saved, so --resume starts the run anew"
+        return CoTexNetError(f"training diverged at epoch {epoch}, step {step}: the loss is {loss}; lower --lr "
+                             f"(now {self.options.lr}) and {kept}")
 
     def _halve_batch(self) -> None:
         if self.batch_size == 1:
@@ -724,14 +786,20 @@ class Trainer:
 
         ``totals`` (the loss sums so far) marks a checkpoint saved mid-epoch, after ``self.step`` steps.
         """
+        from safetensors import SafetensorError
+
         info = self.training_info()
-        if improved:
-            self.model.save_pretrained(self.best_dir, training_info=info)
-        state = self.checkpoint_state(totals)
-        save_bundle(self.model, self.last_dir, info, extra_files=lambda folder: write_files_atomic(
-            folder / TRAINER_STATE, lambda target: torch.save(state, target)))  # last, so its presence means complete
-        if self.history:
-            _write_metrics_csv(self.out / "metrics.csv", self.history)
+        try:
+            if improved:
+                self.model.save_pretrained(self.best_dir, training_info=info)
+            state = self.checkpoint_state(totals)
+            save_bundle(self.model, self.last_dir, info, extra_files=lambda folder: write_files_atomic(
+                folder / TRAINER_STATE, lambda target: torch.save(state, target)))  # last: its presence means complete
+            if self.history:
+                _write_metrics_csv(self.out / "metrics.csv", self.history)
+        except (OSError, SafetensorError) as error:  # e.g. a full disk; the earlier checkpoints stay as they were
+            raise CoTexNetError(f"{self.out}: the checkpoint of epoch {self.epoch} could not be written "
+                                f"({error_summary(error)}); free space there or choose another --out") from None
 
     def checkpoint_state(self, totals: dict | None = None) -> dict:
         """What ``--resume`` needs besides the weights: optimiser, schedule, early-stopping state, RNGs, split,
