@@ -7,11 +7,11 @@ A slice-wise model can leave islands and holes that no 3D model would. Three ste
 * ``fill_holes``: background voxels enclosed by the class become the class (other classes are never
   overwritten, so white matter inside grey matter stays white matter).
 
-Removed voxels become background. Island sizes are volumes, so ``min_volume_mm3`` applies to 3D label maps
-only: a 2D one (a picture, whose spacing is a nominal 1, or a single slice, which has no thickness) keeps its
-islands, and the chooser does not try sizes on 2D validation cases. :func:`choose_postprocessing` tries the steps one after another for
-each class on the validation predictions and keeps a step only when it raises that class's Dice pooled
-over the validation cases; the result is a JSON-ready dict that a bundle stores as
+Removed voxels become background. Island sizes are volumes, so ``min_volume_mm3`` applies to 3D label
+maps only: a 2D one (a picture, whose spacing is a nominal 1, or a single slice, which has no thickness)
+keeps its islands. :func:`choose_postprocessing` tries the steps one after another for each class on the
+validation predictions (no island sizes on 2D cases) and keeps a step only when it raises that class's
+Dice pooled over the validation cases; the result is a JSON-ready dict that a bundle stores as
 ``config.postprocessing`` and :func:`apply_postprocessing` applies. numpy and scipy only.
 """
 from __future__ import annotations

@@ -219,8 +219,9 @@ def _write_metrics_csv(path: Path, rows: list[dict]) -> None:
 def initialized_from(bundle: str | Path, config: CoTexNetConfig) -> CoTexNet:
     """A model for ``config``'s classes starting from a trained bundle (or run folder): its architecture,
     weights, image size, slicing and intensity normalisation. The same classes keep every weight; otherwise
-    (new classes, or the same in another order) classes are matched by name (case ignored), each of the bundle's classes must be among the new ones,
-    and the output head's channels of new classes start from the background channel, negated."""
+    (new classes, or the same in another order) the head's channels follow the class names (case ignored),
+    each of the bundle's classes must be among the new ones, and new classes start from the background
+    channel, negated."""
     from transformers import CLIPSegConfig
 
     from .bundle import build_clipseg
