@@ -392,7 +392,8 @@ class TrainOptions:
         for name, top in (("seed", 2**32 - 1), ("num_workers", None)):  # numpy seeds are 32-bit
             value = getattr(self, name)
             if not _integer_at_least(value, 0) or (top is not None and value > top):
-                raise ConfigError(f"{name}: expected an integer from 0{f' to {top}' if top else ''}, got {value!r}")
+                allowed = f"from 0 to {top}" if top is not None else ">= 0"
+                raise ConfigError(f"{name}: expected an integer {allowed}, got {value!r}")
         if not _finite_at_least(self.lr, 0.0) or self.lr == 0:
             raise ConfigError(f"lr: expected a finite positive number, got {self.lr!r}")
         for name in ("weight_decay", "grad_clip", "cache_limit_gb"):
