@@ -781,3 +781,258 @@ def test_itk_messages_have_no_object_addresses_and_keep_the_reason(tmp_path):
     with pytest.raises(DataError) as error:
         read_image(path)
     assert "0x" not in str(error.value) and "require endian info" in str(error.value), str(error.value)
+
+
+# Issue 21, part B: models, training and options
+def _colour_shapes(root: Path) -> Path:
+    """The shapes dataset in colour: a red disk and a green square on blue, where luminance and colour differ."""
+    shapes_dataset(root)
+    palette = np.array([[40, 60, 160], [220, 30, 30], [30, 200, 40]], np.uint8)  # background, disk, square
+    for mask in (root / "masks").iterdir():
+        Image.fromarray(palette[np.array(Image.open(mask))]).save(root / "images" / mask.name)
+    return root
+
+
+def test_3_a_model_trained_on_colour_pictures_is_fed_colour_at_inference(tmp_path):
+    """Training fed colour (no --modality RGB), inference fed luminance: val Dice 0.835, evaluate 0.00."""
+    from cotexnet.infer import predict_volume
+
+    data = _colour_shapes(tmp_path / "data")
+    trainer = Trainer(quick(data, tmp_path / "run"))
+    trainer.initialize()
+    trainer.model.save_pretrained(tmp_path / "model")
+    model = CoTexNet.from_pretrained(tmp_path / "model")
+    item = trainer.train_set[0]
+    fed = []
+    model.register_forward_pre_hook(lambda module, inputs: fed.append(inputs[0].expand(-1, 3, -1, -1).clone()))
+    case = trainer.index.case(item["case"])
+    predict_volume(model, read_image(case.image_path), device="cpu", postprocess=False)
+    assert item["image"].shape == (3, 64, 64) and not torch.allclose(item["image"][0], item["image"][1], atol=0.1)
+    torch.testing.assert_close(fed[0][0], item["image"], atol=2e-3, rtol=0)  # float16 cache of training slices
+    assert model.config.channels == "rgb"
+
+
+def test_4_init_from_with_the_classes_in_another_order_keeps_each_class_its_channel(bundle, tmp_path):
+    """Same classes, other order: the head's shapes match, so its channels were kept under the new names."""
+    from cotexnet.train import initialized_from
+
+    head = "clipseg.decoder.transposed_convolution.4"  # one channel per class after the background
+    source = CoTexNet.from_pretrained(bundle)
+    with torch.no_grad():
+        source.state_dict()[f"{head}.bias"][2] += 1.0  # 'square' differs from 'disk'
+    source.save_pretrained(tmp_path / "source")
+    model = initialized_from(tmp_path / "source", CoTexNetConfig(classes=["square", "disk"], backbone="tiny",
+                                                                 image_size=32))
+    assert model.config.classes == ["square", "disk"]
+    old, new = source.state_dict(), model.state_dict()
+    for key, dim in ((f"{head}.weight", 1), (f"{head}.bias", 0)):
+        assert torch.equal(new[key].movedim(dim, 0), old[key].movedim(dim, 0)[[0, 2, 1]]), key
+
+
+def _picture_dataset(shapes: Path, root: Path, labels: dict[str, int], relabel: list[int]) -> Path:
+    """The shapes cases as an nnU-Net dataset naming ``labels``; mask values go through ``relabel``."""
+    for folder in ("imagesTr", "labelsTr"):
+        (root / folder).mkdir(parents=True)
+    for i in range(4):
+        shutil.copy(shapes / "images" / f"case{i:02d}.png", root / "imagesTr" / f"c{i}_0000.png")
+        mask = np.array(relabel, np.uint8)[np.array(Image.open(shapes / "masks" / f"case{i:02d}.png"))]
+        Image.fromarray(mask).save(root / "labelsTr" / f"c{i}.png")
+    (root / "dataset.json").write_text(json.dumps({"labels": {"background": 0, **labels}, "file_ending": ".png",
+                                                   "numTraining": 4}))
+    return root
+
+
+def test_6_evaluate_matches_classes_by_name_and_refuses_other_names(shapes, tmp_path, monkeypatch, capsys):
+    """A dataset listing the model's classes in another order was scored by position (Dice 73/67 -> 21/24)."""
+    import cotexnet.infer
+
+    model = tmp_path / "model"
+    CoTexNet.from_config(CoTexNetConfig(classes=["disk", "square"], backbone="tiny", image_size=32)).save_pretrained(model)
+    truths = {f"c{i}_0000.png": np.array(Image.open(shapes / "masks" / f"case{i:02d}.png")) for i in range(4)}
+    perfect = lambda model, image, **options: truths[image.path.name]  # noqa: E731  (the model's order: disk, square)
+    monkeypatch.setattr(cotexnet.infer, "segment_volume", perfect)
+    swapped = _picture_dataset(shapes, tmp_path / "swapped", {"square": 1, "disk": 2}, [0, 2, 1])
+    assert main(["evaluate", str(model), str(swapped), "--split", "all", "--device", "cpu", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert [row["dice"] for row in report["per_class"]] == [1.0, 1.0]
+    other = _picture_dataset(shapes, tmp_path / "other", {"disk": 1, "circle": 2}, [0, 1, 2])
+    assert main(["evaluate", str(model), str(other), "--split", "all", "--device", "cpu"]) == 2
+    message = one_error_line(capsys.readouterr().err)
+    assert "['circle']" in message and "['disk', 'square']" in message and str(other) in message
+
+
+def test_8_island_volumes_in_mm3_do_not_apply_to_2d_pictures(tmp_path):
+    """A picture's spacing is a nominal 1 and a slice has no thickness: the same slice kept 1,044 pixels as PNG
+    and 2,009 as NIfTI. Island sizes now apply to 3D label maps only, and are not chosen on 2D cases."""
+    from cotexnet.postprocess import apply_postprocessing, choose_postprocessing
+
+    labels = np.zeros((32, 32), np.uint8)
+    labels[2:12, 2:12] = labels[20:30, 20:30] = 1  # two true components (largest-component would lose one)
+    labels[16:18, 2:4] = 1  # a 4-pixel island
+    Image.fromarray(labels).save(tmp_path / "slice.png")
+    nifti = sitk.GetImageFromArray(labels)
+    nifti.SetSpacing((3.0, 3.0))
+    sitk.WriteImage(nifti, str(tmp_path / "slice.nii.gz"))
+    choice = {"a": {"min_volume_mm3": 10.0}}
+    results = [apply_postprocessing(labels, choice, ["a"], read_image(tmp_path / name).spacing)
+               for name in ("slice.png", "slice.nii.gz")]
+    assert np.array_equal(results[0], results[1]) and np.array_equal(results[0], labels)
+    truth = labels.copy()
+    truth[16:18, 2:4] = 0
+    assert choose_postprocessing([labels], [truth], ["a"], [(1.0, 1.0)])["classes"]["a"]["min_volume_mm3"] == 0.0
+    volume, choice = np.stack([labels] * 3), {"a": {"min_volume_mm3": 50.0}}
+    assert apply_postprocessing(volume, choice, ["a"], (1.0, 1.0, 1.0))[:, 16:18, 2:4].sum() == 0  # 12 mm3 go
+    assert apply_postprocessing(volume, choice, ["a"], (2.0, 2.0, 2.0))[:, 16:18, 2:4].sum() == 12  # 96 mm3 stay
+
+
+def test_9_a_bundle_with_nan_weights_is_refused_naming_the_tensor_and_file(bundle, shapes, tmp_path, capsys):
+    """It segmented everything as background and said "ok"."""
+    from safetensors.torch import load_file, save_file
+
+    copy = tmp_path / "bundle"
+    shutil.copytree(bundle, copy)
+    state = load_file(str(copy / "model.safetensors"))
+    name = "clipseg.decoder.transposed_convolution.4.bias"
+    state[name][1] = float("nan")
+    save_file(state, str(copy / "model.safetensors"), metadata={"format": "pt"})
+    out = tmp_path / "out"
+    assert main(["segment", str(copy), str(shapes / "images" / "case00.png"), "--out", str(out), "--device", "cpu"]) == 2
+    message = one_error_line(capsys.readouterr().err)
+    assert str(copy / "model.safetensors") in message and name in message and "NaN" in message
+    assert not out.exists() or not list(out.iterdir())
+
+
+def test_10_more_than_255_classes_are_refused_not_wrapped_in_8_bits(tmp_path, capsys):
+    """Label maps are uint8: class 256 became 0 and 300 became 44."""
+    def sixteen_bit(i, label):
+        wide = label.astype(np.uint16)
+        wide[0, :4, :4], wide[1, :4, :4] = 256, 300
+        return wide
+
+    data = volume_dataset(tmp_path / "data", sixteen_bit)
+    labels = {"background": 0, **{f"structure {i}": i for i in range(1, 301)}}
+    (data / "dataset.json").write_text(json.dumps({"labels": labels, "file_ending": ".nii.gz", "numTraining": 4}))
+    with pytest.raises(DataError, match="at most 255"):
+        read_label_map(data / "labelsTr" / "c0.nii.gz", num_classes=300)
+    assert train_cli(data, tmp_path / "run") == 2
+    assert "at most 255" in one_error_line(capsys.readouterr().err)
+    with pytest.raises(CoTexNetError, match="at most 255"):
+        CoTexNetConfig(classes=[f"c{i}" for i in range(256)])
+
+
+def test_11_the_feature_cache_is_reserved_on_disk_and_a_full_disk_is_a_named_error(shapes, tmp_path):
+    """Sparse memory-mapped cache files on a disk that filled up killed training with SIGBUS (exit 135), no
+    message, run.lock left."""
+    trainer = Trainer(quick(shapes, tmp_path / "run", train_encoder="none"))
+    trainer.initialize()
+    files = list(trainer.cache.folder.glob("*.bin"))
+    assert len(files) == 4 and all(f.stat().st_blocks * 512 >= f.stat().st_size > 0 for f in files)  # not sparse
+    trainer.cache.close()
+
+    mount, run = tmp_path / "small disk", tmp_path / "small disk" / "run"
+    mount.mkdir()
+    command = [sys.executable, "-m", "cotexnet.cli", "train", str(shapes), "--classes", "disk", "square", *TINY_TRAIN,
+               "--epochs", "3", "--train-encoder", "none", "--out", str(run)]
+    script = (f"mount -t tmpfs -o size=12m tmpfs '{mount}' || exit 99\n"  # a bundle of the tiny model is 8 MB
+              f"{' '.join(repr(part) for part in command)}\ncode=$?\nls -a '{run}'\nexit $code")
+    if shutil.which("unshare") is None:
+        pytest.skip("needs unshare to mount a small disk")
+    result = subprocess.run(["unshare", "-rm", "sh", "-c", script], env=ENV, capture_output=True, text=True, timeout=300)
+    if result.returncode == 99 or result.stderr.startswith("unshare:"):
+        pytest.skip(f"cannot mount a small disk here: {result.stderr.strip()}")
+    errors = [line for line in result.stderr.splitlines() if "error:" in line]
+    assert result.returncode == 2 and len(errors) == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert str(run) in errors[0] and "No space left on device" in errors[0]
+    assert "run.lock" not in result.stdout.split() and "feature_cache" not in result.stdout.split()
+
+
+def test_15_a_diverging_training_stops_with_a_message_and_keeps_the_last_good_checkpoint(shapes, tmp_path, capsys,
+                                                                                          monkeypatch):
+    """--lr 1e6 died in the progress writer ("Out of range float values are not JSON compliant") and left a
+    folder that needed --overwrite."""
+    run = tmp_path / "run"
+    assert train_cli(shapes, run, "--classes", "disk", "square", "--lr", "1e6") == 2
+    message = one_error_line(capsys.readouterr().err)
+    assert "training diverged at epoch 1, step 2: the loss is nan" in message and "lower --lr (now 1000000.0)" in message
+    assert sorted(path.name for path in run.iterdir()) == ["split.json"]
+    # ended before its first checkpoint (diverged, or killed in epoch 1): --resume starts it anew
+    assert train_cli(shapes, run, "--classes", "disk", "square", "--max-steps-per-epoch", "1", "--resume") == 0
+    assert torch.load(run / "last" / TRAINER_STATE, weights_only=True)["epoch"] == 1
+
+    step = Trainer.train_step
+
+    def diverging_in_epoch_2(self, batch):
+        terms = step(self, batch)
+        if self.epoch == 2:
+            with torch.no_grad():
+                for parameter in self.model.trainable_parameters():
+                    parameter.fill_(float("nan"))
+            terms["loss"] = float("nan")
+        return terms
+
+    monkeypatch.setattr(Trainer, "train_step", diverging_in_epoch_2)
+    with pytest.raises(CoTexNetError, match="diverged at epoch 2, step 1.*last good checkpoint is kept"):
+        train(quick(shapes, tmp_path / "run2", epochs=3))
+    assert torch.load(tmp_path / "run2" / "last" / TRAINER_STATE, weights_only=True)["epoch"] == 1
+    CoTexNet.from_pretrained(tmp_path / "run2" / "last")  # finite weights: loading refuses NaN ones
+
+
+def _stop_file(tmp: Path) -> str:
+    (tmp / "stop").touch()
+    return str(tmp / "stop")
+
+
+@pytest.mark.parametrize("arguments, named", [
+    (lambda shapes, tmp: ["--cache-limit-gb", "-1"], "cache_limit_gb"),
+    (lambda shapes, tmp: ["--cache-limit-gb", "nan"], "cache_limit_gb"),
+    (lambda shapes, tmp: ["--image-size", "40"], "multiple of the backbone's patch size 16, e.g. 48"),
+    (lambda shapes, tmp: ["--weight-decay", "-1"], "weight_decay"),
+    (lambda shapes, tmp: ["--weight-decay", "nan"], "weight_decay"),
+    (lambda shapes, tmp: ["--seed", "-1"], "seed"),
+    (lambda shapes, tmp: ["--workers", "-1"], "num_workers"),
+    (lambda shapes, tmp: ["--progress-file", str(tmp)], "the progress file is a folder"),
+    (lambda shapes, tmp: ["--lr", "inf"], "lr: expected a finite positive number"),
+    (lambda shapes, tmp: ["--max-steps-per-epoch", "0"], "max_steps_per_epoch"),
+    (lambda shapes, tmp: ["--train-encoder", "last-99"], "the image encoder has 4 layers"),
+    (lambda shapes, tmp: ["--stop-file", _stop_file(tmp)], "the stop file exists already"),
+    (lambda shapes, tmp: ["--out", str(shapes / "run")], "lies inside the dataset"),
+], ids=["19-cache-limit-negative", "19-cache-limit-nan", "19-image-size-40", "19-weight-decay-negative",
+        "19-weight-decay-nan", "19-seed-negative", "19-workers-negative", "19-progress-file-folder", "15-lr-inf",
+        "20-max-steps-0", "20-train-encoder-last-99", "20-stop-file-at-start", "20-out-inside-dataset"])
+def test_bad_train_options_give_one_error_line_and_write_nothing(shapes, tmp_path, capsys, arguments, named):
+    run = tmp_path / "run"
+    assert main(["train", str(shapes), "--classes", "disk", "square", "--out", str(run), *TINY_TRAIN, "--epochs", "1",
+                 *arguments(shapes, tmp_path)]) == 2
+    assert named in one_error_line(capsys.readouterr().err)
+    assert not run.exists() or not any(run.iterdir())
+    assert not (shapes / "run").exists()
+
+
+@pytest.mark.parametrize("arguments, named", [
+    (["--volume", "10xAx10"], "--volume"), (["--iterations", "0"], "--iterations"), (["--batch-size", "0"], "--batch-size"),
+], ids=["19-bench-volume-not-numbers", "19-bench-iterations-0", "19-bench-batch-size-0"])
+def test_bad_bench_options_give_one_error_line(capsys, arguments, named):
+    with pytest.raises(SystemExit) as exit:
+        main(["bench", "--backbone", "tiny", "--device", "cpu", *arguments])
+    err = capsys.readouterr().err
+    assert exit.value.code == 2 and [line for line in err.splitlines() if "error:" in line] == [
+        line for line in err.splitlines() if named in line and "error:" in line] != [], err
+
+
+def test_20_a_lock_being_written_is_not_called_unreadable(tmp_path):
+    """A lock file exists (empty) between its creation and its write: 10 of 300 simultaneous takers were told to
+    delete an "unreadable" lock instead of being told who holds it."""
+    import threading
+
+    from cotexnet.runlock import LOCK_NAME, RunLock, RunLockedError
+
+    lock = tmp_path / LOCK_NAME
+    lock.touch()  # created by another trainer, which writes it a moment later
+    text = json.dumps({"pid": os.getpid(), "host": __import__("socket").gethostname(), "started": time.time()})
+    threading.Timer(0.3, lock.write_text, args=(text,)).start()
+    with pytest.raises(RunLockedError, match=f"in use by training process {os.getpid()}"):
+        RunLock(tmp_path).acquire()
+    lock.write_text("{half")  # a lock that stays broken is still called unreadable
+    os.utime(lock, (time.time() - 60, time.time() - 60))
+    with pytest.raises(RunLockedError, match="unreadable lock file"):
+        RunLock(tmp_path).acquire()

@@ -227,11 +227,25 @@ def read_bundle_weights(directory: str | os.PathLike) -> tuple[CoTexNetConfig, d
     if not weights.is_file():
         raise BundleError(f"{weights}: weights file is missing")
     try:
-        return config, load_file(str(weights))
+        state = load_file(str(weights))
     except PermissionError as error:
         raise unreadable_bundle(error, directory) from None
     except (SafetensorError, OSError, ValueError) as error:
         raise BundleError(f"{weights}: corrupt or unreadable weights ({error})") from None
+    _check_finite(state, weights)
+    return config, state
+
+
+def _check_finite(state: dict, weights: Path) -> None:
+    """Refuse NaN or infinite weights (a diverged or damaged model segments everything as background), naming
+    the first tensor that holds them."""
+    import torch
+
+    for name, tensor in state.items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise BundleError(f"{weights}: tensor {name} holds {bad} NaN or infinite value(s) of {tensor.numel()}; "
+                              f"the model cannot be used (did its training diverge?)")
 
 
 def _check_state(state: dict, expected: dict, directory: Path) -> None:

@@ -457,15 +457,16 @@ def _add_bench(sub) -> None:
                    help="measure training steps (cached vs uncached frozen features) instead of inference")
     p.add_argument("--backbone", default="full-random", help="tiny, full-random, a Hugging Face id or a folder")
     _add_device(p)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--image-size", type=int, default=DEFAULT_IMAGE_SIZE)
-    p.add_argument("--classes", type=int, default=1, help="number of CoTexNet classes")
+    p.add_argument("--batch-size", type=_positive_int, default=8)
+    p.add_argument("--image-size", type=_positive_int, default=DEFAULT_IMAGE_SIZE)
+    p.add_argument("--classes", type=_positive_int, default=1, help="number of CoTexNet classes")
     p.add_argument("--precision", nargs="+", choices=[name for name in PRECISIONS if name != "auto"],
                    help="precisions to measure (default: fp32 bf16 on CPU, fp32 bf16 fp16 on CUDA)")
-    p.add_argument("--iterations", type=int, default=5)
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--volume", help="also time a synthetic CT volume end to end, e.g. 300x512x512")
-    p.add_argument("--volume-batch-size", type=int, help="slices per batch for --volume (default: 64 on CUDA, else --batch-size)")
+    p.add_argument("--iterations", type=_positive_int, default=5)
+    p.add_argument("--warmup", type=_count, default=2)
+    p.add_argument("--volume", type=_volume_shape, help="also time a synthetic CT volume end to end, e.g. 300x512x512")
+    p.add_argument("--volume-batch-size", type=_positive_int,
+                   help="slices per batch for --volume (default: 64 on CUDA, else --batch-size)")
     p.add_argument("--compile", choices=COMPILE_MODES, help="torch.compile both sides (reduce-overhead: CUDA graphs)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_run_bench)
@@ -485,16 +486,42 @@ def _run_bench(args) -> int:
                   f"{report['uncached']['steps_per_s']:.3f} steps/s, cached {report['cached']['steps_per_s']:.3f} "
                   f"steps/s, ratio {report['train_ratio']:.1f}x")
         return 0
-    shape = tuple(int(v) for v in args.volume.lower().split("x")) if args.volume else None
-    if shape is not None and len(shape) != 3:
-        raise CoTexNetError(f"--volume: expected DxHxW, got {args.volume!r}")
     report = bench(args.backbone, args.device, args.batch_size, args.image_size, args.classes, args.precision,
-                   args.iterations, args.warmup, shape, args.volume_batch_size, args.compile)
+                   args.iterations, args.warmup, args.volume, args.volume_batch_size, args.compile)
     if args.json:
         _print_json(report)
     else:
         print(format_report(report))
     return 0
+
+
+def _integer_at_least(text: str, low: int) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = None
+    if value is None or value < low:
+        raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text!r}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    return _integer_at_least(text, 1)
+
+
+def _count(text: str) -> int:
+    return _integer_at_least(text, 0)
+
+
+def _volume_shape(text: str) -> tuple[int, int, int]:
+    """``--volume DxHxW``: three positive sizes."""
+    try:
+        shape = tuple(_positive_int(v) for v in text.lower().split("x"))
+    except argparse.ArgumentTypeError:
+        shape = ()
+    if len(shape) != 3:
+        raise argparse.ArgumentTypeError(f"expected DxHxW with three positive integers (e.g. 300x512x512), got {text!r}")
+    return shape
 
 
 def _add_demo(sub) -> None:

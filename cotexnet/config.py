@@ -60,6 +60,10 @@ PROBABILITY_FORMATS = ("uint8", "float32")
 FLIP_MODES = ("anatomy", "all", "none")
 #: Frozen-feature cache of the training step: ``auto`` on when it fits under the size cap, ``off`` never.
 FEATURE_CACHE_MODES = ("auto", "off")
+#: What a model was trained on (``CoTexNetConfig.channels``): colour pictures as they are, or their luminance.
+INPUT_CHANNELS = ("grayscale", "rgb")
+#: Label maps are 8-bit (class indices 0..255, 0 = background): the most classes a model or dataset may have.
+MAX_CLASSES = 255
 #: Which image-encoder layers train: ``none`` (the paper: frozen), ``all``, or ``last-K``.
 TRAIN_ENCODER_HELP = "none, all or last-K"
 #: Options set per backbone unless given (``None`` in :class:`TrainOptions`). ``paper`` suits the pretrained
@@ -112,6 +116,10 @@ class CoTexNetConfig:
     slice_axis: str = "axial"
     modality: str = "MR"
     intensity: dict[str, Any] = field(default_factory=lambda: {"mode": "percentile", "lower": 0.5, "upper": 99.5})
+    #: What training fed the model, so inference feeds the same: ``rgb`` (colour pictures as they are,
+    #: grayscale images in all three channels) or ``grayscale`` (colour pictures as their luminance).
+    #: ``None`` (bundles from before this field): ``rgb`` exactly when the intensity mode is ``rgb``.
+    channels: str | None = None
     #: Views whose class probabilities inference averages (``None``: ``slice_axis`` alone); a
     #: recommendation that ``--planes`` overrides.
     planes: list[str] | None = None
@@ -131,6 +139,9 @@ class CoTexNetConfig:
         self.classes = [self._name("classes", c) for c in self.classes]
         if len(set(self.classes)) != len(self.classes):
             raise ConfigError(f"classes: names must be unique, got {self.classes}")
+        if len(self.classes) > MAX_CLASSES:
+            raise ConfigError(f"classes: at most {MAX_CLASSES} (label maps hold 8-bit class indices), got "
+                              f"{len(self.classes)}")
         if self.keywords is None:
             self.keywords = list(self.classes)
         self.keywords = [self._name("keywords", k) for k in self.keywords]
@@ -148,6 +159,8 @@ class CoTexNetConfig:
         self._check_choice("kl_form", KL_FORMS)
         self._check_choice("slice_axis", SLICE_AXES)
         self._check_choice("attention", ATTENTIONS)
+        if self.channels is not None:
+            self._check_choice("channels", INPUT_CHANNELS)
         if not isinstance(self.image_size, int) or isinstance(self.image_size, bool) or not 16 <= self.image_size <= 2048:
             raise ConfigError(f"image_size: expected an integer from 16 to 2048, got {self.image_size!r}")
         for name in ("use_real_text", "use_pseudo_text", "use_text_encoder", "use_text_module"):
@@ -206,6 +219,13 @@ class CoTexNetConfig:
         return len(self.classes)
 
     @property
+    def color_input(self) -> bool:
+        """Whether the model takes colour pictures as colour (else as their luminance); see ``channels``."""
+        if self.channels is None:
+            return self.intensity.get("mode") == "rgb"
+        return self.channels == "rgb"
+
+    @property
     def uses_text_encoder_in_training(self) -> bool:
         """Whether training runs CLIP's text encoder (the eval path never does for ``cotexnet``)."""
         return self.variant == "clipseg" or (self.use_text_module and self.use_text_encoder)
@@ -214,7 +234,7 @@ class CoTexNetConfig:
         """The fields as JSON-ready values; optional fields added after the first release are left out while
         unset, so a bundle that does not use them is written exactly as that release wrote it."""
         data = asdict(self)
-        for name in ("planes", "postprocessing", "segment_codes"):
+        for name in ("planes", "postprocessing", "segment_codes", "channels"):
             if data[name] is None:
                 del data[name]
         return data
@@ -386,16 +406,32 @@ class TrainOptions:
             raise ConfigError(f"oversample: expected a share in [0, 1], got {self.oversample!r}")
         if not isinstance(self.views, int) or self.views < 1:
             raise ConfigError(f"views: expected a positive integer, got {self.views!r}")
-        for name in ("epochs", "batch_size", "patience", "image_size"):
+        for name in ("epochs", "batch_size", "patience", "image_size", "max_steps_per_epoch"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
+            if (value is not None or name != "max_steps_per_epoch") and not _integer_at_least(value, 1):
                 raise ConfigError(f"{name}: expected a positive integer, got {value!r}")
-        if not (isinstance(self.lr, (int, float)) and self.lr > 0):
-            raise ConfigError(f"lr: expected a positive number, got {self.lr!r}")
+        for name, top in (("seed", 2**32 - 1), ("num_workers", None)):  # numpy seeds are 32-bit
+            value = getattr(self, name)
+            if not _integer_at_least(value, 0) or (top is not None and value > top):
+                allowed = f"from 0 to {top}" if top is not None else ">= 0"
+                raise ConfigError(f"{name}: expected an integer {allowed}, got {value!r}")
+        if not _finite_at_least(self.lr, 0.0) or self.lr == 0:
+            raise ConfigError(f"lr: expected a finite positive number, got {self.lr!r}")
+        for name in ("weight_decay", "grad_clip", "cache_limit_gb"):
+            if not _finite_at_least(getattr(self, name), 0.0):
+                raise ConfigError(f"{name}: expected a finite number >= 0, got {getattr(self, name)!r}")
         for name, choices in (("optimizer", OPTIMIZERS), ("slice_axis", SLICE_AXES),
                               ("concept_backend", CONCEPT_BACKENDS)):
             if getattr(self, name) not in choices:
                 raise ConfigError(f"{name}: expected one of {', '.join(choices)}, got {getattr(self, name)!r}")
+
+
+def _integer_at_least(value, low: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= low
+
+
+def _finite_at_least(value, low: float) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= low
 
 
 def recipe_name(backbone: str) -> str:

@@ -6,12 +6,15 @@ passes are nearly all of a step's time, so each (slice, view) is encoded once, o
 in 16-bit in memory-mapped files under the run folder, with the view's label map and real-text prompt.
 With augmentation, each slice has ``views`` fixed random views; a step draws one of them at random.
 
-The files are sized up front; when ``views`` do not fit under the cap (and half the free disk), fewer
-views are kept, and when one view does not fit the cache is off and the step encodes on the fly.
+The files are sized up front and their blocks reserved on disk at once (a sparse memory-mapped file
+whose disk fills up later kills the process with SIGBUS; a reservation that fails is an ordinary error);
+when ``views`` do not fit under the cap (and half the free disk), fewer views are kept, and when one view
+does not fit the cache is off and the step encodes on the fly.
 """
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,6 +70,17 @@ def plan_views(layout: CacheLayout, items: int, views: int, limit_bytes: float, 
     return fit, f"feature cache: {needed} under {folder}"
 
 
+def reserve(path: Path, size: int) -> None:
+    """Create ``path`` with ``size`` bytes allocated on disk (not a sparse file); raises OSError when they do not fit."""
+    with open(path, "wb") as handle:
+        if hasattr(os, "posix_fallocate"):
+            os.posix_fallocate(handle.fileno(), 0, size)
+            return
+        chunk = bytes(max(1, min(size, 2**26)))  # no fallocate (Windows, macOS): zeros allocate the blocks
+        for start in range(0, size, len(chunk)):
+            handle.write(chunk[: size - start])
+
+
 class FeatureCache:
     """Memory-mapped :class:`~cotexnet.model.EncodedFeatures`, label maps and prompts per (item, view)."""
 
@@ -76,7 +90,9 @@ class FeatureCache:
         L = layout
 
         def array(name, shape, dtype):
-            return np.memmap(self.folder / f"{name}.bin", dtype=dtype, mode="w+", shape=(items, views, *shape))
+            path, shape = self.folder / f"{name}.bin", (items, views, *shape)
+            reserve(path, int(np.prod(shape)) * np.dtype(dtype).itemsize)
+            return np.memmap(path, dtype=dtype, mode="r+", shape=shape)
 
         self.activations = array("activations", (L.layers, L.tokens, L.width), np.float16)
         self.image_embeds = array("image_embeds", (L.projection,), np.float16)

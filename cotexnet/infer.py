@@ -27,13 +27,11 @@ from .config import COMPILE_MODES, DEVICES, EVALUATION_SPLITS, PRECISIONS, PROBA
 from .data import (IntensityNormalization, VolumeImage, image_suffix, read_image, read_label_map, write_image,
                    write_segmentation_nrrd)
 from .data.laterality import flip_rule, swap_channels
+from .data.normalization import LUMA
 from .data.slicing import array_slice_axis, resize_slices
 from .errors import Cancelled, CoTexNetError, DataError
 
 logger = logging.getLogger(__name__)
-
-#: ITU-R BT.601 luma weights, to give an RGB picture to a model trained on grayscale.
-LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -174,7 +172,7 @@ def predict_volume(
         raise CoTexNetError(f"batch_size: expected a positive integer, got {batch_size}")
     if compile is not None and compile not in COMPILE_MODES:
         raise CoTexNetError(f"compile: expected one of {', '.join(COMPILE_MODES)}, got {compile!r}")
-    if rgb and normalization.mode != "rgb":  # a photo for a grayscale model: its luminance
+    if rgb and not config.color_input:  # a photo for a model trained on grayscale: its luminance, as in training
         array, rgb = array.astype(np.float32) @ LUMA, False
     spatial_ndim = array.ndim - (1 if rgb else 0)
     views = resolve_planes(config, planes, axis)
@@ -506,6 +504,21 @@ def check_output_folder(out_dir: Path) -> None:
         raise CoTexNetError(f"{out_dir}: the output is a file; --out takes a folder")
 
 
+def model_class_lookup(index, config) -> np.ndarray:
+    """``lookup[dataset label] = model label``: a dataset's classes matched to a model's by name (case ignored),
+    whatever their order; a dataset whose classes are not the model's is refused (scores by position would
+    compare different classes)."""
+    if len(index.classes) != config.num_classes:
+        raise DataError(f"the dataset has {len(index.classes)} classes {index.classes} but the model has "
+                        f"{config.num_classes} {config.classes}", index.root)
+    model_names = [c.casefold() for c in config.classes]
+    unknown = [c for c in index.classes if c.casefold() not in model_names]
+    if unknown:
+        raise DataError(f"the dataset's classes {unknown} are not among the model's {config.classes}; classes are "
+                        f"matched by name", index.root)
+    return np.array([0] + [model_names.index(c.casefold()) + 1 for c in index.classes], dtype=np.uint8)
+
+
 def evaluate(
     model_path: str | Path,
     data: str | Path,
@@ -534,11 +547,7 @@ def evaluate(
     config = model.config
     # A dataset.json names its classes; an images/ + masks/ folder takes the model's.
     index = load_dataset(data, None if (Path(data) / "dataset.json").is_file() else config.classes)
-    if len(index.classes) != config.num_classes:
-        raise DataError(f"the dataset has {len(index.classes)} classes {index.classes} but the model has "
-                        f"{config.num_classes} {config.classes}", index.root)
-    if [c.casefold() for c in index.classes] != [c.casefold() for c in config.classes]:
-        logger.warning("dataset classes %s are matched by position to the model's %s", index.classes, config.classes)
+    to_model = model_class_lookup(index, config)
     info = read_training_info(model_path)
     if split == "all":
         case_ids = [case.case_id for case in index.cases]
@@ -551,7 +560,7 @@ def evaluate(
     for case_id in tqdm(case_ids, desc=f"evaluating {split}", unit="case", disable=not show_progress):
         case = index.case(case_id)
         image = read_image(case.image_path)
-        truth = read_label_map(case.label_path, reference=image, classes=index.classes)
+        truth = to_model[read_label_map(case.label_path, reference=image, classes=index.classes)]
         started = time.perf_counter()
         labels = segment_volume(model, image, **options)
         seconds += time.perf_counter() - started
@@ -592,6 +601,7 @@ def fit_postprocessing(model_path: str | Path, data: str | Path | None = None, *
         if data is None:
             raise CoTexNetError("fit_postprocessing: give the dataset folder or an index")
         index = load_dataset(data, None if (Path(data) / "dataset.json").is_file() else config.classes)
+    to_model = model_class_lookup(index, config)
     if case_ids is None:
         info = read_training_info(model_path)
         same_data = info.get("data") == str(Path(index.root).resolve()) and "split" in info
@@ -602,7 +612,7 @@ def fit_postprocessing(model_path: str | Path, data: str | Path | None = None, *
     for case_id in tqdm(list(case_ids), desc="post-processing", unit="case", disable=not show_progress):
         case = index.case(case_id)
         image = read_image(case.image_path)
-        truths.append(read_label_map(case.label_path, reference=image, classes=index.classes))
+        truths.append(to_model[read_label_map(case.label_path, reference=image, classes=index.classes)])
         predictions.append(segment_volume(model, image, postprocess=False, **options))
         spacings.append(image.spacing)
     report = choose_postprocessing(predictions, truths, config.classes, spacings)

@@ -71,6 +71,12 @@ def set_attention(module: nn.Module, implementation: str) -> None:
             sub.config._attn_implementation = implementation
 
 
+def output_head(decoder: nn.Module) -> nn.ConvTranspose2d:
+    """The decoder's last layer: one output channel per class after the background (:func:`widen_head`)."""
+    head = decoder.transposed_convolution
+    return head[-1] if isinstance(head, nn.Sequential) else head
+
+
 def widen_head(decoder: nn.Module, num_outputs: int) -> None:
     """Give CLIPSeg's decoder ``num_outputs`` output channels, starting from its 1-channel weights.
 
@@ -78,10 +84,7 @@ def widen_head(decoder: nn.Module, num_outputs: int) -> None:
     negation, so a pretrained decoder's mask is where training starts.
     """
     head_parent = decoder.transposed_convolution
-    if isinstance(head_parent, nn.Sequential):
-        old = head_parent[-1]
-    else:
-        old = head_parent
+    old = output_head(decoder)
     new = nn.ConvTranspose2d(old.in_channels, num_outputs, old.kernel_size, stride=old.stride)
     with torch.no_grad():
         new.weight.copy_(old.weight.repeat(1, num_outputs, 1, 1))

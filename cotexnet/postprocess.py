@@ -7,9 +7,11 @@ A slice-wise model can leave islands and holes that no 3D model would. Three ste
 * ``fill_holes``: background voxels enclosed by the class become the class (other classes are never
   overwritten, so white matter inside grey matter stays white matter).
 
-Removed voxels become background. :func:`choose_postprocessing` tries the steps one after another for
-each class on the validation predictions and keeps a step only when it raises that class's Dice pooled
-over the validation cases; the result is a JSON-ready dict that a bundle stores as
+Removed voxels become background. Island sizes are volumes, so ``min_volume_mm3`` applies to 3D label
+maps only: a 2D one (a picture, whose spacing is a nominal 1, or a single slice, which has no thickness)
+keeps its islands. :func:`choose_postprocessing` tries the steps one after another for each class on the
+validation predictions (no island sizes on 2D cases) and keeps a step only when it raises that class's
+Dice pooled over the validation cases; the result is a JSON-ready dict that a bundle stores as
 ``config.postprocessing`` and :func:`apply_postprocessing` applies. numpy and scipy only.
 """
 from __future__ import annotations
@@ -32,18 +34,27 @@ def _components(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return labelled, np.bincount(labelled.ravel(), minlength=count + 1)
 
 
-def apply_class_steps(labels: np.ndarray, index: int, steps: dict, voxel_mm3: float = 1.0) -> np.ndarray:
-    """``labels`` with one class's steps applied (a new array; ``labels`` is not changed)."""
+def voxel_volume(labels: np.ndarray, spacing: Sequence[float] | None) -> float | None:
+    """mm3 of one voxel of a 3D label map (1 without a spacing); ``None`` for a 2D map, which has no volume."""
+    if labels.ndim != 3:
+        return None
+    return float(np.prod(spacing)) if spacing is not None else 1.0
+
+
+def apply_class_steps(labels: np.ndarray, index: int, steps: dict, voxel_mm3: float | None = 1.0) -> np.ndarray:
+    """``labels`` with one class's steps applied (a new array; ``labels`` is not changed); ``voxel_mm3`` ``None``
+    (a 2D map) skips the island size."""
     out = labels.copy()
     mask = labels == index
     if not mask.any():
         return out
-    if steps.get("largest_component") or steps.get("min_volume_mm3", 0) > 0:
+    by_size = steps.get("min_volume_mm3", 0) > 0 and voxel_mm3 is not None
+    if steps.get("largest_component") or by_size:
         components, sizes = _components(mask)
         sizes[0] = 0
         keep = np.zeros(len(sizes), dtype=bool)
         keep[1:] = True
-        if steps.get("min_volume_mm3", 0) > 0:
+        if by_size:
             keep &= sizes * voxel_mm3 >= steps["min_volume_mm3"]
         if steps.get("largest_component"):
             keep &= np.arange(len(sizes)) == int(np.argmax(sizes))
@@ -63,7 +74,7 @@ def apply_postprocessing(labels: np.ndarray, choice: dict | None, classes: Seque
     """Apply a stored choice (``{class name: steps}``) to a label map; ``spacing`` in mm sets voxel volume."""
     if not choice:
         return labels
-    voxel_mm3 = float(np.prod(spacing)) if spacing is not None else 1.0
+    voxel_mm3 = voxel_volume(labels, spacing)
     for index, name in enumerate(classes, start=1):
         steps = choice.get(name)
         if steps and steps != NO_STEPS:
@@ -95,7 +106,10 @@ def choose_postprocessing(predictions: Sequence[np.ndarray], truths: Sequence[np
     """
     if len(predictions) != len(truths) or not predictions:
         raise ValueError(f"expected as many predictions as truths (at least one), got {len(predictions)} and {len(truths)}")
-    voxel_volumes = [float(np.prod(s)) for s in spacings] if spacings is not None else [1.0] * len(predictions)
+    spacings = spacings if spacings is not None else [None] * len(predictions)
+    voxel_volumes = [voxel_volume(labels, spacing) for labels, spacing in zip(predictions, spacings)]
+    if None in voxel_volumes:  # 2D cases: no island volume to choose
+        min_volumes_mm3 = ()
     chosen, before, after = {}, {}, {}
     for index, name in enumerate(classes, start=1):
         steps = dict(NO_STEPS)

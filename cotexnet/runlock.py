@@ -25,6 +25,8 @@ from .errors import CoTexNetError
 logger = logging.getLogger(__name__)
 
 LOCK_NAME = "run.lock"
+#: How long a lock file may take from its creation to holding its JSON (it is written right after).
+LOCK_WRITE_SECONDS = 5.0
 #: What a training run writes in its folder besides the lock: any of them means the folder holds a run.
 RUN_FILES = ("best", "last", "metrics.csv", "split.json")
 
@@ -58,20 +60,29 @@ class LockHolder:
 
 
 def read_holder(folder: str | os.PathLike) -> LockHolder | None:
-    """Who holds ``folder``'s lock, or None when it is not locked."""
+    """Who holds ``folder``'s lock, or None when it is not locked.
+
+    A lock is created empty and then written, so one that is not JSON yet but younger than
+    :data:`LOCK_WRITE_SECONDS` is being written by the trainer taking it: it is read again until it is whole.
+    """
     path = Path(folder) / LOCK_NAME
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        return None
-    try:
-        data = json.loads(text)
-        return LockHolder(int(data["pid"]), str(data["host"]), float(data["started"]))
-    except (ValueError, KeyError, TypeError):
-        raise RunLockedError(
-            f"{path}: unreadable lock file (expected JSON with pid, host and started); if no training runs in "
-            f"{Path(folder)}, delete it"
-        ) from None
+    deadline = time.monotonic() + LOCK_WRITE_SECONDS
+    while True:
+        try:
+            text = path.read_text(encoding="utf-8")
+            age = time.time() - path.stat().st_mtime
+        except FileNotFoundError:
+            return None
+        try:
+            data = json.loads(text)
+            return LockHolder(int(data["pid"]), str(data["host"]), float(data["started"]))
+        except (ValueError, KeyError, TypeError):
+            if age >= LOCK_WRITE_SECONDS or time.monotonic() >= deadline:
+                raise RunLockedError(
+                    f"{path}: unreadable lock file (expected JSON with pid, host and started); if no training runs "
+                    f"in {Path(folder)}, delete it"
+                ) from None
+        time.sleep(0.01)
 
 
 def check_unlocked(folder: str | os.PathLike) -> None:

@@ -22,6 +22,7 @@ continues the epoch from there, so the resumed run takes as many optimiser steps
 from __future__ import annotations
 
 import csv
+import errno
 import io
 import json
 import logging
@@ -33,7 +34,7 @@ import signal
 import sys
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
+from contextlib import nullcontext, suppress
 from dataclasses import asdict
 from pathlib import Path
 
@@ -50,13 +51,13 @@ from .config import DEFAULT_PALETTE, RECIPES
 from .data import (IntensityNormalization, flip_rule, load_dataset, read_image_geometry, save_split, split_cases)
 from .data.augment import augment_batch
 from .data.laterality import FlipRule
-from .data.slice_dataset import ForegroundBatchSampler, SliceDataset
+from .data.slice_dataset import ForegroundBatchSampler, SliceDataset, reads_as_color
 from .data.slicing import array_slice_axis
-from .errors import ConfigError, CoTexNetError, DataError
+from .errors import ConfigError, CoTexNetError, DataError, error_summary
 from .infer import autocast_dtype, evaluate, fit_postprocessing, resolve_device
 from .losses import CoTexNetLoss
 from .metrics import DatasetDice
-from .model import CoTexNet
+from .model import CoTexNet, output_head
 from .runlock import RunLock, existing_run_files
 
 logger = logging.getLogger(__name__)
@@ -75,6 +76,8 @@ class ProgressWriter:
     def __init__(self, path: str | None, stdout: bool, enabled: bool):
         self.path = Path(path) if (path and enabled) else None
         self.stdout = stdout and enabled
+        if self.path is not None and self.path.is_dir():
+            raise ConfigError(f"{self.path}: the progress file is a folder; --progress-file takes a file name")
         if self.path is not None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
 
@@ -167,7 +170,7 @@ class PromptSource:
         labels_np = labels.detach().cpu().numpy()
         prompts = []
         for image, label in zip(images_np, labels_np):
-            picture = image[0] if self.config.intensity.get("mode") != "rgb" else np.moveaxis(image, 0, -1)
+            picture = np.moveaxis(image, 0, -1) if self.config.color_input else image[0]
             records = describe(picture, label, self.config.classes, self.config.keywords, self.backend,
                                attributes=self.attributes, cache=self.cache if self.cached_per_slice else None)
             prompts.append(" ".join(record["prompt"] for record in records))
@@ -194,11 +197,14 @@ def _set_rng_state(state: dict) -> None:
     random.setstate(ast.literal_eval(state["python"]))
 
 
-def _build_config(options: TrainOptions, classes: list[str], normalization: IntensityNormalization,
+def _build_config(options: TrainOptions, index, normalization: IntensityNormalization,
                   modality: str | None) -> CoTexNetConfig:
-    fields = dict(classes=classes, keywords=options.keywords, backbone=options.backbone,
+    """A new run's config; ``channels`` says what training feeds: colour when the dataset holds colour pictures
+    (or the intensity mode is ``rgb``), so that inference feeds colour too."""
+    color = normalization.mode == "rgb" or any(reads_as_color(case.image_path) for case in index.cases)
+    fields = dict(classes=index.classes, keywords=options.keywords, backbone=options.backbone,
                   image_size=options.image_size, slice_axis=options.slice_axis, modality=modality or "MR",
-                  intensity=normalization.to_dict())
+                  intensity=normalization.to_dict(), channels="rgb" if color else "grayscale")
     fields.update(options.config_overrides)
     return CoTexNetConfig(**fields)
 
@@ -214,8 +220,9 @@ def _write_metrics_csv(path: Path, rows: list[dict]) -> None:
 def initialized_from(bundle: str | Path, config: CoTexNetConfig) -> CoTexNet:
     """A model for ``config``'s classes starting from a trained bundle (or run folder): its architecture,
     weights, image size, slicing and intensity normalisation. The same classes keep every weight; otherwise
-    classes are matched by name (case ignored), each of the bundle's classes must be among the new ones,
-    and the output head's channels of new classes start from the background channel, negated."""
+    (new classes, or the same in another order) the head's channels follow the class names (case ignored),
+    each of the bundle's classes must be among the new ones, and new classes start from the background
+    channel, negated."""
     from transformers import CLIPSegConfig
 
     from .bundle import build_clipseg
@@ -236,9 +243,10 @@ def initialized_from(bundle: str | Path, config: CoTexNetConfig) -> CoTexNet:
                                    "colors": [list(c) for c in colors]})
     model = CoTexNet(new_config, build_clipseg(CLIPSegConfig.from_dict(old.backbone_config)), source.tokenizer)
     state = source.state_dict()
-    head = [k for k, v in model.state_dict().items() if k in state and v.shape != state[k].shape]
+    head = output_head(model.clipseg.decoder)
+    prefix = next(name for name, module in model.named_modules() if module is head)
     target = model.state_dict()
-    for key in head:  # weight (in, n+1, k, k) or bias (n+1,): channel 0 is background
+    for key in (f"{prefix}.weight", f"{prefix}.bias"):  # remapped by name even when only the order changed  # weight (in, n+1, k, k) or bias (n+1,): channel 0 is background
         dim = 1 if target[key].ndim == 4 else 0
         old_channels = state[key].movedim(dim, 0)
         new_channels = target[key].movedim(dim, 0).clone()
@@ -298,9 +306,7 @@ class Trainer:
         options = self.options
         self.stop.install()
         try:
-            if self.out.exists() and not self.out.is_dir():
-                raise ConfigError(f"{self.out}: the output is a file; --out takes a folder (a new one, or a run "
-                                  f"to resume)")
+            self.check_output()
             with RunLock(self.out) if self.is_main else nullcontext():  # one trainer per run folder
                 self.initialize()
                 start_epoch = self.start_epoch
@@ -327,17 +333,53 @@ class Trainer:
                         if self.stale >= options.patience:
                             self.emit("early_stop", epoch=epoch, patience=options.patience, best_val_dice=self.best)
                         break
-                self.bar.close()
                 return self.finish()
+        except OSError as error:
+            if error.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            message = f"{error.filename or self.out}: no space left on the disk; free space and continue with --resume"
+            with suppress(OSError):  # the progress file may be on the full disk too
+                self.emit("error", message=message)
+            raise CoTexNetError(message) from None
         except CoTexNetError as error:
-            self.emit("error", message=str(error))
+            with suppress(OSError):
+                self.emit("error", message=str(error))
             raise
         finally:
             self.stop.uninstall()
+            if getattr(self, "bar", None) is not None:  # ends its line, so an error is printed on a line of its own
+                self.bar.close()
+            if getattr(self, "cache", None) is not None:  # never leave gigabytes of cache behind an error
+                self.cache.close()
             if self.world > 1 and dist.is_initialized():
                 dist.destroy_process_group()
 
     # ------------------------------------------------------------------------------------------- set-up
+    def check_output(self) -> None:
+        """Refuse, before anything is written, an output that cannot hold a run, and a stop file already there."""
+        data = Path(self.options.data).resolve()
+        if self.out.exists() and not self.out.is_dir():
+            raise ConfigError(f"{self.out}: the output is a file; --out takes a folder (a new one, or a run "
+                              f"to resume)")
+        if self.out.resolve().is_relative_to(data):
+            raise ConfigError(f"{self.out}: the output folder lies inside the dataset {data}; choose a folder outside "
+                              f"it (the run's files would become part of the dataset)")
+        if self.stop.stop_file is not None and self.stop.stop_file.exists():
+            raise ConfigError(f"{self.stop.stop_file}: the stop file exists already, so the run would stop before "
+                              f"its first step; delete it first")
+
+    def check_model_options(self) -> None:
+        """Options that only the built model can check: the size its patches tile, the encoder layers it has."""
+        options, vision = self.options, self.model.vision.config
+        size, patch = self.config.image_size, vision.patch_size
+        if size % patch:
+            raise ConfigError(f"image_size {size}: expected a multiple of the backbone's patch size {patch}, e.g. "
+                              f"{-(-size // patch) * patch}")
+        layers = vision.num_hidden_layers
+        if options.train_encoder.startswith("last-") and int(options.train_encoder[5:]) > layers:
+            raise ConfigError(f"train_encoder {options.train_encoder}: the image encoder has {layers} layers; "
+                              f"expected last-1 to last-{layers}, or all")
+
     def check_run_folder(self) -> None:
         """Refuse, before anything is written, to train over an earlier run that is not to be replaced."""
         found = existing_run_files(self.out)
@@ -370,17 +412,20 @@ class Trainer:
         _seed_everything(options.seed + self.rank)
         self.index = load_dataset(options.data, options.classes)
         self.check_run_folder()
-        if self.is_main:
-            self.prepare_run_folder()
+        if self.is_main and options.resume:
+            self.prepare_run_folder()  # resuming reads last/: put back a checkpoint a kill left half-swapped
         if self.world > 1:
             dist.barrier()
         resume_state = self.build_model()
+        self.check_model_options()
+        if self.is_main and not options.resume:
+            self.prepare_run_folder()  # an earlier run is replaced only once the new one's model is built
         config = self.config
         normalization = IntensityNormalization.from_dict(config.intensity)
         if not self.split["train"]:
             raise DataError("the split leaves no training case", options.data)
         common = dict(normalization=normalization, split=self.split, axis=config.slice_axis,
-                      image_size=config.image_size, seed=options.seed)
+                      image_size=config.image_size, seed=options.seed, color=config.color_input)
         self.train_set = SliceDataset(self.index, "train", empty_fraction=options.empty_fraction, **common)
         val_name = "val" if self.split.get("val") else "train"
         if val_name == "train":
@@ -471,13 +516,23 @@ class Trainer:
         if views == 0:
             self.emit("warning", message=message)
             return None
-        return FeatureCache(folder, layout, len(self.train_set), views)
+        try:
+            return FeatureCache(folder, layout, len(self.train_set), views)
+        except OSError as error:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise CoTexNetError(f"{folder}: cannot reserve the feature cache on disk ({error.strerror}); free space "
+                                f"there, lower --cache-limit-gb or pass --feature-cache off") from None
 
     def build_model(self) -> dict | None:
         """``self.model``, ``self.config`` and ``self.split``: a new model on the backbone, or the run in
         ``OUT/last`` when resuming (then its trainer state is returned)."""
         options, index = self.options, self.index
-        if options.resume:
+        never_saved = not any((self.out / name).exists() for name in ("best", "last"))
+        if options.resume and never_saved:  # stopped (killed, diverged) before its first checkpoint
+            message = f"{self.out}: the run saved no checkpoint before it ended; starting it from the beginning"
+            logger.warning(message)
+            self.emit("warning", message=message)
+        elif options.resume:
             if not (self.last_dir / TRAINER_STATE).is_file():
                 raise CoTexNetError(f"{self.last_dir}: nothing to resume (no {TRAINER_STATE}); start without --resume")
             self.model = CoTexNet.from_pretrained(self.last_dir)
@@ -493,7 +548,7 @@ class Trainer:
             normalization = IntensityNormalization.from_dict(options.intensity)
         else:
             normalization = IntensityNormalization.for_modality(options.modality or index.modality)
-        self.config = _build_config(options, index.classes, normalization, options.modality or index.modality)
+        self.config = _build_config(options, index, normalization, options.modality or index.modality)
         if options.init_from:
             self.model = initialized_from(options.init_from, self.config)
             self.config = self.model.config
@@ -597,6 +652,8 @@ class Trainer:
                 self._halve_batch()
                 iterator = iter(self.train_loader)
                 continue
+            if any_rank(not math.isfinite(terms["loss"]), self.device, self.world):
+                raise self.diverged(epoch, done + 1, terms["loss"])
             done += 1
             self.steps_run += 1
             for key in totals:
@@ -609,6 +666,16 @@ class Trainer:
                                  refresh=False)
             self.bar.update(1)
         return done, totals
+
+    def diverged(self, epoch: int, step: int, loss: float) -> CoTexNetError:
+        """The error that ends a run whose loss stopped being finite; the weights it has now are never saved."""
+        if (self.last_dir / TRAINER_STATE).is_file():
+            kept = (f"the last good checkpoint is kept in {self.last_dir}; start again with --overwrite, or with "
+                    f"--init-from {self.best_dir} and a new --out to keep what was learnt")
+        else:
+            kept = "no checkpoint had been saved, so --resume starts the run anew"
+        return CoTexNetError(f"training diverged at epoch {epoch}, step {step}: the loss is {loss}; lower --lr "
+                             f"(now {self.options.lr}) and {kept}")
 
     def _halve_batch(self) -> None:
         if self.batch_size == 1:
@@ -721,14 +788,20 @@ class Trainer:
 
         ``totals`` (the loss sums so far) marks a checkpoint saved mid-epoch, after ``self.step`` steps.
         """
+        from safetensors import SafetensorError
+
         info = self.training_info()
-        if improved:
-            self.model.save_pretrained(self.best_dir, training_info=info)
-        state = self.checkpoint_state(totals)
-        save_bundle(self.model, self.last_dir, info, extra_files=lambda folder: write_files_atomic(
-            folder / TRAINER_STATE, lambda target: torch.save(state, target)))  # last, so its presence means complete
-        if self.history:
-            _write_metrics_csv(self.out / "metrics.csv", self.history)
+        try:
+            if improved:
+                self.model.save_pretrained(self.best_dir, training_info=info)
+            state = self.checkpoint_state(totals)
+            save_bundle(self.model, self.last_dir, info, extra_files=lambda folder: write_files_atomic(
+                folder / TRAINER_STATE, lambda target: torch.save(state, target)))  # last: its presence means complete
+            if self.history:
+                _write_metrics_csv(self.out / "metrics.csv", self.history)
+        except (OSError, SafetensorError) as error:  # e.g. a full disk; the earlier checkpoints stay as they were
+            raise CoTexNetError(f"{self.out}: the checkpoint of epoch {self.epoch} could not be written "
+                                f"({error_summary(error)}); free space there or choose another --out") from None
 
     def checkpoint_state(self, totals: dict | None = None) -> dict:
         """What ``--resume`` needs besides the weights: optimiser, schedule, early-stopping state, RNGs, split,

@@ -12,6 +12,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from ..atomic import write_files_atomic
+from ..config import MAX_CLASSES
 from ..errors import DataError
 from .image import (
     COMPRESSION_LEVEL,
@@ -135,6 +136,8 @@ def read_label_map(
     check_file(path)
     if num_classes is None and classes is not None:
         num_classes = len(classes)
+    if num_classes is not None and num_classes > MAX_CLASSES:
+        raise DataError(f"{num_classes} classes: label maps hold 8-bit class indices, so at most {MAX_CLASSES}", path)
     geometry = as_geometry(reference) if reference is not None else None
     suffix = image_suffix(path)
     if suffix == SEGMENTATION_SUFFIX:

@@ -8,6 +8,10 @@ import numpy as np
 
 from ..errors import ConfigError
 
+#: ITU-R BT.601 luma weights: a colour picture as the grayscale image a grayscale model takes (training and
+#: inference alike, see ``CoTexNetConfig.channels``).
+LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
+
 #: CT windows as (center, width) in Hounsfield units, the usual radiology presets.
 CT_WINDOWS: dict[str, tuple[float, float]] = {
     "soft_tissue": (40.0, 400.0),

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -10,9 +11,9 @@ from torch.utils.data import Dataset, Sampler
 
 from ..errors import ConfigError, DataError
 from .datasets import DatasetIndex
-from .image import VolumeImage, read_image, read_image_geometry
+from .image import PICTURE_SUFFIXES, VolumeImage, image_suffix, read_image, read_image_geometry
 from .labels import read_label_map
-from .normalization import IntensityNormalization
+from .normalization import LUMA, IntensityNormalization
 from .slicing import in_plane_spacing, resize_slices, volume_slices
 from .splits import split_cases
 
@@ -26,6 +27,9 @@ class SliceDataset(Dataset):
     Memory is therefore about ``(2 * C + 1) * S * S`` bytes per kept slice (C = 1 grayscale, 3 RGB),
     independent of the volumes' size; each DataLoader worker holds its own cache. Pass the ``split``
     you save with the model; without one, :func:`split_cases` is used with ``seed``.
+
+    With ``color`` false, colour pictures become their luminance first (what inference gives a model trained
+    so, ``CoTexNetConfig.channels``).
 
     Items: ``image`` float32 (3, S, S) in [0, 1] (grayscale replicated), ``label`` int64 (S, S),
     ``case`` id, ``index`` slice index along the slicing axis, ``spacing`` float32 (2,) in-plane mm,
@@ -44,6 +48,7 @@ class SliceDataset(Dataset):
         image_size: int = 352,
         empty_fraction: float = 0.1,
         seed: int = 0,
+        color: bool = True,
     ):
         if not 0.0 <= empty_fraction <= 1.0:
             raise ConfigError(f"empty_fraction must lie in [0, 1], got {empty_fraction}")
@@ -57,6 +62,7 @@ class SliceDataset(Dataset):
                     raise ConfigError(f"subset '{name}' is not one of the split's parts {sorted(split)}")
             case_ids = [cid for name in names for cid in split[name]]
         self.normalization = normalization
+        self.color = color
         self.axis = axis
         self.image_size = image_size
         by_id = {case.case_id: case for case in index.cases}
@@ -99,8 +105,8 @@ class SliceDataset(Dataset):
     def _case_images(self, position: int) -> torch.Tensor:
         if position not in self._images:
             image = read_image(self.cases[position].image_path)
-            normalized = VolumeImage(self.normalization.apply(image.array), image.spacing, image.origin,
-                                     image.direction)
+            array = image.array if self.color or not image.is_rgb else image.array.astype(np.float32) @ LUMA
+            normalized = VolumeImage(self.normalization.apply(array), image.spacing, image.origin, image.direction)
             stack = volume_slices(normalized, self.axis)
             kept = stack[sorted(self._rows[position])]
             tensor = torch.from_numpy(np.ascontiguousarray(kept))
@@ -120,6 +126,32 @@ class SliceDataset(Dataset):
             "spacing": torch.tensor(self._spacing[position], dtype=torch.float32),
             "item": item,
         }
+
+
+#: Pillow modes that :func:`~cotexnet.data.read_image` keeps as one channel; it turns every other mode to RGB.
+_GRAY_PICTURE_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F")
+
+
+def reads_as_color(path) -> bool:
+    """Whether :func:`~cotexnet.data.read_image` gives ``path`` as an RGB picture, from its header alone
+    (a DICOM file or series, whose header reader reads it whole, is read)."""
+    import SimpleITK as sitk
+
+    path = Path(path)
+    if path.is_dir() or image_suffix(path) == ".dcm":
+        return read_image(path).is_rgb
+    try:
+        if image_suffix(path) in PICTURE_SUFFIXES:
+            from PIL import Image
+
+            with Image.open(path) as picture:
+                return picture.mode not in _GRAY_PICTURE_MODES
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(str(path))
+        reader.ReadImageInformation()
+        return reader.GetNumberOfComponents() > 1
+    except (OSError, RuntimeError, ValueError):  # a damaged file: reading its voxels says what is wrong
+        return False
 
 
 class ForegroundBatchSampler(Sampler):
