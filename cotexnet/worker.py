@@ -9,7 +9,6 @@ is described in docs/slicer-worker.md. In-process callers use :class:`ModelCache
 """
 from __future__ import annotations
 
-import io
 import json
 import os
 import sys
@@ -116,7 +115,8 @@ def segment_array(
     prediction = predict_volume(model, image, direction=direction, spacing=spacing, axis=axis, planes=planes, tta=tta,
                                 postprocess=postprocess, probabilities=confidence, rgb=rgb, batch_size=batch_size,
                                 device=device, progress=progress, cancel=cancel)
-    labels, certainty = prediction.labels, prediction.confidence
+    labels = prediction.labels
+    certainty = prediction.confidence if confidence else None  # tta and planes average probabilities anyway
     records = None
     if concepts:
         from .concepts import describe
@@ -167,6 +167,7 @@ class Worker:
         self._write_lock = threading.Lock()
         self.models = ModelCache()
         self._busy = threading.Lock()
+        self._running: tuple = (None, None)  # the running segmentation's id and its cancel event
 
     def send(self, event: str, request_id=None, **values) -> None:
         line = json.dumps({"id": request_id, "event": event, **values}, default=_jsonable, allow_nan=False)
@@ -175,18 +176,27 @@ class Worker:
             self._stream.flush()
 
     def serve(self, lines) -> None:
+        """Answers the requests in ``lines`` (bytes or text, one JSON object each) until ``shutdown`` or the end."""
         self.send("ready", pid=os.getpid(), protocol=PROTOCOL, python=sys.executable)
         for line in lines:
-            if not line.strip():
+            try:
+                text = line.decode("utf-8") if isinstance(line, bytes) else line
+            except UnicodeDecodeError as error:  # one bad byte costs its request, not the worker
+                self.send("error", None, error="ProtocolError", message=f"a request line is not UTF-8 ({error})")
+                continue
+            if not text.strip():
                 continue
             try:
-                request = json.loads(line)
+                request = json.loads(text)
                 kind = request["type"]
             except (ValueError, KeyError, TypeError):
-                self.send("error", None, error="ProtocolError", message=f"not a request: {line.strip()[:200]}")
+                self.send("error", None, error="ProtocolError", message=f"not a request: {text.strip()[:200]}")
                 continue
             if kind == "shutdown":
                 return
+            if kind == "cancel":
+                self._cancel(request.get("id"))
+                continue
             handler = getattr(self, f"_handle_{kind}", None)
             if handler is None:
                 self.send("error", request.get("id"), error="ProtocolError", message=f"unknown request type {kind!r}")
@@ -195,20 +205,27 @@ class Worker:
                     self.send("error", request.get("id"), error="ProtocolError",
                               message="a segmentation is already running in this worker")
                     continue
+                self._running = (request.get("id"), threading.Event())
                 threading.Thread(target=self._run, args=(handler, request, self._busy), daemon=True).start()
             else:
                 self._run(handler, request)
 
+    def _cancel(self, request_id) -> None:
+        """Stops the running segmentation if it is ``request_id`` (it ends with a ``Cancelled`` error)."""
+        running_id, cancelled = self._running
+        if running_id == request_id and cancelled is not None:
+            cancelled.set()
+
     def _run(self, handler, request: dict, busy: threading.Lock | None = None) -> None:
         request_id = request.get("id")
         try:
-            self.send("result", request_id, value=handler(request_id, request))
+            reply = ("result", {"value": handler(request_id, request)})
         except BaseException as error:  # every failure goes back to the client, which decides what it means
-            self.send("error", request_id, error=type(error).__name__, message=str(error),
-                      traceback=traceback.format_exc())
-        finally:
-            if busy is not None:
-                busy.release()
+            reply = ("error", {"error": type(error).__name__, "message": str(error), "traceback": traceback.format_exc()})
+        if busy is not None:  # free before answering: a client may send its next request the moment it reads this
+            self._running = (None, None)
+            busy.release()
+        self.send(reply[0], request_id, **reply[1])
 
     def _handle_status(self, request_id, request: dict) -> dict:
         key = self.models.key
@@ -220,18 +237,18 @@ class Worker:
 
     def _handle_segment(self, request_id, request: dict) -> dict:
         volume = np.load(request["input"], allow_pickle=False)
-        model = self.models.get(request["model"], request.get("device", "auto"))
+        device = request.get("device", "auto")
+        model = self.models.get(request["model"], device)
         self.send("log", request_id, text=f"Model {Path(request['model']).name} ready ({self.models.loads} load(s) "
                                            f"in this worker)")
         labels, records, certainty = segment_array(
             model, volume, request["spacing"], request["direction"], axis=request.get("axis"),
-            planes=request.get("planes"), tta=bool(request.get("tta", False)),
-            postprocess=bool(request.get("postprocess", True)), confidence=bool(request.get("confidence", False)),
-            batch_size=int(request.get("batch_size", 16)), device=request.get("device", "auto"),
-            concepts=bool(request.get("concepts", True)), concept_backend=request.get("concept_backend", "geometric"),
+            planes=request.get("planes"), tta=_flag(request, "tta", False), postprocess=_flag(request, "postprocess", True),
+            confidence=_flag(request, "confidence", False), batch_size=int(request.get("batch_size", 16)), device=device,
+            concepts=_flag(request, "concepts", True), concept_backend=request.get("concept_backend", "geometric"),
             concept_options=request.get("concept_options"),
             progress=lambda done, total: self.send("progress", request_id, done=int(done), total=int(total)),
-            log=lambda text: self.send("log", request_id, text=text),
+            cancel=self._running[1], log=lambda text: self.send("log", request_id, text=text),
         )
         output = Path(request["output"])
         _save_npy(output, labels)
@@ -240,6 +257,14 @@ class Worker:
         if certainty is not None:
             reply["confidence"] = str(_save_npy(output.with_name(output.stem + "_confidence.npy"), certainty))
         return reply
+
+
+def _flag(request: dict, name: str, default: bool) -> bool:
+    """A yes/no field of a request: JSON ``true`` or ``false`` only (the string "false" is not false)."""
+    value = request.get(name, default)
+    if not isinstance(value, bool):
+        raise ValueError(f"request field {name!r}: expected true or false, got {value!r}")
+    return value
 
 
 def _save_npy(path: Path, array: np.ndarray) -> Path:
@@ -255,7 +280,7 @@ def main() -> int:
     # libraries) to stderr.
     protocol = os.fdopen(os.dup(sys.stdout.fileno()), "w", encoding="utf-8", buffering=1)
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
-    Worker(protocol).serve(io.TextIOWrapper(sys.stdin.buffer, encoding="utf-8"))
+    Worker(protocol).serve(sys.stdin.buffer)
     protocol.flush()
     os._exit(0)  # also when stdin closed mid-run (Slicer is gone): do not wait for a segmentation thread
 
