@@ -6,14 +6,24 @@ inference only. Requests arrive as one JSON object per line on stdin; progress, 
 errors go back as one JSON object per line on stdout; arrays cross through ``.npy`` files. The protocol
 is described in docs/slicer-worker.md. In-process callers use :class:`ModelCache` and
 :func:`segment_array` directly, so both paths compute exactly the same thing.
+
+Several clients can share one worker per (model, device) (the web app's sessions, docs/web-app.md):
+:class:`SharedWorkers` listens on a private Unix socket, starts the workers and queues their clients'
+segmentations fairly; a client process started with ``COTEXNET_WORKER_SOCKET`` set relays its stdin and
+stdout to that socket instead of loading a model itself.
 """
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import itertools
 import json
 import os
+import socket
 import sys
 import threading
 import traceback
+from collections import deque
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -22,6 +32,10 @@ import numpy as np
 from .errors import Cancelled, DataError
 
 PROTOCOL = 1
+#: Set in a client's environment, the address of the :class:`SharedWorkers` it relays to.
+SOCKET_ENVIRONMENT = "COTEXNET_WORKER_SOCKET"
+#: The longest protocol line (a result with many concept records is the largest).
+MAX_LINE_BYTES = 64 << 20
 
 
 class ModelCache:
@@ -275,7 +289,259 @@ def _save_npy(path: Path, array: np.ndarray) -> Path:
     return path
 
 
+class _Client:
+    """One connection to :class:`SharedWorkers`: its requests keep their ids towards it."""
+
+    def __init__(self, writer: asyncio.StreamWriter):
+        self._writer = writer
+        self.task = asyncio.current_task()
+        self.key = None  # the (model, device) of its last segmentation: the worker it keeps alive
+
+    def close(self) -> None:
+        self._writer.close()
+
+    def send(self, event: dict) -> None:
+        if not self._writer.is_closing():
+            self._writer.write((json.dumps(event) + "\n").encode())
+
+
+class _SharedWorker:
+    """One ``cotexnet.worker`` process and its queue: one segmentation at a time; the next is the oldest queued
+    request of the client served longest ago (a client that has not been served yet goes first)."""
+
+    def __init__(self, key, process: asyncio.subprocess.Process, on_exit: Callable[["_SharedWorker"], None]):
+        self.key, self.process, self._on_exit = key, process, on_exit
+        self._queues: dict[_Client, deque] = {}  # clients with queued segmentations
+        self._served: dict[_Client, int] = {}  # when each client's last segmentation started (a counter)
+        self._routes: dict[int, tuple[_Client, object]] = {}  # our request id -> (client, its id)
+        self._running: int | None = None
+        self._ids = itertools.count(1)
+        self.reader = asyncio.ensure_future(self._read())
+
+    @property
+    def idle(self) -> bool:
+        return self._running is None and not self._queues and not self._routes
+
+    def submit(self, client: _Client, request: dict) -> None:
+        if request["type"] != "segment":  # answered by the worker while it segments
+            self._send(client, request)
+            return
+        self._queues.setdefault(client, deque()).append(request)
+        self._next()
+
+    def forget(self, client: _Client) -> None:
+        """The client has gone: its queued requests are dropped and its running one is cancelled."""
+        self._queues.pop(client, None)
+        self._served.pop(client, None)
+        for request_id, (owner, _) in list(self._routes.items()):
+            if owner is client:
+                self._routes[request_id] = (None, None)
+                if request_id == self._running:
+                    self._write({"type": "cancel", "id": request_id})
+
+    def _next(self) -> None:
+        if self._running is not None or not self._queues:
+            return
+        client = min(self._queues, key=lambda waiting: self._served.get(waiting, -1))
+        request = self._queues[client].popleft()
+        if not self._queues[client]:
+            del self._queues[client]
+        self._running = self._send(client, request)
+        self._served[client] = self._running
+
+    def _send(self, client: _Client, request: dict) -> int:
+        request_id = next(self._ids)
+        self._routes[request_id] = (client, request.get("id"))
+        self._write({**request, "id": request_id})
+        return request_id
+
+    def _write(self, request: dict) -> None:
+        if self.process.returncode is None:
+            self.process.stdin.write((json.dumps(request) + "\n").encode())
+
+    async def _read(self) -> None:
+        while line := await self.process.stdout.readline():
+            try:
+                event = json.loads(line)
+            except ValueError:
+                continue
+            request_id = event.get("id")
+            if request_id not in self._routes:
+                continue  # "ready", or an error about no request
+            client, client_id = self._routes[request_id]
+            if event.get("event") in ("result", "error"):
+                del self._routes[request_id]
+                if request_id == self._running:
+                    self._running = None
+                    self._next()
+            if client is not None:
+                client.send({**event, "id": client_id})
+        code = await self.process.wait()
+        for client, client_id in self._routes.values():
+            if client is not None:
+                client.send({"id": client_id, "event": "error", "error": "WorkerError",
+                             "message": f"the shared CoTexNet worker process ended unexpectedly (exit code {code}); "
+                                        "the next run starts a new one"})
+        for client, queued in self._queues.items():
+            for request in queued:
+                client.send({"id": request.get("id"), "event": "error", "error": "WorkerError",
+                             "message": f"the shared CoTexNet worker process ended (exit code {code}) before this "
+                                        "request ran; the next run starts a new one"})
+        self._routes.clear()
+        self._queues.clear()
+        self._on_exit(self)
+
+
+class SharedWorkers:
+    """Engine workers shared by every client that connects to ``address`` (a Unix socket in a private folder).
+
+    Clients speak the worker protocol. A ``segment`` request goes to the worker of its (model, device),
+    started on first use, so clients of one model share one copy of it in memory; each worker runs one
+    segmentation at a time and takes its clients' queued requests in turn (round robin), so one client's
+    batch cannot hold the others up. A client that disconnects has its queued requests dropped and its
+    running one cancelled. A worker that no connected client uses any more is ended.
+    """
+
+    def __init__(self, address: str | os.PathLike, command: Sequence[str] | None = None):
+        self.address = str(address)
+        self._command = list(command or [sys.executable, "-m", "cotexnet.worker"])
+        self._workers: dict[object, _SharedWorker] = {}
+        self._starting: dict[object, asyncio.Future] = {}
+        self._clients: set[_Client] = set()
+        self._server: asyncio.AbstractServer | None = None
+
+    @property
+    def pids(self) -> list[int]:
+        return [worker.process.pid for worker in self._workers.values()]
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_unix_server(self._serve_client, self.address, limit=MAX_LINE_BYTES)
+        os.chmod(self.address, 0o600)
+
+    async def close(self) -> None:
+        """Stops listening and ends every worker (their stdin closes; what is left is killed after 3 s)."""
+        if self._server is not None:
+            self._server.close()
+        clients = list(self._clients)
+        for client in clients:
+            client.close()  # its connection ends: its task cleans up and returns
+        await asyncio.gather(*(client.task for client in clients), return_exceptions=True)
+        workers = list(self._workers.values())
+        self._workers.clear()
+        for worker in workers:
+            worker.process.stdin.close()
+        done = asyncio.gather(*(worker.process.wait() for worker in workers))
+        try:
+            await asyncio.wait_for(asyncio.shield(done), 3.0)
+        except asyncio.TimeoutError:
+            for worker in workers:
+                if worker.process.returncode is None:
+                    worker.process.kill()
+            await done
+        await asyncio.gather(*(worker.reader for worker in workers), return_exceptions=True)
+
+    async def _worker(self, key) -> _SharedWorker:
+        if key in self._workers:
+            return self._workers[key]
+        if key not in self._starting:
+            self._starting[key] = asyncio.ensure_future(self._start_worker(key))
+        try:
+            return await asyncio.shield(self._starting[key])
+        finally:
+            self._starting.pop(key, None)
+
+    async def _start_worker(self, key) -> _SharedWorker:
+        environment = {name: value for name, value in os.environ.items() if name != SOCKET_ENVIRONMENT}
+        process = await asyncio.create_subprocess_exec(*self._command, stdin=asyncio.subprocess.PIPE,
+                                                       stdout=asyncio.subprocess.PIPE, env=environment,
+                                                       limit=MAX_LINE_BYTES)
+        self._workers[key] = _SharedWorker(key, process, self._ended)
+        return self._workers[key]
+
+    def _ended(self, worker: _SharedWorker) -> None:
+        if self._workers.get(worker.key) is worker:
+            del self._workers[worker.key]
+
+    def _end_unused(self) -> None:
+        used = {client.key for client in self._clients}
+        for key, worker in list(self._workers.items()):
+            if key not in used and worker.idle:
+                del self._workers[key]
+                worker.process.stdin.close()  # it exits by itself
+
+    def _status(self) -> dict:
+        return {"pid": os.getpid(), "protocol": PROTOCOL, "shared": True,
+                "workers": [{"model": key[0], "device": key[1], "pid": worker.process.pid}
+                            for key, worker in self._workers.items()]}
+
+    async def _serve_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        client = _Client(writer)
+        self._clients.add(client)
+        try:
+            while line := await reader.readline():
+                try:
+                    request = json.loads(line.decode("utf-8"))
+                    kind = request["type"]
+                except (ValueError, KeyError, TypeError):
+                    client.send({"id": None, "event": "error", "error": "ProtocolError",
+                                 "message": f"not a request: {line.decode('utf-8', 'replace').strip()[:200]}"})
+                    continue
+                if kind == "shutdown":
+                    break
+                if kind == "status":
+                    client.send({"id": request.get("id"), "event": "result", "value": self._status()})
+                    continue
+                if kind == "segment":
+                    client.key = (str(request.get("model")), str(request.get("device", "auto")))
+                    self._end_unused()
+                # device facts come from any worker (the client's own when it has one)
+                key = client.key or next(iter(self._workers), ("", "auto"))
+                (await self._worker(key)).submit(client, request)
+        except (ConnectionError, ValueError):
+            pass  # a client that vanished, or sent a line over MAX_LINE_BYTES
+        finally:
+            self._clients.discard(client)
+            for worker in self._workers.values():
+                worker.forget(client)
+            self._end_unused()
+            client.close()
+
+
+def relay(address: str) -> int:
+    """The client side of :class:`SharedWorkers` behind a worker's command line: stdin to the socket, the
+    socket to stdout. Ends when the client closes stdin (0) or the shared workers go away (1)."""
+    connection = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        connection.connect(address)
+    except OSError as error:
+        print(f"cannot reach the shared CoTexNet workers at {address}: {error}", file=sys.stderr)
+        return 1
+    stdout = sys.stdout.buffer
+    stdout.write((json.dumps({"id": None, "event": "ready", "pid": os.getpid(), "protocol": PROTOCOL,
+                              "python": sys.executable, "shared": address}) + "\n").encode())
+    stdout.flush()
+    client_done = threading.Event()
+
+    def forward_requests() -> None:
+        with contextlib.suppress(OSError):
+            while chunk := os.read(sys.stdin.fileno(), 1 << 16):
+                connection.sendall(chunk)
+        client_done.set()
+        with contextlib.suppress(OSError):
+            connection.shutdown(socket.SHUT_WR)
+
+    threading.Thread(target=forward_requests, daemon=True).start()
+    with contextlib.suppress(OSError):
+        while chunk := connection.recv(1 << 16):
+            stdout.write(chunk)
+            stdout.flush()
+    return 0 if client_done.is_set() else 1
+
+
 def main() -> int:
+    address = os.environ.get(SOCKET_ENVIRONMENT)
+    if address:
+        os._exit(relay(address))
     # stdout carries the protocol only: keep it for ourselves and send everything else (prints, C
     # libraries) to stderr.
     protocol = os.fdopen(os.dup(sys.stdout.fileno()), "w", encoding="utf-8", buffering=1)
