@@ -25,7 +25,8 @@ pytest.importorskip("trame_slicer", reason="the web app's virtualenv is not in u
 
 import psutil  # noqa: E402
 
-from cotexnet_app.gateway import CONNECT_TIMEOUT_S, SESSION_COOKIE, TOKEN_COOKIE, TOKEN_FAILURES, free_port  # noqa: E402
+from cotexnet_app.gateway import (  # noqa: E402
+    CONNECT_TIMEOUT_S, SESSION_COOKIE, TOKEN_COOKIE, TOKEN_FAILURES, free_port)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -194,7 +195,8 @@ def test_17_wrong_tokens_are_rate_limited(tmp_path):
 ])
 def test_19_a_bad_app_option_is_one_error_line(tmp_path, option, value, expected):
     result = subprocess.run([sys.executable, "-m", "cotexnet.cli", "app", "--data-root", str(tmp_path), option, value],
-                            cwd=REPO, capture_output=True, text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(REPO)})
+                            cwd=REPO, capture_output=True, text=True, timeout=60,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
     assert result.returncode == 2 and result.stdout == "", result
     assert result.stderr.strip().splitlines() == [result.stderr.strip()] and "Traceback" not in result.stderr
     assert result.stderr.startswith(f"cotexnet app: error: {expected}"), result.stderr

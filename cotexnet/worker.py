@@ -235,7 +235,8 @@ class Worker:
         try:
             reply = ("result", {"value": handler(request_id, request)})
         except BaseException as error:  # every failure goes back to the client, which decides what it means
-            reply = ("error", {"error": type(error).__name__, "message": str(error), "traceback": traceback.format_exc()})
+            reply = ("error", {"error": type(error).__name__, "message": str(error),
+                               "traceback": traceback.format_exc()})
         if busy is not None:  # free before answering: a client may send its next request the moment it reads this
             self._running = (None, None)
             busy.release()
@@ -257,8 +258,9 @@ class Worker:
                                            f"in this worker)")
         labels, records, certainty = segment_array(
             model, volume, request["spacing"], request["direction"], axis=request.get("axis"),
-            planes=request.get("planes"), tta=_flag(request, "tta", False), postprocess=_flag(request, "postprocess", True),
-            confidence=_flag(request, "confidence", False), batch_size=int(request.get("batch_size", 16)), device=device,
+            planes=request.get("planes"), tta=_flag(request, "tta", False),
+            postprocess=_flag(request, "postprocess", True), confidence=_flag(request, "confidence", False),
+            batch_size=int(request.get("batch_size", 16)), device=device,
             concepts=_flag(request, "concepts", True), concept_backend=request.get("concept_backend", "geometric"),
             concept_options=request.get("concept_options"),
             progress=lambda done, total: self.send("progress", request_id, done=int(done), total=int(total)),
@@ -399,7 +401,8 @@ class SharedWorkers:
     started on first use, so clients of one model share one copy of it in memory; each worker runs one
     segmentation at a time and takes its clients' queued requests in turn (round robin), so one client's
     batch cannot hold the others up. A client that disconnects has its queued requests dropped and its
-    running one cancelled. A worker that no connected client uses any more is ended.
+    running one cancelled. A worker that no connected client uses any more is ended. Workers run in their own
+    process group: a terminal's Ctrl-C reaches the owner, which ends them.
     """
 
     def __init__(self, address: str | os.PathLike, command: Sequence[str] | None = None):
@@ -454,7 +457,7 @@ class SharedWorkers:
         environment = {name: value for name, value in os.environ.items() if name != SOCKET_ENVIRONMENT}
         process = await asyncio.create_subprocess_exec(*self._command, stdin=asyncio.subprocess.PIPE,
                                                        stdout=asyncio.subprocess.PIPE, env=environment,
-                                                       limit=MAX_LINE_BYTES)
+                                                       limit=MAX_LINE_BYTES, start_new_session=True)
         self._workers[key] = _SharedWorker(key, process, self._ended)
         return self._workers[key]
 

@@ -6,7 +6,7 @@ gateway forwards that browser's HTTP requests and websocket to it. A session is 
 same-origin load of the page; a session process whose browser has gone (no websocket for ``idle_timeout``
 seconds), or whose page never connected (``connect_timeout``), is ended. The sessions share the engine's
 workers, one per (model, device), through :class:`cotexnet.worker.SharedWorkers` on a private Unix socket.
-On SIGINT or SIGTERM the gateway ends every session and worker (process trees) within seconds, even
+On SIGINT, SIGTERM or SIGHUP the gateway ends every session and worker (process trees) within seconds, even
 while pages are open; a second signal kills what is left at once.
 
 Security: the gateway binds to 127.0.0.1 unless told otherwise; on any other host a token is required
@@ -162,7 +162,8 @@ class Gateway:
             from cotexnet.worker import SOCKET_ENVIRONMENT
 
             environment[SOCKET_ENVIRONMENT] = self._workers.address  # its worker relays to the shared ones
-        process = subprocess.Popen(command, env=environment, stdin=subprocess.DEVNULL)
+        # Its own process group: a terminal's Ctrl-C reaches the gateway alone, which ends the sessions in order.
+        process = subprocess.Popen(command, env=environment, stdin=subprocess.DEVNULL, start_new_session=True)
         session = Session(process, port, secret)
         deadline = time.monotonic() + self.start_timeout
         while time.monotonic() < deadline:
@@ -208,8 +209,10 @@ class Gateway:
                                for session in sessions if session.process.poll() is None))
 
     def _expired(self, session: Session, now: float) -> bool:
-        if session.process.poll() is not None or session.sockets:
-            return session.process.poll() is not None
+        if session.process.poll() is not None:
+            return True
+        if session.sockets:
+            return False
         return now - session.last_seen > (self.idle_timeout if session.connected else self.connect_timeout)
 
     async def _reap(self) -> None:
@@ -321,8 +324,8 @@ class Gateway:
         return app
 
     def run(self, on_listening: Callable[[int], None] = lambda port: None) -> None:
-        """Serves until SIGINT or SIGTERM; ``on_listening(port)`` is called once the port is bound (a port in use
-        raises CoTexNetError before anything is printed or started)."""
+        """Serves until SIGINT, SIGTERM or SIGHUP; ``on_listening(port)`` is called once the port is bound (a port
+        in use raises CoTexNetError before anything is printed or started)."""
         asyncio.run(self._serve(on_listening))
 
     async def _serve(self, on_listening: Callable[[int], None]) -> None:
@@ -338,7 +341,7 @@ class Gateway:
             raise CoTexNetError(f"cannot listen on {self.host}:{self.port}: {reason} (another `cotexnet app`?); "
                                 "choose another --port") from None
         loop = asyncio.get_running_loop()
-        for number in (signal.SIGINT, signal.SIGTERM):
+        for number in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # SIGHUP: the terminal closed
             loop.add_signal_handler(number, self._on_signal)
         on_listening(runner.addresses[0][1])
         await self._stopping.wait()

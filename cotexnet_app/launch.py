@@ -38,7 +38,7 @@ def check_options(port: int, upload_limit_mb: float, max_sessions: int, idle_tim
 def serve(*, data_root: str, models: list[str], host: str = "127.0.0.1", port: int = 8080,
           token: Optional[str] = None, device: str = "auto", upload_limit_mb: float = DEFAULT_UPLOAD_LIMIT_MB,
           max_sessions: int = 4, idle_timeout: float = 120.0) -> None:
-    """Starts the gateway; prints the address to open once it listens. Blocks until SIGINT or SIGTERM."""
+    """Starts the gateway; prints the address to open once it listens. Blocks until SIGINT, SIGTERM or SIGHUP."""
     check_options(port, upload_limit_mb, max_sessions, idle_timeout)
     DataRoot(data_root, upload_limit_mb)  # a wrong --data-root fails here, not in the first session
     for model in models:

@@ -28,18 +28,9 @@ from pathlib import Path
 import psutil
 from selenium import webdriver
 from selenium.webdriver.common.by import By
+from selenium.webdriver.support.wait import WebDriverWait as wait
 
 TOKEN = "memory"
-
-
-def wait_for(condition, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise TimeoutError(f"timed out after {timeout} s waiting for {what}")
 
 
 def browser(profile: Path):
@@ -95,13 +86,14 @@ def measure(repo: Path, model: Path, case: Path, sessions: int, work: Path) -> d
         for index in range(sessions):
             driver = browser(work / f"chromium{sessions}-{index}")
             drivers.append(driver)
-            wait_for(lambda: _get(driver, f"http://127.0.0.1:{port}/?token={TOKEN}"), 120, "the page")
+            driver.get(f"http://127.0.0.1:{port}/?token={TOKEN}")
+            wait(driver, 120).until(lambda d: d.find_elements(By.ID, "cx-open"), "the page")
             driver.execute_script("window.trame.state.set('cx_volume', arguments[0])", f"cases/{case.name}")
             time.sleep(0.5)
             driver.find_element(By.ID, "cx-open").click()
-            wait_for(lambda: "Opened" in driver.find_element(By.ID, "cx-message").text, 120, "the case to open")
+            wait(driver, 120).until(lambda d: "Opened" in d.find_element(By.ID, "cx-message").text, "the case to open")
             driver.find_element(By.ID, "cx-segment").click()
-            wait_for(lambda: driver.find_elements(By.CSS_SELECTOR, ".cx-concept-row"), 300, "the segmentation")
+            wait(driver, 300).until(lambda d: d.find_elements(By.CSS_SELECTOR, ".cx-concept-row"), "the segmentation")
         time.sleep(3)
         return {"sessions": sessions, **tree_memory(psutil.Process(app.pid))}
     finally:
@@ -114,15 +106,6 @@ def measure(repo: Path, model: Path, case: Path, sessions: int, work: Path) -> d
             for process in [app, *psutil.Process(app.pid).children(recursive=True)]:
                 process.kill()
         log.close()
-
-
-def _get(driver, url) -> bool:
-    driver.get(url)
-    try:
-        wait_for(lambda: driver.find_elements(By.ID, "cx-open"), 60, "the panel")
-        return True
-    except TimeoutError:
-        return False
 
 
 def main() -> int:
