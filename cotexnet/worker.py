@@ -391,6 +391,7 @@ class _SharedWorker:
                                         "request ran; the next run starts a new one"})
         self._routes.clear()
         self._queues.clear()
+        self.process._transport.close()  # asyncio leaves an exited process's pipes to the garbage collector
         self._on_exit(self)
 
 
@@ -411,6 +412,7 @@ class SharedWorkers:
         self._workers: dict[object, _SharedWorker] = {}
         self._starting: dict[object, asyncio.Future] = {}
         self._clients: set[_Client] = set()
+        self._ending: set[_SharedWorker] = set()  # workers told to exit, until they have
         self._server: asyncio.AbstractServer | None = None
 
     @property
@@ -429,7 +431,7 @@ class SharedWorkers:
         for client in clients:
             client.close()  # its connection ends: its task cleans up and returns
         await asyncio.gather(*(client.task for client in clients), return_exceptions=True)
-        workers = list(self._workers.values())
+        workers = [*self._workers.values(), *self._ending]
         self._workers.clear()
         for worker in workers:
             worker.process.stdin.close()
@@ -462,6 +464,7 @@ class SharedWorkers:
         return self._workers[key]
 
     def _ended(self, worker: _SharedWorker) -> None:
+        self._ending.discard(worker)
         if self._workers.get(worker.key) is worker:
             del self._workers[worker.key]
 
@@ -470,6 +473,7 @@ class SharedWorkers:
         for key, worker in list(self._workers.items()):
             if key not in used and worker.idle:
                 del self._workers[key]
+                self._ending.add(worker)
                 worker.process.stdin.close()  # it exits by itself
 
     def _status(self) -> dict:
