@@ -110,9 +110,12 @@ class Gateway:
         return hmac.compare_digest(offered.encode(), self.token.encode())
 
     def _too_many_wrong_tokens(self, request: web.Request) -> bool:
-        failures = self._token_failures[request.remote or ""]
+        address = request.remote or ""
+        failures = self._token_failures.get(address, ())
         while failures and time.monotonic() - failures[0] > TOKEN_WINDOW_S:
             failures.popleft()
+        if not failures:
+            self._token_failures.pop(address, None)  # the table holds only addresses that failed recently
         return len(failures) >= TOKEN_FAILURES
 
     def _refusal(self, request: web.Request) -> Optional[web.Response]:

@@ -83,6 +83,15 @@ def measure(repo: Path, model: Path, case: Path, sessions: int, work: Path) -> d
                            env={**os.environ, "PYTHONPATH": str(repo), "XDG_CONFIG_HOME": str(work / f"config{sessions}")})
     drivers = []
     try:
+        deadline = time.monotonic() + 60
+        while True:  # the app is up when its port answers
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=2).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline or app.poll() is not None:
+                    raise RuntimeError(f"the app did not start: see {log.name}") from None
+                time.sleep(0.2)
         for index in range(sessions):
             driver = browser(work / f"chromium{sessions}-{index}")
             drivers.append(driver)
