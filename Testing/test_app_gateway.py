@@ -1,12 +1,19 @@
 """`cotexnet app`'s front door over plain HTTP (no browser): without a token only loopback Host headers are
 served (no DNS rebinding), a non-loopback --host gets a random token printed at start and refuses anything
-without it, and a websocket from another origin is refused. Runs in the app's virtualenv (scripts/test-app.sh).
+without it, and a websocket from another origin is refused; sessions start only for a same-origin page load
+and end when their page never connects; wrong tokens are rate-limited; a signal ends every process of the
+app even while a page is open; bad options and a busy port are one error line. Runs in the app's
+virtualenv (scripts/test-app.sh).
 """
 from __future__ import annotations
 
+import asyncio
 import http.client
+import json
 import os
 import re
+import signal
+import socket
 import subprocess
 import sys
 import time
@@ -16,7 +23,10 @@ import pytest
 
 pytest.importorskip("trame_slicer", reason="the web app's virtualenv is not in use: run scripts/test-app.sh")
 
-from cotexnet_app.gateway import TOKEN_COOKIE, free_port  # noqa: E402
+import psutil  # noqa: E402
+
+from cotexnet_app.gateway import (  # noqa: E402
+    CONNECT_TIMEOUT_S, SESSION_COOKIE, TOKEN_COOKIE, TOKEN_FAILURES, free_port)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -109,3 +119,150 @@ def test_a_non_loopback_host_gets_a_random_token_printed_and_required(tmp_path):
         finally:
             stop(process)
     assert tokens[0] != tokens[1], "the token must be random per start"
+
+
+# ------------------------------------------------------------------ issue 21: 17 sessions and tokens, 19 options
+def sessions_of(process) -> list[psutil.Process]:
+    return [child for child in psutil.Process(process.pid).children()
+            if "cotexnet_app.session" in " ".join(child.cmdline())]
+
+
+def test_17_only_a_same_origin_page_load_starts_a_session(tmp_path):
+    """Another site's page (an image tag, a link, a fetch) and any path but the page's own cost no session."""
+    process, port, _ = start_app(tmp_path / "root")
+    try:
+        for path, headers in [("/", {"Sec-Fetch-Site": "cross-site"}), ("/", {"Sec-Fetch-Site": "same-site"}),
+                              ("/", {"Referer": "http://attacker.example/page"}),
+                              ("/", {"Sec-Fetch-Site": "same-origin", "Sec-Fetch-Dest": "image"}),
+                              ("/index.html", {"Sec-Fetch-Site": "cross-site", "Sec-Fetch-Dest": "document"}),
+                              ("/js/trame.js", {}), ("/favicon.ico", {})]:
+            refused = get(port, path, **headers)
+            assert refused.status == 403 and refused.getheader("Set-Cookie") is None, (path, headers, refused.status)
+        assert sessions_of(process) == []
+        served = get(port, "/index.html", **{"Sec-Fetch-Site": "none", "Sec-Fetch-Dest": "document"})
+        assert served.status == 200 and served.getheader("Set-Cookie").startswith(f"{SESSION_COOKIE}=")
+        assert len(sessions_of(process)) == 1
+    finally:
+        stop(process)
+
+
+def test_17_a_session_whose_page_never_connects_ends_within_seconds(tmp_path):
+    """Page loads that never open the websocket (a script, a crawler) used to hold a session each until the
+    idle timeout, locking the real user out with 503: now they end within seconds and the user gets in."""
+    process, port, _ = start_app(tmp_path / "root", "--max-sessions", "1")
+    try:
+        assert get(port, "/index.html").status == 200
+        [session] = sessions_of(process)
+        assert get(port, "/index.html").status == 503  # full
+        started = time.monotonic()
+        session.wait(CONNECT_TIMEOUT_S + 30)
+        print(f"a page that never connected: its session ended {time.monotonic() - started:.1f} s after the 503")
+        assert get(port, "/index.html").status == 200
+    finally:
+        stop(process)
+
+
+def test_17_idle_timeout_0_does_not_spin(tmp_path):
+    process, port, _ = start_app(tmp_path / "root", "--idle-timeout", "0")
+    try:
+        gateway = psutil.Process(process.pid)
+        before = sum(gateway.cpu_times()[:2])
+        time.sleep(4)
+        used = sum(gateway.cpu_times()[:2]) - before
+        assert used < 0.4, f"the idle gateway used {used:.2f} s of CPU in 4 s"
+    finally:
+        stop(process)
+
+
+def test_17_wrong_tokens_are_rate_limited(tmp_path):
+    """Guessing the token: after TOKEN_FAILURES wrong ones from one address, every request from it (the right
+    token too, or the answer would tell the guess) gets 429 with Retry-After, unchecked."""
+    process, port, _ = start_app(tmp_path / "root", "--token", "the-right-token-0123456789")
+    try:
+        statuses = [get(port, f"/?token=guess{i}").status for i in range(30)]
+        assert statuses == [403] * TOKEN_FAILURES + [429] * (30 - TOKEN_FAILURES)
+        locked = get(port, "/?token=the-right-token-0123456789")
+        assert locked.status == 429 and int(locked.getheader("Retry-After")) > 0 and "wrong tokens" in locked.text
+    finally:
+        stop(process)
+
+
+@pytest.mark.parametrize("option, value, expected", [
+    ("--port", "99999", "--port: expected a port number from 1 to 65535"),
+    ("--upload-limit-mb", "nan", "--upload-limit-mb: expected a positive number of MiB, got nan"),
+    ("--max-sessions", "0", "--max-sessions: expected at least 1, got 0"),
+    ("--idle-timeout", "inf", "--idle-timeout: expected a number of seconds of at least 0, got inf"),
+])
+def test_19_a_bad_app_option_is_one_error_line(tmp_path, option, value, expected):
+    result = subprocess.run([sys.executable, "-m", "cotexnet.cli", "app", "--data-root", str(tmp_path), option, value],
+                            cwd=REPO, capture_output=True, text=True, timeout=60,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert result.returncode == 2 and result.stdout == "", result
+    assert result.stderr.strip().splitlines() == [result.stderr.strip()] and "Traceback" not in result.stderr
+    assert result.stderr.startswith(f"cotexnet app: error: {expected}"), result.stderr
+
+
+# ------------------------------------------------------------------ issue 20: 5 shutdown, busy port
+def test_a_busy_port_is_one_error_line_and_prints_no_address(tmp_path):
+    process, port, _ = start_app(tmp_path / "first")
+    try:
+        second = subprocess.run([sys.executable, "-m", "cotexnet.cli", "app", "--data-root", str(tmp_path / "first"),
+                                 "--port", str(port)], cwd=REPO, capture_output=True, text=True, timeout=60,
+                                env={**os.environ, "PYTHONPATH": str(REPO)})
+        assert second.returncode == 2 and "open http" not in second.stdout, second
+        assert second.stderr.strip() == (f"cotexnet app: error: cannot listen on 127.0.0.1:{port}: address already in "
+                                         "use (another `cotexnet app`?); choose another --port")
+    finally:
+        stop(process)
+
+
+async def open_page_and_websocket(port: int):
+    """What a browser keeps open: the page's session cookie and its websocket."""
+    import aiohttp
+
+    client = aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True))  # unsafe: cookies from an IP
+    async with client.get(f"http://127.0.0.1:{port}/index.html") as page:
+        assert page.status == 200
+    websocket = await client.ws_connect(f"http://127.0.0.1:{port}/ws", origin=f"http://127.0.0.1:{port}")
+    return client, websocket
+
+
+def start_a_shared_worker(session: psutil.Process) -> socket.socket:
+    """Asks the gateway's shared workers (on the socket the session was given) for device facts, which starts
+    an engine worker, as a session's first Segment would; returns the connection, which keeps it in use."""
+    from cotexnet.worker import SOCKET_ENVIRONMENT
+
+    connection = socket.socket(socket.AF_UNIX)
+    connection.connect(session.environ()[SOCKET_ENVIRONMENT])
+    connection.sendall(json.dumps({"id": 1, "type": "device_info"}).encode() + b"\n")
+    reply = json.loads(connection.makefile().readline())
+    assert reply["id"] == 1 and reply["event"] == "result", reply
+    return connection
+
+
+@pytest.mark.parametrize("signals", [[signal.SIGTERM], [signal.SIGINT, signal.SIGINT]], ids=["SIGTERM", "Ctrl-C twice"])
+def test_a_signal_ends_every_process_while_a_page_is_open(tmp_path, signals):
+    """The gateway used to stop listening and then wait for open pages (minutes); a second signal left the
+    sessions and the worker running under PID 1. Now every process of the app ends within seconds."""
+    process, port, _ = start_app(tmp_path / "root")
+    loop = asyncio.new_event_loop()
+    try:
+        client, websocket = loop.run_until_complete(open_page_and_websocket(port))
+        [session] = sessions_of(process)
+        connection = start_a_shared_worker(session)
+        tree = psutil.Process(process.pid).children(recursive=True)
+        assert any("cotexnet.worker" in " ".join(p.cmdline()) for p in tree), [p.cmdline() for p in tree]
+        started = time.monotonic()
+        for number in signals:
+            process.send_signal(number)
+            time.sleep(0.2)
+        process.wait(15)
+        gone, alive = psutil.wait_procs(tree, timeout=5)
+        print(f"{len(tree)} processes ended {time.monotonic() - started:.1f} s after the first signal")
+        assert not alive, f"left running: {[p.cmdline() for p in alive]}"
+        connection.close()
+        loop.run_until_complete(client.close())
+    finally:
+        loop.close()
+        if process.poll() is None:
+            stop(process)

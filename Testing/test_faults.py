@@ -1036,3 +1036,92 @@ def test_20_a_lock_being_written_is_not_called_unreadable(tmp_path):
     os.utime(lock, (time.time() - 60, time.time() - 60))
     with pytest.raises(RunLockedError, match="unreadable lock file"):
         RunLock(tmp_path).acquire()
+
+
+# ------------------------------------------------------------------ Issue 21: worker and web gateway
+# The gateway's rows (17: sessions only for same-origin page loads, never-connected sessions expire, idle
+# timeout 0 does not spin, wrong tokens rate-limited; 19: `app --port 99999`, `--upload-limit-mb nan`,
+# `--max-sessions 0`) need the web app's virtualenv: they are in Testing/test_app_gateway.py.
+class WorkerProcess:
+    """``python -m cotexnet.worker`` on pipes: requests in as bytes, events out as dicts."""
+
+    def __init__(self):
+        self.process = subprocess.Popen([sys.executable, "-m", "cotexnet.worker"], stdin=subprocess.PIPE,
+                                        stdout=subprocess.PIPE, env=ENV)
+        assert self.next_event()["event"] == "ready"
+
+    def send(self, line: bytes | dict) -> None:
+        self.process.stdin.write((line if isinstance(line, bytes) else json.dumps(line).encode()) + b"\n")
+        self.process.stdin.flush()
+
+    def next_event(self) -> dict:
+        line = self.process.stdout.readline()
+        assert line, f"the worker ended (exit code {self.process.wait(10)})"
+        return json.loads(line)
+
+    def answer(self, request_id) -> dict:
+        """The request's result or error (progress and log events skipped)."""
+        while True:
+            event = self.next_event()
+            if event["id"] == request_id and event["event"] in ("result", "error"):
+                return event
+
+    def close(self) -> None:
+        self.process.stdin.close()
+        self.process.wait(30)
+
+
+@pytest.fixture
+def worker_process():
+    worker = WorkerProcess()
+    yield worker
+    worker.close()
+
+
+def _segment_request(bundle, tmp_path, request_id, **fields) -> dict:
+    volume = tmp_path / "volume.npy"
+    if not volume.exists():
+        np.save(volume, np.random.default_rng(0).normal(100, 20, (2, 24, 24)).astype(np.float32))
+    return {"id": request_id, "type": "segment", "model": str(bundle), "input": str(volume),
+            "output": str(tmp_path / f"labels{request_id}.npy"), "spacing": [1, 1, 1],
+            "direction": [1, 0, 0, 0, 1, 0, 0, 0, 1], "device": "cpu", "batch_size": 2, **fields}
+
+
+def test_16_back_to_back_segmentations_are_never_refused_as_already_running(bundle, tmp_path, worker_process):
+    """The result was sent before the busy flag was released: a client that sends its next request as soon as
+    it reads a result was told "already running" (8 of 30)."""
+    answers = []
+    for request_id in range(1, 31):
+        worker_process.send(_segment_request(bundle, tmp_path, request_id, concepts=False))
+        answers.append(worker_process.answer(request_id))
+    refused = [a["message"] for a in answers if a["event"] == "error"]
+    assert refused == [] and len(answers) == 30, refused
+
+
+def test_16_a_request_line_that_is_not_utf8_is_refused_and_the_worker_answers_the_next(worker_process):
+    worker_process.send(b'{"id": 1, "type": "status", "x": "\xff"}')
+    refused = worker_process.next_event()
+    assert refused["event"] == "error" and refused["error"] == "ProtocolError" and "not UTF-8" in refused["message"]
+    worker_process.send({"id": 2, "type": "status"})
+    assert worker_process.answer(2)["event"] == "result"
+
+
+@pytest.mark.parametrize("fields", [{"tta": True}, {"planes": ["axial", "coronal"]}], ids=["tta", "planes"])
+def test_16_tta_and_planes_give_no_confidence_unless_asked(bundle, tmp_path, worker_process, fields):
+    worker_process.send(_segment_request(bundle, tmp_path, 1, **fields))
+    value = worker_process.answer(1)["value"]
+    assert "confidence" not in value and not (tmp_path / "labels1_confidence.npy").exists()
+    assert value["concepts"] and all("mean_confidence" not in record for record in value["concepts"])
+    worker_process.send(_segment_request(bundle, tmp_path, 2, confidence=True, **fields))  # asked: given
+    value = worker_process.answer(2)["value"]
+    assert np.load(value["confidence"]).shape == (2, 24, 24)
+    assert all("mean_confidence" in record for record in value["concepts"])
+
+
+@pytest.mark.parametrize("field", ["tta", "concepts"])
+def test_16_a_string_boolean_is_refused_naming_the_field(bundle, tmp_path, worker_process, field):
+    worker_process.send(_segment_request(bundle, tmp_path, 1, **{field: "false"}))
+    refused = worker_process.answer(1)
+    assert refused["event"] == "error" and refused["error"] == "ValueError"
+    assert refused["message"] == f"request field {field!r}: expected true or false, got 'false'"
+    assert not (tmp_path / "labels1.npy").exists()

@@ -198,6 +198,107 @@ def test_killed_worker_gives_a_clear_error_and_the_next_run_works(scene, bundle,
     assert launched_worker.pid != interpreter
 
 
+# ------------------------------------------------------------------------------------------ shared workers
+
+
+@pytest.fixture
+def shared_workers(monkeypatch):
+    """cotexnet.worker.SharedWorkers on a private socket, served from a thread's event loop (as the web app's
+    gateway serves it from its own); every SegmentationWorker started here relays to it."""
+    import asyncio
+    import tempfile
+    import threading
+
+    from cotexnet.worker import SOCKET_ENVIRONMENT, SharedWorkers
+
+    folder = tempfile.mkdtemp(prefix="cx-")  # short: a Unix socket's path is limited to about 100 bytes
+    workers = SharedWorkers(os.path.join(folder, "workers.sock"))
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    asyncio.run_coroutine_threadsafe(workers.start(), loop).result(10)
+    monkeypatch.setenv(SOCKET_ENVIRONMENT, workers.address)
+    yield workers
+    asyncio.run_coroutine_threadsafe(workers.close(), loop).result(30)
+    loop.call_soon_threadsafe(loop.stop)
+    thread.join(10)
+
+
+def relayed_worker() -> SegmentationWorker:
+    return SegmentationWorker(command=[sys.executable, "-m", "cotexnet.worker"])
+
+
+def wait_until(condition, timeout=30.0, what="condition"):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def test_sessions_share_one_worker_and_one_loaded_model(scene, bundle, shared_workers):
+    """Two clients (two web sessions) segmenting with the same model on the same device: one worker process,
+    the model loaded once, the same labels as in-process; the worker ends when no client uses it."""
+    volume = add_volume(scene, phantom())
+    clients = [relayed_worker() for _ in range(2)]
+    jobs = [CoTexNetSegmentLogic(scene, worker=client).startSegmentation(volume, bundle, "cpu", concepts=False)
+            for client in clients]
+    for job in jobs:
+        run(job)
+        assert job.state == job.DONE, job.error
+    assert [job.reply["model_loads"] for job in jobs] == [1, 1]
+    assert jobs[0].reply["model_id"] == jobs[1].reply["model_id"]
+    [engine] = shared_workers.pids
+    assert all(processes.isRunning(client.pid) and client.pid != engine for client in clients)  # relays, not engines
+    in_process = CoTexNetSegmentLogic(scene).segment(volume, bundle, "cpu", concepts=False)
+    expected = mrml.segmentationToLabelMap(in_process, volume, CLASSES)
+    for job in jobs:
+        np.testing.assert_array_equal(mrml.segmentationToLabelMap(job.result, volume, CLASSES), expected)
+    status = clients[0].request("status")
+    assert status["workers"] == [{"model": str(Path(bundle).resolve()), "device": "cpu", "pid": engine}]
+    for client in clients:
+        client.stop()
+    wait_until(lambda: not processes.isRunning(engine), what="the unused worker to end")
+
+
+def test_queued_segmentations_take_turns_and_a_cancel_frees_the_worker_for_the_next(scene, bundle, shared_workers):
+    """Client A queues three segmentations, client B one while A's first runs: B's runs second, not after all
+    of A's. Then A cancels while B waits: A's run stops, B's runs on the same worker without a reload."""
+    slow = add_volume(scene, phantom(shape=(120, 28, 32)), name="slow")
+    small = add_volume(scene, phantom(), name="small")
+    first, second = relayed_worker(), relayed_worker()
+    second.request("status")  # connected before A's runs start, so its request arrives while A1 runs
+    logic_a, logic_b = CoTexNetSegmentLogic(scene, worker=first), CoTexNetSegmentLogic(scene, worker=second)
+    a_jobs = [logic_a.startSegmentation(slow, bundle, "cpu", batchSize=1, concepts=False) for _ in range(3)]
+    poll_until_progress(a_jobs[0])
+    b_job = logic_b.startSegmentation(small, bundle, "cpu", concepts=False)
+    order = []
+    deadline = time.monotonic() + 300
+    pending = {"A1": a_jobs[0], "A2": a_jobs[1], "A3": a_jobs[2], "B": b_job}
+    while pending:
+        assert time.monotonic() < deadline, f"still running: {list(pending)}"
+        for name, job in list(pending.items()):
+            job.poll()
+            if job.finished:
+                assert job.state == job.DONE, (name, job.error)
+                order.append(name)
+                del pending[name]
+        time.sleep(0.01)
+    assert order == ["A1", "B", "A2", "A3"]
+
+    [engine] = shared_workers.pids
+    cancelled = logic_a.startSegmentation(slow, bundle, "cpu", batchSize=1, concepts=False)
+    poll_until_progress(cancelled)
+    waiting = logic_b.startSegmentation(small, bundle, "cpu", concepts=False)
+    cancelled.cancel()
+    run(cancelled, timeout=10)
+    assert cancelled.state == cancelled.CANCELLED
+    run(waiting, timeout=60)
+    assert waiting.state == waiting.DONE and waiting.reply["model_loads"] == 1
+    assert shared_workers.pids == [engine]
+    first.stop()
+    second.stop()
+
+
 # ------------------------------------------------------------------------------------------ lifecycle
 
 
