@@ -208,14 +208,17 @@ class CoTexNetSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if not path:
             self.ui.modelInfoLabel.text = _("Choose a trained model folder or type a Hugging Face repository id.")
             return
-        try:
-            config = self.logic.bundleConfig(path)
-            title = self.logic.modelDescription(path)["title"]
+        try:  # no network here: a Hub id is read from the Hugging Face cache, or named until its first run
+            description = self.logic.modelDescription(path)
         except ImportError:
             self.ui.modelInfoLabel.text = _("Install the dependencies to read this model.")
             return
         except Exception as error:
             self.ui.modelInfoLabel.text = f"<span style='color:#c0392b'>{formatError(error)}</span>"
+            return
+        config, title = description["config"], description["title"]
+        if config is None:
+            self.ui.modelInfoLabel.text = f"<b>{html.escape(title)}</b>"
             return
         tiny = " <b>" + _("Test model with a random tiny backbone: not for real use.") + "</b>" if config.backbone == "tiny" else ""
         self.ui.modelInfoLabel.text = f"<b>{html.escape(title)}</b><br>" + _("Classes: {classes} ({axis} slices, {size} px).").format(

@@ -13,6 +13,7 @@ import re
 import subprocess
 import sys
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import unquote, urlparse
@@ -265,8 +266,15 @@ def test_push_then_segment_by_repo_id_round_trips_and_works_offline(hub, tmp_pat
     hub.server_close()
     from CoTexNetSegmentLib.logic import CoTexNetSegmentLogic
 
-    assert CoTexNetSegmentLogic.modelDescription("alice/disks") == {
-        "title": "CoTexNet: disk, square (MR, axial slices)", "classes": ["disk", "square"]}
+    description = CoTexNetSegmentLogic.modelDescription("alice/disks")
+    assert (description["title"], description["classes"]) == ("CoTexNet: disk, square (MR, axial slices)",
+                                                              ["disk", "square"])
+    assert description["config"].classes == ["disk", "square"]
+    # A repository never downloaded is named, not fetched: the field updates on Slicer's GUI thread (issue 19).
+    started = time.perf_counter()
+    assert CoTexNetSegmentLogic.modelDescription("bob/unknown") == {
+        "title": "bob/unknown: a Hugging Face Hub model, downloaded on the first run", "classes": None, "config": None}
+    assert time.perf_counter() - started < 5 and not any("bob" in path for _, path in hub.requests)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": constants.HF_HUB_CACHE, "HF_ENDPOINT": hub.url,
            "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "cotexnet.cli", "segment", "--device", "cpu", "--out", str(tmp_path / "offline")]

@@ -69,6 +69,21 @@ def download_model(repo_id: str, revision: str | None = None, files=DOWNLOAD_PAT
     return folder
 
 
+def cached_snapshot(repo_id: str, revision: str | None = None) -> Path | None:
+    """The Hugging Face cache's copy of a Hub bundle repository, found with no network access (a GUI field may
+    ask on every keystroke); None when it was never downloaded."""
+    from huggingface_hub import snapshot_download
+
+    from .bundle import CONFIG_NAME
+
+    try:
+        folder = Path(snapshot_download(repo_id, revision=revision, allow_patterns=list(DESCRIPTION_FILES),
+                                        local_files_only=True))
+    except Exception:  # noqa: BLE001 - not cached (LocalEntryNotFoundError and kin): the caller says so
+        return None
+    return folder if (folder / CONFIG_NAME).is_file() else None
+
+
 def resolve_model(name: str | os.PathLike, revision: str | None = None, files=DOWNLOAD_PATTERNS) -> Path:
     """A local folder for a model: ``name`` itself, or the cached snapshot of the Hub repository it names."""
     parsed = parse_repo_id(name)

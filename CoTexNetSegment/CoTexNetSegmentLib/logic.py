@@ -132,11 +132,22 @@ class CoTexNetSegmentLogic:
 
     @staticmethod
     def modelDescription(modelPath) -> dict:
-        """``{"title", "classes"}`` of a model for the model field: its card's title and its classes. A Hugging Face
-        Hub repository id (``owner/name``) fetches only its config and card; BundleError if unusable."""
+        """``{"title", "classes", "config"}`` of a model for the model field: its card's title, its classes and its
+        config, read with no network access, since the field updates on the GUI thread. A Hugging Face Hub
+        repository id (``owner/name``) is read from the Hugging Face cache; one never downloaded gives its id as
+        the title and no classes or config (the worker downloads it on the first run). BundleError if unusable."""
+        from cotexnet.bundle import read_bundle_config
         from cotexnet.card import card_summary
+        from cotexnet.hub import cached_snapshot, parse_repo_id
 
-        return card_summary(_checkedModelPath(modelPath))
+        path = _checkedModelPath(modelPath)
+        repo = parse_repo_id(path)
+        if repo is not None:
+            path = cached_snapshot(*repo)
+            if path is None:
+                return {"title": f"{repo[0]}: a Hugging Face Hub model, downloaded on the first run", "classes": None,
+                        "config": None}
+        return {**card_summary(path), "config": read_bundle_config(path)}
 
     def loadModel(self, modelPath, device: str = "auto"):
         """Loads a bundle in this process once per (folder, device, weights file version); later calls reuse it."""
