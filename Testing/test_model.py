@@ -10,6 +10,7 @@ import torch
 
 from cotexnet import CoTexNet, CoTexNetConfig
 from cotexnet.losses import CoTexNetLoss
+from cotexnet.model import pooled
 from cotexnet.prompts import CONTEXT_LENGTH, compose_text_inputs
 
 S = 64
@@ -98,7 +99,7 @@ def test_gradients_reach_alpha_sigma_mu_mappers_and_decoder_but_not_encoders(tin
 def test_eval_forward_never_runs_the_text_encoder(tiny_model):
     model = tiny_model()
     calls = []
-    model.clipseg.clip.text_model.encoder.register_forward_hook(lambda *a: calls.append(1))
+    model.clipseg.clip.text_model.encoder.layers[0].self_attn.q_proj.register_forward_hook(lambda *a: calls.append(1))
     images, masks, _ = batch()
     model.eval()
     with torch.no_grad():
@@ -153,7 +154,7 @@ def test_pooling_at_eos_equals_stock_text_features_when_nothing_is_injected(tiny
     real = model.encode_prompts(["a small round lesion", "two large irregular bright areas in the left"])
     inputs = model.text_inputs(real, 2)
     ours = model.encode_text(inputs, None)
-    stock = torch.cat([model.clipseg.clip.get_text_features(inputs.input_ids[i : i + 1, : inputs.eos_index[i] + 1])
+    stock = torch.cat([pooled(model.clipseg.clip.get_text_features(inputs.input_ids[i : i + 1, : inputs.eos_index[i] + 1]))
                        for i in range(2)])
     torch.testing.assert_close(ours, stock, rtol=1e-5, atol=1e-5)
 
@@ -189,7 +190,7 @@ def test_pseudo_text_switch_removes_template_and_roi_branch(tiny_model):
 def test_text_encoder_switch_projects_pseudo_tokens_directly(tiny_model):
     model = tiny_model(use_text_encoder=False, use_real_text=False).train()
     calls = []
-    model.clipseg.clip.text_model.encoder.register_forward_hook(lambda *a: calls.append(1))
+    model.clipseg.clip.text_model.encoder.layers[0].self_attn.q_proj.register_forward_hook(lambda *a: calls.append(1))
     images, masks, _ = batch()
     out = model(images, masks, None)
     rois = images.unsqueeze(1) * masks.unsqueeze(2)
@@ -235,7 +236,7 @@ def test_cls_only_last_layer_matches_full_encoder():
     stock, ours = stock_and_ours({})
     images = batch(1)[0]
     with torch.no_grad():
-        expected = stock.clip.get_image_features(ours.normalize(images))
+        expected = pooled(stock.clip.get_image_features(ours.normalize(images)))
         torch.testing.assert_close(ours.encode_image(images)[1], expected, rtol=1e-4, atol=1e-5)
 
 
