@@ -186,6 +186,16 @@ class CoTexNet(BundleMixin, nn.Module):
         backbone, tokenizer = load_backbone(config.backbone, config.image_size, cache_dir)
         return cls(config, backbone=backbone, tokenizer=tokenizer)
 
+    def place(self, device: torch.device | str) -> "CoTexNet":
+        """Move to ``device`` in the layout that runs fastest there: on a GPU the decoder's convolutions keep their
+        weights channels-last (cuDNN's fast path); on the CPU they stay contiguous, where channels-last measured
+        slower (docs/performance.md). Weights are saved contiguous either way."""
+        device = torch.device(device)
+        self.to(device)
+        layout = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+        self.clipseg.decoder.transposed_convolution.to(memory_format=layout)
+        return self
+
     # ----------------------------------------------------------------------------------- encoders
     @property
     def vision(self):

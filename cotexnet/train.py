@@ -52,7 +52,7 @@ from .data.laterality import FlipRule
 from .data.slice_dataset import ForegroundBatchSampler, SliceDataset
 from .data.slicing import array_slice_axis
 from .errors import ConfigError, CoTexNetError, DataError
-from .infer import autocast_dtype, fit_postprocessing, resolve_device
+from .infer import PhaseClock, autocast_dtype, fit_postprocessing, resolve_device
 from .losses import CoTexNetLoss
 from .metrics import DatasetDice
 from .model import CoTexNet
@@ -174,6 +174,11 @@ class PromptSource:
 
 
 # ------------------------------------------------------------------------------------------ training
+def fused_optimizer(device: torch.device) -> dict:
+    """Keyword arguments that make Adam/AdamW one fused kernel per step where torch has one (CUDA)."""
+    return {"fused": True} if device.type == "cuda" else {}
+
+
 def _seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -393,9 +398,10 @@ class Trainer:
             save_split(self.split, self.out / "split.json")
 
         self.model.set_encoder_training(options.train_encoder)
-        model = self.model.to(self.device)
+        model = self.model.place(self.device)
         optimizer_class = torch.optim.AdamW if options.optimizer == "adamw" else torch.optim.Adam
-        self.optimizer = optimizer_class(model.trainable_parameters(), lr=options.lr, weight_decay=options.weight_decay)
+        self.optimizer = optimizer_class(model.trainable_parameters(), lr=options.lr, weight_decay=options.weight_decay,
+                                         **fused_optimizer(self.device))
         self.net = model
         if self.world > 1:
             self.net = torch.nn.parallel.DistributedDataParallel(
@@ -418,6 +424,7 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer,
                                                                     T_max=max(1, options.epochs * self.steps))
         self.augment_rng = torch.Generator()
+        self.clock = PhaseClock(self.device, None)  # bench --train gives it a dict: seconds per phase of the step
         self.start_epoch = 1 if resume_state is None else self.load_checkpoint_state(resume_state) + 1
         self.cache = self.make_cache()
         recipe = {name: getattr(options, name) for name in RECIPES[options.recipe]}
@@ -662,27 +669,31 @@ class Trainer:
         With the feature cache, the frozen encoders' outputs (and the view's labels and prompts) come from
         :meth:`cached_inputs` instead of being recomputed.
         """
-        model, device = self.model, self.device
-        images = batch["image"].to(device, non_blocking=True)
-        labels = batch["label"].to(device, non_blocking=True)
-        encoded = None
-        if self.cache is not None:
-            labels, prompts, encoded = self.cached_inputs(batch, images, labels)
-        else:
-            images, labels, prompts = self._augmented(images, labels, self.augment_rng)
-        masks = self._class_masks(labels, images.dtype)
-        text_ids = model.encode_prompts(prompts) if prompts is not None else None
-        with self._autocast():
-            output = self.net(images, masks, text_ids, encoded)
-        terms = self.loss(output, labels)
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(terms.total).backward()
-        if self.options.grad_clip > 0:
-            self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(model.trainable_parameters(), self.options.grad_clip)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.scheduler.step()
+        model, device, clock = self.model, self.device, self.clock
+        with clock("data"):
+            images = batch["image"].to(device, non_blocking=True)
+            labels = batch["label"].to(device, non_blocking=True)
+            encoded = None
+            if self.cache is not None:
+                labels, prompts, encoded = self.cached_inputs(batch, images, labels)
+            else:
+                images, labels, prompts = self._augmented(images, labels, self.augment_rng)
+            masks = self._class_masks(labels, images.dtype)
+            text_ids = model.encode_prompts(prompts) if prompts is not None else None
+        with clock("forward"):
+            with self._autocast():
+                output = self.net(images, masks, text_ids, encoded)
+            terms = self.loss(output, labels)
+        with clock("backward"):
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scaler.scale(terms.total).backward()
+        with clock("optimizer"):
+            if self.options.grad_clip > 0:
+                self.scaler.unscale_(self.optimizer)
+                torch.nn.utils.clip_grad_norm_(model.trainable_parameters(), self.options.grad_clip)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.scheduler.step()
         return {"loss": terms.total.item(), "loss_seg": terms.segmentation.item(), "loss_kd": terms.distillation.item()}
 
     def validate(self) -> tuple[float, list[float]]:
