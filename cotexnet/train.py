@@ -2,7 +2,8 @@
 
 :class:`Trainer` holds one run (as nnU-Net's trainer does): :meth:`Trainer.train_step`,
 :meth:`Trainer.validate`, :meth:`Trainer.save_checkpoint` and the short epoch loop of
-:meth:`Trainer.run`, the single entry point (:func:`train` is ``Trainer(options).run()``).
+:meth:`Trainer.run`, the single entry point (:func:`train` is ``Trainer(options).run()``); the run folder and its
+checkpoints (save, load, recover, lock) are :mod:`cotexnet.checkpoints`.
 Defaults follow the paper (docs/method.md, "Training"): Adam, cosine schedule, max lr 3e-4, batch 8, at
 most 500 epochs, early stop after 50 epochs without validation improvement; the authors' choices
 (AdamW, 224 px, batch 16, KL ×10) are options. The output folder holds::
@@ -21,14 +22,11 @@ continues the epoch from there, so the resumed run takes as many optimiser steps
 """
 from __future__ import annotations
 
-import csv
-import io
 import json
 import logging
 import math
 import os
 import random
-import shutil
 import signal
 import sys
 import time
@@ -42,8 +40,8 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler
 
-from .atomic import recover_folder, write_files_atomic, write_text_atomic
-from .bundle import TRAINING_NAME, read_training_info, save_bundle
+from .bundle import read_training_info
+from .checkpoints import RunFolder, restore_trainer_state, trainer_state
 from .config import CoTexNetConfig, TrainOptions
 from .config import DEFAULT_PALETTE, RECIPES
 from .data import (IntensityNormalization, flip_rule, load_dataset, read_image_geometry, save_split, split_cases)
@@ -56,11 +54,9 @@ from .infer import PhaseClock, autocast_dtype, fit_postprocessing, resolve_devic
 from .losses import CoTexNetLoss
 from .metrics import DatasetDice
 from .model import CoTexNet
-from .runlock import RunLock, existing_run_files
 
 logger = logging.getLogger(__name__)
 
-TRAINER_STATE = "trainer_state.pt"
 LOSS_TERMS = ("loss", "loss_seg", "loss_kd")
 #: Options a resumed run takes from its checkpoint (model config, optimiser and schedule state): a new
 #: value would be ignored, so resuming with one is refused.
@@ -185,19 +181,6 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _rng_state() -> dict:
-    return {"torch": torch.get_rng_state(), "numpy": list(np.random.get_state()[1].tolist()),
-            "numpy_pos": int(np.random.get_state()[2]), "python": repr(random.getstate())}
-
-
-def _set_rng_state(state: dict) -> None:
-    import ast
-
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(("MT19937", np.array(state["numpy"], dtype=np.uint32), state["numpy_pos"], 0, 0.0))
-    random.setstate(ast.literal_eval(state["python"]))
-
-
 def _build_config(options: TrainOptions, classes: list[str], normalization: IntensityNormalization,
                   modality: str | None) -> CoTexNetConfig:
     fields = dict(classes=classes, keywords=options.keywords, backbone=options.backbone,
@@ -205,14 +188,6 @@ def _build_config(options: TrainOptions, classes: list[str], normalization: Inte
                   intensity=normalization.to_dict())
     fields.update(options.config_overrides)
     return CoTexNetConfig(**fields)
-
-
-def _write_metrics_csv(path: Path, rows: list[dict]) -> None:
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
-    writer.writeheader()
-    writer.writerows(rows)
-    write_text_atomic(path, buffer.getvalue())
 
 
 def initialized_from(bundle: str | Path, config: CoTexNetConfig) -> CoTexNet:
@@ -277,8 +252,8 @@ class Trainer:
 
     def __init__(self, options: TrainOptions, on_event: Callable[..., None] | None = None):
         self.options = options
-        self.out = Path(options.out)
-        self.last_dir, self.best_dir = self.out / "last", self.out / "best"
+        self.run_folder = RunFolder(options.out)
+        self.out, self.last_dir, self.best_dir = self.run_folder.out, self.run_folder.last, self.run_folder.best
         self.rank, self.world, self.device = distributed_setup(resolve_device(options.device))
         self.is_main = self.rank == 0
         self.writer = ProgressWriter(options.progress_file, options.progress_stdout, self.is_main)
@@ -305,7 +280,7 @@ class Trainer:
             if self.out.exists() and not self.out.is_dir():
                 raise ConfigError(f"{self.out}: the output is a file; --out takes a folder (a new one, or a run "
                                   f"to resume)")
-            with RunLock(self.out) if self.is_main else nullcontext():  # one trainer per run folder
+            with self.run_folder.lock() if self.is_main else nullcontext():  # one trainer per run folder
                 self.initialize()
                 start_epoch = self.start_epoch
                 self.emit("start", epochs=options.epochs, start_epoch=start_epoch, steps_per_epoch=self.steps,
@@ -342,40 +317,15 @@ class Trainer:
                 dist.destroy_process_group()
 
     # ------------------------------------------------------------------------------------------- set-up
-    def check_run_folder(self) -> None:
-        """Refuse, before anything is written, to train over an earlier run that is not to be replaced."""
-        found = existing_run_files(self.out)
-        if found and not (self.options.resume or self.options.overwrite):
-            raise CoTexNetError(f"{self.out}: already holds a training run ({', '.join(found)}); pass --resume to "
-                                f"continue it or --overwrite to replace it")
-
-    def prepare_run_folder(self) -> None:
-        """Under the run lock: clear the earlier run (``overwrite``), or put back the checkpoints whose
-        swap a kill cut between its two renames (the newest complete version) and remove stale staging."""
-        if self.options.overwrite:
-            for name in existing_run_files(self.out):
-                path = self.out / name
-                if path.is_dir():
-                    shutil.rmtree(path)
-                else:
-                    path.unlink()
-            return
-        for folder, complete_file in ((self.best_dir, TRAINING_NAME), (self.last_dir, TRAINER_STATE)):
-            # Both files are the last of their bundle to be written, each atomically.
-            restored = recover_folder(folder, lambda version, name=complete_file: (version / name).is_file())
-            if restored is not None:
-                message = f"{folder}: restored from {restored.name}, left there by a save that was interrupted"
-                logger.warning(message)
-                self.emit("warning", message=message)
-
     def initialize(self) -> None:
         """Data, model, split, slices, optimiser, schedule and loaders, restored when resuming."""
         options = self.options
         _seed_everything(options.seed + self.rank)
         self.index = load_dataset(options.data, options.classes)
-        self.check_run_folder()
+        self.run_folder.check(options.resume, options.overwrite)
         if self.is_main:
-            self.prepare_run_folder()
+            for message in self.run_folder.prepare(options.overwrite):
+                self.emit("warning", message=message)
         if self.world > 1:
             dist.barrier()
         resume_state = self.build_model()
@@ -425,7 +375,7 @@ class Trainer:
                                                                     T_max=max(1, options.epochs * self.steps))
         self.augment_rng = torch.Generator()
         self.clock = PhaseClock(self.device, None)  # bench --train gives it a dict: seconds per phase of the step
-        self.start_epoch = 1 if resume_state is None else self.load_checkpoint_state(resume_state) + 1
+        self.start_epoch = 1 if resume_state is None else restore_trainer_state(self, resume_state) + 1
         self.cache = self.make_cache()
         recipe = {name: getattr(options, name) for name in RECIPES[options.recipe]}
         logger.info("recipe '%s' for backbone %s: %s", options.recipe, options.backbone,
@@ -484,15 +434,14 @@ class Trainer:
         ``OUT/last`` when resuming (then its trainer state is returned)."""
         options, index = self.options, self.index
         if options.resume:
-            if not (self.last_dir / TRAINER_STATE).is_file():
-                raise CoTexNetError(f"{self.last_dir}: nothing to resume (no {TRAINER_STATE}); start without --resume")
+            self.run_folder.check_resumable()
             self.model = CoTexNet.from_pretrained(self.last_dir)
             self.config = self.model.config
             if self.config.classes != index.classes:
                 raise DataError(f"classes {index.classes} differ from the run being resumed ({self.config.classes})",
                                 options.data)
             self.check_resume_options()
-            state = torch.load(self.last_dir / TRAINER_STATE, map_location="cpu", weights_only=True)
+            state = self.run_folder.trainer_state()
             self.split = state["split"]
             return state
         if options.intensity is not None:
@@ -727,40 +676,10 @@ class Trainer:
 
     # --------------------------------------------------------------------------------------- checkpoints
     def save_checkpoint(self, improved: bool, totals: dict | None = None) -> None:
-        """``best/`` when validation improved, ``last/`` with the trainer state (``--resume``), metrics.csv.
-
-        ``totals`` (the loss sums so far) marks a checkpoint saved mid-epoch, after ``self.step`` steps.
-        """
-        info = self.training_info()
-        if improved:
-            self.model.save_pretrained(self.best_dir, training_info=info)
-        state = self.checkpoint_state(totals)
-        save_bundle(self.model, self.last_dir, info, extra_files=lambda folder: write_files_atomic(
-            folder / TRAINER_STATE, lambda target: torch.save(state, target)))  # last, so its presence means complete
-        if self.history:
-            _write_metrics_csv(self.out / "metrics.csv", self.history)
-
-    def checkpoint_state(self, totals: dict | None = None) -> dict:
-        """What ``--resume`` needs besides the weights: optimiser, schedule, early-stopping state, RNGs, split,
-        and for a stop mid-epoch the step reached, its loss sums and the augmentation stream."""
-        state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                 "epoch": self.epoch, "best": self.best, "stale": self.stale, "history": json.dumps(self.history),
-                 "rng": _rng_state(), "split": self.split, "step": self.step if totals is not None else 0}
-        if totals is not None:
-            state.update(totals=json.dumps(totals), augment_rng=self.augment_rng.get_state())
-        return state
-
-    def load_checkpoint_state(self, state: dict) -> int:
-        """Restore :meth:`checkpoint_state`; returns the last epoch it completed."""
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.best, self.stale = state["best"], state["stale"]
-        self.history = json.loads(state["history"])
-        _set_rng_state(state["rng"])
-        if state.get("step"):
-            self.resume_from = {"step": state["step"], "totals": json.loads(state["totals"]),
-                                "augment_rng": state["augment_rng"]}
-        return state["epoch"]
+        """``best/`` when validation improved, ``last/`` with the trainer state (``--resume``), metrics.csv
+        (:class:`~cotexnet.checkpoints.RunFolder`). ``totals`` (the loss sums so far) marks a checkpoint saved
+        mid-epoch, after ``self.step`` steps."""
+        self.run_folder.save(self.model, self.training_info(), trainer_state(self, totals), improved, self.history)
 
     def finish(self) -> Path:
         if self.world > 1:
