@@ -11,4 +11,5 @@ base=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purel
 .venv-tf5/bin/python -c 'import sysconfig, sys; open(sysconfig.get_paths()["purelib"] + "/cotexnet-base.pth", "w").write(sys.argv[1] + "\n")' "$base"
 .venv-tf5/bin/python -m pip install -q "torch==${COTEXNET_TORCH_VERSION:-2.13.0}" "transformers>=5,<6"
 .venv-tf5/bin/python -c 'import transformers, sys; v = transformers.__version__; print("transformers", v); sys.exit(v.split(".")[0] != "5")'
-exec .venv-tf5/bin/python -m pytest -q -p no:cacheprovider Testing/test_model.py Testing/test_bundle.py Testing/test_infer.py "$@"
+exec .venv-tf5/bin/python -m pytest -q -p no:cacheprovider Testing/test_model.py Testing/test_bundle.py Testing/test_infer.py \
+  Testing/test_performance.py::test_flops_per_slice_equals_the_architecture_formula "$@"
