@@ -247,3 +247,17 @@ def test_clipseg_variant_is_stock_clipseg_with_fixed_prompt():
     with torch.no_grad():
         expected = stock(input_ids=ids, pixel_values=ours.normalize(images)).logits
         torch.testing.assert_close(ours(images)[:, 1], expected, rtol=1e-4, atol=1e-4)
+
+
+def test_eager_attention_equals_sdpa_in_every_encoder():
+    """``attention: eager`` (explicit softmax(QK^T)V, causal mask in the text encoder) and SDPA are one function."""
+    stock, sdpa = stock_and_ours({})
+    _, eager = stock_and_ours({"attention": "eager"})
+    eager.load_state_dict(sdpa.state_dict())  # the mappers are drawn at construction
+    images = batch(1)[0]
+    with torch.no_grad():
+        torch.testing.assert_close(eager(images), sdpa(images), rtol=1e-4, atol=1e-4)  # float32 summation order
+        ids = prompts(sdpa)
+        inputs = sdpa.text_inputs(ids, 2)
+        pseudo = torch.randn(2, 1, stock.config.text_config.hidden_size)
+        torch.testing.assert_close(eager.encode_text(inputs, pseudo), sdpa.encode_text(inputs, pseudo), rtol=1e-4, atol=1e-5)
