@@ -62,11 +62,16 @@ def flops_per_slice(run, image_size: int, device: torch.device) -> float:
     one-slice batch performs, as ``torch.utils.flop_counter`` counts them (a multiply-add is 2 FLOP). Attention
     runs as its plain matrix products here, which the counter sees on every device (it has no formula for the
     CPU's fused kernel)."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
 
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        math_attention = sdpa_kernel(SDPBackend.MATH)
+    except ImportError:  # torch < 2.3: only CUDA has fused kernels to switch off
+        math_attention = torch.backends.cuda.sdp_kernel(enable_flash=False, enable_mem_efficient=False)
     counter = FlopCounterMode(display=False)
-    with torch.inference_mode(), sdpa_kernel(SDPBackend.MATH), counter:
+    with torch.inference_mode(), math_attention, counter:
         run(torch.rand(1, 3, image_size, image_size, device=device))
     return float(counter.get_total_flops())
 
