@@ -111,3 +111,13 @@ def test_train_bench_reports_phases_and_the_paper_recipe_estimate():
     estimate = report["paper_recipe_estimate_s"]
     assert estimate["uncached"] == pytest.approx(PAPER_RECIPE_SLICES * PAPER_RECIPE_EPOCHS / report["uncached"]["slices_per_s"])
     assert report["cached"]["phases_per_step_s"]["data"] < report["uncached"]["phases_per_step_s"]["forward"] * 10
+
+
+def test_a_bench_process_that_dies_before_reporting_is_an_error_not_a_hang():
+    import os
+
+    from cotexnet.bench import _in_fresh_process
+
+    # os._exit(queue, args) fails in the child before anything is reported, as an import error would
+    with pytest.raises(RuntimeError, match="ended with exit code 1 and no result"):
+        _in_fresh_process("cotexnet", "tiny", "cpu", target=os._exit)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import multiprocessing
 import platform
+import queue as queue_module
 import time
 from pathlib import Path
 
@@ -145,12 +146,19 @@ def _child(queue, args):
         queue.put({"error": f"{type(error).__name__}: {error}"})
 
 
-def _in_fresh_process(*args) -> dict:
+def _in_fresh_process(*args, target=_child) -> dict:
+    """``target(queue, args)`` in a spawned process; its result, or a RuntimeError with its error or exit code."""
     context = multiprocessing.get_context("spawn")
     queue = context.Queue()
-    process = context.Process(target=_child, args=(queue, args))
+    process = context.Process(target=target, args=(queue, args))
     process.start()
-    result = queue.get()
+    result = None
+    while result is None:
+        try:
+            result = queue.get(timeout=1.0)
+        except queue_module.Empty:
+            if not process.is_alive():  # died before reporting (an import error, the OOM killer): never wait forever
+                result = {"error": f"the process ended with exit code {process.exitcode} and no result"}
     process.join()
     if "error" in result:
         raise RuntimeError(f"benchmark {args[0]} ({', '.join(map(str, args[1:4]))}) failed: {result['error']}")
