@@ -10,6 +10,7 @@ import torch
 
 from cotexnet import BundleError, CoTexNet, CoTexNetConfig, ConfigError
 from cotexnet.bundle import load_backbone
+from cotexnet.prompts import save_tokenizer
 
 
 def test_config_json_round_trip(tmp_path):
@@ -154,8 +155,8 @@ def test_unavailable_backbone_names_it_and_says_how_to_get_it_offline(monkeypatc
 def test_local_backbone_directory_loads_offline(tmp_path):
     """A backbone folder saved the way Hugging Face stores it loads with no network."""
     clipseg, tokenizer = load_backbone("tiny", image_size=64)
-    clipseg.save_pretrained(tmp_path / "clipseg", safe_serialization=True)
-    tokenizer.save_pretrained(tmp_path / "clipseg")
+    clipseg.save_pretrained(tmp_path / "clipseg")
+    save_tokenizer(tokenizer, tmp_path / "clipseg")
     model = CoTexNet.from_config(CoTexNetConfig(classes=["a"], backbone=str(tmp_path / "clipseg"), image_size=64))
     vision = model.clipseg.clip.vision_model.embeddings.patch_embedding.weight
     torch.testing.assert_close(vision, clipseg.clip.vision_model.embeddings.patch_embedding.weight)
@@ -171,8 +172,9 @@ def test_pickled_backbone_loads_weights_but_never_runs_code(tmp_path):
     """Older Hugging Face repositories hold only pytorch_model.bin: tensors load, a code-running pickle does not."""
     clipseg, tokenizer = load_backbone("tiny", image_size=64)
     folder = tmp_path / "clipseg"
-    clipseg.save_pretrained(folder, safe_serialization=False)
-    tokenizer.save_pretrained(folder)
+    clipseg.config.save_pretrained(folder)  # transformers 5 saves no pickle any more: written as old repositories hold it
+    torch.save(clipseg.state_dict(), folder / "pytorch_model.bin")
+    save_tokenizer(tokenizer, folder)
     assert not (folder / "model.safetensors").exists() and (folder / "pytorch_model.bin").is_file()
     loaded, _ = load_backbone(str(folder), image_size=64)
     torch.testing.assert_close(loaded.decoder.film_mul.weight, clipseg.decoder.film_mul.weight)

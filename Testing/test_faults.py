@@ -25,7 +25,8 @@ from cotexnet import CoTexNet, CoTexNetConfig
 from cotexnet.cli import main
 from cotexnet.data import read_image, read_label_map
 from cotexnet.errors import CoTexNetError, DataError
-from cotexnet.train import TRAINER_STATE, Trainer, train
+from cotexnet.checkpoints import TRAINER_STATE
+from cotexnet.train import Trainer, train
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}

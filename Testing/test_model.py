@@ -10,6 +10,7 @@ import torch
 
 from cotexnet import CoTexNet, CoTexNetConfig
 from cotexnet.losses import CoTexNetLoss
+from cotexnet.model import pooled
 from cotexnet.prompts import CONTEXT_LENGTH, compose_text_inputs
 
 S = 64
@@ -98,7 +99,7 @@ def test_gradients_reach_alpha_sigma_mu_mappers_and_decoder_but_not_encoders(tin
 def test_eval_forward_never_runs_the_text_encoder(tiny_model):
     model = tiny_model()
     calls = []
-    model.clipseg.clip.text_model.encoder.register_forward_hook(lambda *a: calls.append(1))
+    model.clipseg.clip.text_model.encoder.layers[0].self_attn.q_proj.register_forward_hook(lambda *a: calls.append(1))
     images, masks, _ = batch()
     model.eval()
     with torch.no_grad():
@@ -153,7 +154,7 @@ def test_pooling_at_eos_equals_stock_text_features_when_nothing_is_injected(tiny
     real = model.encode_prompts(["a small round lesion", "two large irregular bright areas in the left"])
     inputs = model.text_inputs(real, 2)
     ours = model.encode_text(inputs, None)
-    stock = torch.cat([model.clipseg.clip.get_text_features(inputs.input_ids[i : i + 1, : inputs.eos_index[i] + 1])
+    stock = torch.cat([pooled(model.clipseg.clip.get_text_features(inputs.input_ids[i : i + 1, : inputs.eos_index[i] + 1]))
                        for i in range(2)])
     torch.testing.assert_close(ours, stock, rtol=1e-5, atol=1e-5)
 
@@ -189,7 +190,7 @@ def test_pseudo_text_switch_removes_template_and_roi_branch(tiny_model):
 def test_text_encoder_switch_projects_pseudo_tokens_directly(tiny_model):
     model = tiny_model(use_text_encoder=False, use_real_text=False).train()
     calls = []
-    model.clipseg.clip.text_model.encoder.register_forward_hook(lambda *a: calls.append(1))
+    model.clipseg.clip.text_model.encoder.layers[0].self_attn.q_proj.register_forward_hook(lambda *a: calls.append(1))
     images, masks, _ = batch()
     out = model(images, masks, None)
     rois = images.unsqueeze(1) * masks.unsqueeze(2)
@@ -235,7 +236,7 @@ def test_cls_only_last_layer_matches_full_encoder():
     stock, ours = stock_and_ours({})
     images = batch(1)[0]
     with torch.no_grad():
-        expected = stock.clip.get_image_features(ours.normalize(images))
+        expected = pooled(stock.clip.get_image_features(ours.normalize(images)))
         torch.testing.assert_close(ours.encode_image(images)[1], expected, rtol=1e-4, atol=1e-5)
 
 
@@ -246,3 +247,17 @@ def test_clipseg_variant_is_stock_clipseg_with_fixed_prompt():
     with torch.no_grad():
         expected = stock(input_ids=ids, pixel_values=ours.normalize(images)).logits
         torch.testing.assert_close(ours(images)[:, 1], expected, rtol=1e-4, atol=1e-4)
+
+
+def test_eager_attention_equals_sdpa_in_every_encoder():
+    """``attention: eager`` (explicit softmax(QK^T)V, causal mask in the text encoder) and SDPA are one function."""
+    stock, sdpa = stock_and_ours({})
+    _, eager = stock_and_ours({"attention": "eager"})
+    eager.load_state_dict(sdpa.state_dict())  # the mappers are drawn at construction
+    images = batch(1)[0]
+    with torch.no_grad():
+        torch.testing.assert_close(eager(images), sdpa(images), rtol=1e-4, atol=1e-4)  # float32 summation order
+        ids = prompts(sdpa)
+        inputs = sdpa.text_inputs(ids, 2)
+        pseudo = torch.randn(2, 1, stock.config.text_config.hidden_size)
+        torch.testing.assert_close(eager.encode_text(inputs, pseudo), sdpa.encode_text(inputs, pseudo), rtol=1e-4, atol=1e-5)

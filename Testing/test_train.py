@@ -15,7 +15,8 @@ from PIL import Image
 
 from cotexnet import CoTexNet, CoTexNetConfig
 from cotexnet.cli import main
-from cotexnet.train import TRAINER_STATE, TrainOptions, train
+from cotexnet.checkpoints import TRAINER_STATE
+from cotexnet.train import TrainOptions, train
 
 REPO = Path(__file__).resolve().parents[1]
 

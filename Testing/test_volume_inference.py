@@ -248,5 +248,12 @@ def test_bench_runs_on_cpu_with_a_small_volume_and_reports_peak_memory(capsys):
     volume = report["volume"]
     assert volume["shape"] == [4, 40, 48] and volume["batch_size"] == 2 and volume["peak_rss_mib"] > 0
     assert volume["slices_per_s"] == pytest.approx(4 / volume["array_to_labels_s"])
+    assert set(volume["phases_s"]) == {"normalise", "resize", "model", "resize_back", "argmax", "download"}  # no upload
+    assert volume["file_read_s"] > 0 and volume["file_write_s"] > 0 and volume["array_to_labels_first_s"] > 0
+    for row in report["rows"]:  # MFU is achieved FLOP/s over the matrix-product peak measured in the same process
+        assert row["flops_per_slice"] > 0 and row["peak_matmul_tflops"] > 0
+        assert row["mfu"] == pytest.approx(row["slices_per_s"] * row["flops_per_slice"] / 1e12 / row["peak_matmul_tflops"])
+    # stock CLIPSeg also runs the text encoder on its prompt and every encoder layer in full
+    assert report["rows"][0]["flops_per_slice"] > report["rows"][1]["flops_per_slice"]
     assert report["ratio_same_precision"]["fp32"] == pytest.approx(
         report["rows"][1]["slices_per_s"] / report["rows"][0]["slices_per_s"])

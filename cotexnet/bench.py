@@ -6,11 +6,17 @@ image — and CoTexNet runs its test-time path (image only, no text encoder). Ea
 a fresh process so that peak memory (GPU: ``max_memory_allocated``; CPU: peak resident set) belongs
 to that side alone. Speed does not depend on weights, so ``full-random`` (the ViT-B/16, 352 px
 CLIPSeg architecture with random weights) measures the real model offline.
+
+Each row also says how close to the device's limit it runs: ``flops_per_slice`` (the matrix products,
+convolutions and attention of one slice's forward, counted by ``torch.utils.flop_counter`` on the model
+itself), ``peak_matmul_tflops`` (a large square matrix product in the row's precision, measured in the same
+process) and ``mfu`` (achieved FLOP/s over that peak). The JSON keys are listed in docs/performance.md.
 """
 from __future__ import annotations
 
 import multiprocessing
 import platform
+import queue as queue_module
 import time
 from pathlib import Path
 
@@ -52,9 +58,47 @@ def _build(side: str, backbone: str, image_size: int, num_classes: int):
     return model, model
 
 
+def flops_per_slice(run, image_size: int, device: torch.device) -> float:
+    """FLOP of one slice through ``run``: every matrix product, convolution and attention that one forward of a
+    one-slice batch performs, as ``torch.utils.flop_counter`` counts them (a multiply-add is 2 FLOP). Attention
+    runs as its plain matrix products here, which the counter sees on every device (it has no formula for the
+    CPU's fused kernel)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        math_attention = sdpa_kernel(SDPBackend.MATH)
+    except ImportError:  # torch < 2.3: only CUDA has fused kernels to switch off
+        math_attention = torch.backends.cuda.sdp_kernel(enable_flash=False, enable_mem_efficient=False)
+    counter = FlopCounterMode(display=False)
+    with torch.inference_mode(), math_attention, counter:
+        run(torch.rand(1, 3, image_size, image_size, device=device))
+    return float(counter.get_total_flops())
+
+
+def matmul_peak_tflops(device: torch.device, dtype: torch.dtype | None, seconds: float = 0.5) -> float:
+    """TFLOP/s of a large square matrix product in ``dtype`` (``None``: float32) on ``device``, the practical
+    peak that MFU is measured against (8192² on a GPU, 1024² on the CPU)."""
+    size = 8192 if device.type == "cuda" else 1024
+    a, b = (torch.randn(size, size, device=device, dtype=dtype or torch.float32) for _ in range(2))
+    for _ in range(2):
+        a @ b
+    _sync(device)
+    count, started = 0, time.perf_counter()
+    while count < 3 or time.perf_counter() - started < seconds:
+        a @ b
+        count += 1
+        if count % 10 == 0 or count < 10:
+            _sync(device)
+    _sync(device)
+    return 2 * size**3 * count / (time.perf_counter() - started) / 1e12
+
+
 def measure(side: str, backbone: str, device: str, precision: str, batch_size: int, image_size: int,
             num_classes: int, iterations: int, warmup: int, compile: str | None = None) -> dict:
-    """Slices per second and peak memory of one side at one precision (run in its own process).
+    """Slices per second, peak memory, FLOP per slice, the matrix-product peak and MFU of one side at one
+    precision (run in its own process).
 
     ``compile`` runs the side through ``torch.compile`` in that mode (both sides alike).
     """
@@ -62,10 +106,12 @@ def measure(side: str, backbone: str, device: str, precision: str, batch_size: i
 
     device = torch.device(device)
     run, model = _build(side, backbone, image_size, num_classes)
-    model.to(device).eval()
+    (model.place(device) if side == "cotexnet" else model.to(device)).eval()  # stock CLIPSeg as users run it
+    dtype = autocast_dtype(device, precision)
+    flops = flops_per_slice(run, image_size, device)
+    peak = matmul_peak_tflops(device, dtype)
     if compile is not None:
         run = torch.compile(run, mode=compile)
-    dtype = autocast_dtype(device, precision)
     images = torch.rand(batch_size, 3, image_size, image_size, device=device)
     _sync(device)
     if device.type == "cuda":
@@ -83,8 +129,10 @@ def measure(side: str, backbone: str, device: str, precision: str, batch_size: i
         once()
     _sync(device)
     seconds = time.perf_counter() - started
-    result = {"side": side, "precision": precision, "slices_per_s": batch_size * iterations / seconds,
-              "seconds": seconds}
+    rate = batch_size * iterations / seconds
+    result = {"side": side, "precision": precision, "slices_per_s": rate, "seconds": seconds,
+              "flops_per_slice": flops, "achieved_tflops": rate * flops / 1e12, "peak_matmul_tflops": peak,
+              "mfu": rate * flops / 1e12 / peak}
     if device.type == "cuda":
         result["peak_gpu_memory_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
     result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -98,15 +146,22 @@ def _child(queue, args):
         queue.put({"error": f"{type(error).__name__}: {error}"})
 
 
-def _in_fresh_process(*args) -> dict:
+def _in_fresh_process(*args, target=_child) -> dict:
+    """``target(queue, args)`` in a spawned process; its result, or a RuntimeError with its error or exit code."""
     context = multiprocessing.get_context("spawn")
     queue = context.Queue()
-    process = context.Process(target=_child, args=(queue, args))
+    process = context.Process(target=target, args=(queue, args))
     process.start()
-    result = queue.get()
+    result = None
+    while result is None:
+        try:
+            result = queue.get(timeout=1.0)
+        except queue_module.Empty:
+            if not process.is_alive():  # died before reporting (an import error, the OOM killer): never wait forever
+                result = {"error": f"the process ended with exit code {process.exitcode} and no result"}
     process.join()
     if "error" in result:
-        raise RuntimeError(f"benchmark of {args[0]} at {args[3]} failed: {result['error']}")
+        raise RuntimeError(f"benchmark {args[0]} ({', '.join(map(str, args[1:4]))}) failed: {result['error']}")
     return result
 
 
@@ -117,8 +172,8 @@ def bench(backbone: str = "full-random", device: str = "auto", batch_size: int =
     """Measure both sides at each precision; report same-precision ratios and best-vs-best.
 
     With ``volume_shape`` (e.g. 300×512×512), CoTexNet also segments a synthetic CT volume of that
-    shape end to end: array in → label map out, and file read → label map file written, in batches of
-    ``volume_batch_size`` (default: 64 on a GPU, ``batch_size`` on the CPU), with peak memory.
+    shape end to end (:func:`bench_volume`) in batches of ``volume_batch_size`` (default: chosen from free
+    GPU memory on a GPU, ``batch_size`` on the CPU), in the best precision measured for CoTexNet.
     """
     device = resolve_device(device)
     if precisions is None:
@@ -140,45 +195,67 @@ def bench(backbone: str = "full-random", device: str = "auto", batch_size: int =
         "ratio_best": best["cotexnet"]["slices_per_s"] / best["clipseg"]["slices_per_s"],
     }
     if volume_shape is not None:
-        if volume_batch_size is None:
-            volume_batch_size = 64 if device.type == "cuda" else batch_size
+        if volume_batch_size is None and device.type == "cpu":
+            volume_batch_size = batch_size
         report["volume"] = _in_fresh_process("volume", backbone, str(device), volume_shape, volume_batch_size,
-                                             image_size, num_classes, compile)
+                                             image_size, num_classes, compile, best["cotexnet"]["precision"])
     return report
 
 
-def bench_volume(backbone, device, shape, batch_size, image_size, num_classes, compile=None) -> dict:
-    """End-to-end timing of a synthetic CT volume (HU-like int16), from array and from file, and peak memory."""
+def bench_volume(backbone, device, shape, batch_size, image_size, num_classes, compile=None, precision="auto",
+                 repeats: int = 3) -> dict:
+    """A synthetic CT volume (HU-like int16) segmented from an array and from a file, phase by phase.
+
+    ``array_to_labels_first_s`` is the first full-size call (after a two-batch warm-up that compiles),
+    ``array_to_labels_s`` the median of ``repeats`` more; ``phases_s`` the seconds of each phase of one more call
+    that synchronises the device at each phase's end (so their sum exceeds the unsynchronised time a little);
+    ``file_to_file_s`` reads a ``.nii.gz``, segments it and writes the labels, ``file_read_s`` and
+    ``file_write_s`` being its two ends.
+    """
     import resource
+    import statistics
     import tempfile
 
     from .data import VolumeImage, read_image, write_image
-    from .infer import segment_volume
+    from .infer import inference_batch_size, segment_volume
 
     device = torch.device(device)
     model, _ = _build("cotexnet", backbone, image_size, num_classes)
     model.config.intensity = {"mode": "ct", "window": "soft_tissue", "center": 40.0, "width": 400.0}
+    model.place(device).eval()
+    batch_size = inference_batch_size(model, device, autocast_dtype(device, precision), shape[1] * shape[2], batch_size)
     rng = np.random.default_rng(0)
     volume = rng.integers(-1000, 1000, size=shape, dtype=np.int16)
-    options = dict(batch_size=batch_size, device=device, compile=compile)
+    options = dict(batch_size=batch_size, device=device, compile=compile, precision=precision)
     segment_volume(model, volume[: batch_size * 2], **options)  # warm-up (and compilation)
     _sync(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    started = time.perf_counter()
-    segment_volume(model, volume, **options)
-    _sync(device)
-    array_seconds = time.perf_counter() - started
+
+    def timed(**extra) -> float:
+        started = time.perf_counter()
+        segment_volume(model, volume, **options, **extra)
+        _sync(device)
+        return time.perf_counter() - started
+
+    first = timed()
+    steady = statistics.median(timed() for _ in range(repeats))
+    phases: dict[str, float] = {}
+    timed(timings=phases)
     with tempfile.TemporaryDirectory() as tmp:
         source = Path(tmp) / "ct.nii.gz"
         write_image(volume, VolumeImage(volume, (0.8, 0.8, 1.5), (0, 0, 0), tuple(np.eye(3).ravel())), source)
         started = time.perf_counter()
         image = read_image(source)
+        read = time.perf_counter() - started
         labels = segment_volume(model, image, **options)
+        written = time.perf_counter()
         write_image(labels, image, Path(tmp) / "labels.nii.gz")
+        write = time.perf_counter() - written
         file_seconds = time.perf_counter() - started
-    result = {"shape": list(shape), "batch_size": batch_size, "array_to_labels_s": array_seconds,
-              "file_to_file_s": file_seconds, "slices_per_s": shape[0] / array_seconds,
+    result = {"shape": list(shape), "batch_size": batch_size, "precision": precision, "compile": compile,
+              "array_to_labels_first_s": first, "array_to_labels_s": steady, "slices_per_s": shape[0] / steady,
+              "phases_s": phases, "file_read_s": read, "file_write_s": write, "file_to_file_s": file_seconds,
               "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
     if device.type == "cuda":
         result["peak_gpu_memory_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
@@ -199,10 +276,13 @@ def _device_name(device) -> str:
 def format_report(report: dict) -> str:
     lines = [f"backbone {report['backbone']}, {report['image_size']} px, batch {report['batch_size']}, "
              f"{report['device_name']}, torch {report['torch']}",
-             f"{'side':<10} {'precision':<9} {'slices/s':>10} {'peak MiB':>10}"]
+             f"{'side':<10} {'precision':<9} {'slices/s':>10} {'peak MiB':>10} {'GFLOP/slice':>12} {'TFLOP/s':>9} "
+             f"{'peak TFLOP/s':>13} {'MFU':>6}"]
     for row in report["rows"]:
         memory = row.get("peak_gpu_memory_mib", row["peak_rss_mib"])
-        lines.append(f"{row['side']:<10} {row['precision']:<9} {row['slices_per_s']:>10.2f} {memory:>10.0f}")
+        lines.append(f"{row['side']:<10} {row['precision']:<9} {row['slices_per_s']:>10.2f} {memory:>10.0f} "
+                     f"{row['flops_per_slice'] / 1e9:>12.2f} {row['achieved_tflops']:>9.3f} "
+                     f"{row['peak_matmul_tflops']:>13.3f} {row['mfu']:>6.1%}")
     for precision, ratio in report["ratio_same_precision"].items():
         lines.append(f"CoTexNet / CLIPSeg at {precision}: {ratio:.2f}x")
     best = report["best"]
@@ -212,11 +292,13 @@ def format_report(report: dict) -> str:
         v = report["volume"]
         memory = (f"peak GPU {v['peak_gpu_memory_mib']:.0f} MiB" if "peak_gpu_memory_mib" in v
                   else f"peak RSS {v['peak_rss_mib']:.0f} MiB")
-        lines.append(f"volume {'x'.join(map(str, v['shape']))} (batch {v['batch_size']}): array→labels "
-                     f"{v['array_to_labels_s']:.2f} s ({v['slices_per_s']:.1f} slices/s), file→file "
-                     f"{v['file_to_file_s']:.2f} s, {memory}")
+        lines.append(f"volume {'x'.join(map(str, v['shape']))} ({v['precision']}, batch {v['batch_size']}): array→labels "
+                     f"{v['array_to_labels_s']:.3f} s ({v['slices_per_s']:.1f} slices/s; first call "
+                     f"{v['array_to_labels_first_s']:.3f} s), file→file {v['file_to_file_s']:.2f} s, {memory}")
+        phases = {**v["phases_s"], "file_read": v["file_read_s"], "file_write": v["file_write_s"]}
+        lines.append("  phases (s): " + ", ".join(f"{name} {seconds:.3f}" for name, seconds in phases.items()))
     memory_kind = "GPU max_memory_allocated" if report["device"].startswith("cuda") else "process peak RSS"
-    lines.append(f"peak memory: {memory_kind}, each side in its own process")
+    lines.append(f"peak memory: {memory_kind}, each side in its own process; MFU against the matrix-product peak")
     return "\n".join(lines)
 
 
@@ -239,18 +321,28 @@ def _training_dataset(folder: Path, num_classes: int, count: int, size: int) -> 
     return folder
 
 
+#: The paper recipe that ``bench --train`` estimates the duration of: a modest dataset's slices, epochs.
+PAPER_RECIPE_SLICES, PAPER_RECIPE_EPOCHS = 4000, 500
+
+
 def bench_train(backbone: str = "full-random", device: str = "auto", batch_size: int = 4, image_size: int = 352,
                 num_classes: int = 3, batches: int = 2, iterations: int = 3) -> dict:
-    """Training steps per second with the frozen-feature cache off and on, side by side in one run.
+    """Training steps per second with the frozen-feature cache off and on, side by side in one run, phase by phase.
 
     Both sides run :meth:`cotexnet.train.Trainer.train_step` on the same ``batches`` batches (augmentation
     off, one view per slice; the trainer's precision: bf16 on a GPU, fp32 on the CPU). Uncached: a warm-up
     step, then ``iterations`` timed steps. Cached: one pass over the batches fills the cache (the first
     epoch, timed apart), then ``iterations`` timed steps read it. ``train_ratio`` is cached / uncached.
+    ``phases_per_step_s`` (data, forward, backward, optimizer) comes from ``iterations`` more steps that
+    synchronise the device at each phase's end. ``paper_recipe_estimate_s`` is what
+    :data:`PAPER_RECIPE_SLICES` slices x :data:`PAPER_RECIPE_EPOCHS` epochs take at the measured rates:
+    uncached throughout, or cached after each of the trainer's default views was encoded once.
     """
     import tempfile
 
-    from .train import TrainOptions, Trainer
+    from .config import TrainOptions
+    from .infer import PhaseClock
+    from .train import Trainer
 
     resolved = resolve_device(device)
     sides = {}
@@ -279,14 +371,42 @@ def bench_train(backbone: str = "full-random", device: str = "auto", batch_size:
                 trainer.train_step(loader[i % len(loader)])
             _sync(resolved)
             seconds = time.perf_counter() - started
-            sides[cache] = {"steps_per_s": iterations / seconds, "first_pass_s": first,
+            phases: dict[str, float] = {}
+            trainer.clock = PhaseClock(resolved, phases)
+            for i in range(iterations):
+                trainer.train_step(loader[i % len(loader)])
+            sides[cache] = {"steps_per_s": iterations / seconds, "slices_per_s": iterations * batch_size / seconds,
+                            "first_pass_s": first,
+                            "phases_per_step_s": {name: value / iterations for name, value in phases.items()},
                             "peak_gpu_memory_mib": (torch.cuda.max_memory_allocated(resolved) / 2**20
                                                     if resolved.type == "cuda" else None)}
             if trainer.cache is not None:
                 trainer.cache.close()
     precision = {None: "fp32"}.get(trainer.dtype, str(trainer.dtype).removeprefix("torch."))
+    total = PAPER_RECIPE_SLICES * PAPER_RECIPE_EPOCHS
+    views = TrainOptions.__dataclass_fields__["views"].default
+    uncached, cached = sides["off"]["slices_per_s"], sides["auto"]["slices_per_s"]
+    estimate = {"slices": PAPER_RECIPE_SLICES, "epochs": PAPER_RECIPE_EPOCHS, "views": views,
+                "uncached": total / uncached,
+                "cached": views * PAPER_RECIPE_SLICES / uncached + (total - views * PAPER_RECIPE_SLICES) / cached}
     return {"mode": "train", "backbone": backbone, "device": str(resolved), "device_name": _device_name(resolved),
             "precision": precision, "batch_size": batch_size, "image_size": image_size, "num_classes": num_classes,
             "iterations": iterations, "torch": torch.__version__, "threads": torch.get_num_threads(),
             "uncached": sides["off"], "cached": sides["auto"],
-            "train_ratio": sides["auto"]["steps_per_s"] / sides["off"]["steps_per_s"]}
+            "train_ratio": sides["auto"]["steps_per_s"] / sides["off"]["steps_per_s"],
+            "paper_recipe_estimate_s": estimate}
+
+
+def format_train_report(report: dict) -> str:
+    lines = [f"{report['backbone']}, {report['image_size']} px, batch {report['batch_size']}, {report['num_classes']} "
+             f"classes, {report['device_name']} ({report['precision']})"]
+    for side in ("uncached", "cached"):
+        row = report[side]
+        phases = ", ".join(f"{name} {seconds * 1000:.1f}" for name, seconds in row["phases_per_step_s"].items())
+        lines.append(f"{side:<9} {row['steps_per_s']:.3f} steps/s ({row['slices_per_s']:.2f} slices/s); "
+                     f"per step (ms): {phases}")
+    estimate = report["paper_recipe_estimate_s"]
+    lines.append(f"cached / uncached: {report['train_ratio']:.1f}x; paper recipe ({estimate['slices']} slices x "
+                 f"{estimate['epochs']} epochs) at these rates: uncached {estimate['uncached'] / 3600:.2f} h, cached "
+                 f"{estimate['cached'] / 3600:.2f} h")
+    return "\n".join(lines)

@@ -19,6 +19,7 @@ can be read (in Slicer, before dependencies are installed) without it.
 """
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -29,7 +30,7 @@ from .atomic import write_folder_atomic, write_json_atomic
 from .config import DEFAULT_IMAGE_SIZE, FORMAT_VERSION, SYNTHETIC_BACKBONES, CoTexNetConfig
 from .data.normalization import IntensityNormalization
 from .errors import BundleError, ConfigError, error_summary
-from .prompts import load_tokenizer, offline_clip_tokenizer_dir
+from .prompts import load_tokenizer, offline_clip_tokenizer_dir, save_tokenizer
 
 WEIGHTS_NAME = "model.safetensors"
 #: Older Hugging Face repositories hold only this pickle; backbones may use it, bundles never do.
@@ -98,7 +99,7 @@ def download_backbone(repo_id: str, cache_dir: str | os.PathLike | None = None, 
         return path
     except Exception as error:  # network, auth, offline-and-not-cached: all end the same way for a user
         raise BundleError(
-            f"backbone {repo_id!r} could not be downloaded or found in the cache ({type(error).__name__}: {error}). "
+            f"backbone {repo_id!r} could not be downloaded or found in the cache ({error_summary(error)}). "
             f"To use it offline, download it once where there is internet "
             f"(huggingface-cli download {repo_id} --local-dir DIR) and pass that folder as the backbone, "
             f"or point HF_HOME / --cache-dir at a cache that holds it"
@@ -144,7 +145,7 @@ def save_bundle(model, directory: str | os.PathLike, training_info: dict | None 
         model.config.to_json_file(staging / CONFIG_NAME)
         state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
         save_file(state, str(staging / WEIGHTS_NAME), metadata={"format": "pt", "cotexnet_format": str(FORMAT_VERSION)})
-        model.tokenizer.save_pretrained(str(staging))
+        save_tokenizer(model.tokenizer, staging)
         if training_info is not None:
             write_json_atomic(staging / TRAINING_NAME, training_info)
         write_model_card(staging)
@@ -288,7 +289,8 @@ class BundleMixin:
         name_or_path = str(directory)
         directory = bundle_folder(directory, revision)
         config, state = read_bundle_weights(directory)
-        backbone = build_clipseg(CLIPSegConfig.from_dict(config.backbone_config))
+        # from_dict adds keys to the dict it is given (transformers 4: attn_implementation); the config keeps its own
+        backbone = build_clipseg(CLIPSegConfig.from_dict(copy.deepcopy(config.backbone_config)))
         try:
             tokenizer = load_tokenizer(directory)
         except PermissionError as error:

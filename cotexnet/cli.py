@@ -125,7 +125,7 @@ def _planes(text: str) -> list[str]:
 def _add_inference(p) -> None:
     """Options of :func:`cotexnet.infer.predict_volume` shared by segment, evaluate and postprocess."""
     _add_device(p)
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch-size", type=_positive_int, help="slices per batch (default: from free GPU memory on CUDA, else 16)")
     p.add_argument("--precision", choices=PRECISIONS, default="auto")
     views = p.add_mutually_exclusive_group()
     views.add_argument("--axis", choices=SLICE_AXES, help="slice axis (default: the model's)")
@@ -466,14 +466,14 @@ def _add_bench(sub) -> None:
     p.add_argument("--warmup", type=_count, default=2)
     p.add_argument("--volume", type=_volume_shape, help="also time a synthetic CT volume end to end, e.g. 300x512x512")
     p.add_argument("--volume-batch-size", type=_positive_int,
-                   help="slices per batch for --volume (default: 64 on CUDA, else --batch-size)")
+                   help="slices per batch for --volume (default: from free GPU memory on CUDA, else --batch-size)")
     p.add_argument("--compile", choices=COMPILE_MODES, help="torch.compile both sides (reduce-overhead: CUDA graphs)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_run_bench)
 
 
 def _run_bench(args) -> int:
-    from .bench import bench, bench_train, format_report
+    from .bench import bench, bench_train, format_report, format_train_report
 
     if args.train:
         report = bench_train(args.backbone, args.device, args.batch_size, args.image_size, args.classes,
@@ -481,10 +481,7 @@ def _run_bench(args) -> int:
         if args.json:
             _print_json(report)
         else:
-            print(f"{report['backbone']}, {report['image_size']} px, batch {report['batch_size']}, {report['num_classes']} "
-                  f"classes, {report['device_name']} ({report['precision']}): uncached "
-                  f"{report['uncached']['steps_per_s']:.3f} steps/s, cached {report['cached']['steps_per_s']:.3f} "
-                  f"steps/s, ratio {report['train_ratio']:.1f}x")
+            print(format_train_report(report))
         return 0
     report = bench(args.backbone, args.device, args.batch_size, args.image_size, args.classes, args.precision,
                    args.iterations, args.warmup, args.volume, args.volume_batch_size, args.compile)

@@ -16,7 +16,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -139,12 +139,13 @@ def predict_volume(
     postprocess: bool = True,
     probabilities: bool = False,
     rgb: bool | None = None,
-    batch_size: int = 16,
+    batch_size: int | None = None,
     device: str | torch.device = "auto",
     precision: str = "auto",
     compile: str | None = None,
     progress: Callable[[int, int], None] | None = None,
     cancel: Callable[[], bool] | threading.Event | None = None,
+    timings: dict[str, float] | None = None,
 ) -> VolumePrediction:
     """Segment a 2D image or 3D volume: labels of the same spatial shape, and probabilities if asked.
 
@@ -156,6 +157,9 @@ def predict_volume(
     (``default``, ``reduce-overhead`` = CUDA graphs, ``max-autotune``) runs the model through
     ``torch.compile``. ``progress(done, total)`` is called after each batch; ``cancel`` (a callable or
     :class:`threading.Event`) is checked between batches and raises :class:`~cotexnet.errors.Cancelled`.
+    ``batch_size`` ``None``: from the free GPU memory on a GPU (:func:`auto_batch_size`), else
+    :data:`CPU_BATCH_SIZE`. ``timings`` (a dict) receives the seconds of each phase (:data:`VOLUME_PHASES`),
+    measured with a device synchronisation at each phase's end, which the normal run (``None``) never waits for.
     """
     if isinstance(volume, VolumeImage):
         direction = volume.direction if direction is None else direction
@@ -168,7 +172,7 @@ def predict_volume(
     if rgb is None:  # the documented array layouts: (y, x, 3) is a picture, whatever the model was trained on
         rgb = array.ndim == 3 and array.shape[-1] == 3
     _check_volume(array, rgb)
-    if batch_size < 1:
+    if batch_size is not None and batch_size < 1:
         raise CoTexNetError(f"batch_size: expected a positive integer, got {batch_size}")
     if compile is not None and compile not in COMPILE_MODES:
         raise CoTexNetError(f"compile: expected one of {', '.join(COMPILE_MODES)}, got {compile!r}")
@@ -181,11 +185,8 @@ def predict_volume(
         slice_axes = slice_axes[:1]  # a 2D image has one plane
 
     device = resolve_device(device)
-    low, high = normalization.bounds(array)
-    runner = _Runner(model, device, precision, batch_size, compile)
-    # The whole volume goes to the device once (pinned and asynchronous on a GPU) and is normalised
-    # there; on the CPU this is the array itself, not a copy.
-    voxels = runner.upload(array)
+    clock = PhaseClock(device, timings)
+    runner = _Runner(model, device, precision, batch_size, compile, clock)
     passes = [(slice_axis, augmented) for slice_axis in slice_axes
               for augmented in augmented_views(config.classes, slice_axis, direction, tta)]
     spatial = tuple(array.shape[:spatial_ndim])
@@ -199,12 +200,21 @@ def predict_volume(
             progress(done, total)
 
     with torch.inference_mode():
+        # The volume goes to the device once (on a GPU: pinned pieces, copied on a side stream while earlier
+        # slices compute) and is normalised there; on the CPU it is the array itself, not a copy.
+        voxels = DeviceVolume(array, device, clock)
+        # Bounds that depend on the voxels are computed where the voxels are: the whole volume first goes up.
+        on_device = device.type == "cuda" and normalization.mode in ("percentile", "minmax")
+        whole = voxels.tensor(everything=True) if on_device else None
+        with clock("normalise"):
+            low, high = device_bounds(normalization, whole) if on_device else normalization.bounds(array)
         if len(passes) == 1 and not probabilities:  # one pass: labels batch by batch, no probability volume
             slice_axis, augmented = passes[0]
             labels = torch.empty(spatial, dtype=torch.uint8, device=device)
             target = _slice_view(labels, slice_axis)
             for start, logits in runner.logits(voxels, slice_axis, rgb, low, high, augmented, cancel):
-                target[start : start + len(logits)] = logits.argmax(dim=1).to(torch.uint8)
+                with clock("argmax"):
+                    target[start : start + len(logits)] = logits.argmax(dim=1).to(torch.uint8)
                 step(len(logits))
             probs = None
         else:
@@ -212,11 +222,14 @@ def predict_volume(
             for slice_axis, augmented in passes:
                 target = _slice_view(probs, slice_axis, channels=True)
                 for start, logits in runner.logits(voxels, slice_axis, rgb, low, high, augmented, cancel):
-                    target[:, start : start + len(logits)] += logits.softmax(dim=1).transpose(0, 1)
+                    with clock("argmax"):
+                        target[:, start : start + len(logits)] += logits.softmax(dim=1).transpose(0, 1)
                     step(len(logits))
-            probs /= len(passes)
-            labels = probs.argmax(dim=0).to(torch.uint8)
-    labels = labels.cpu().numpy()
+            with clock("argmax"):
+                probs /= len(passes)
+                labels = probs.argmax(dim=0).to(torch.uint8)
+        with clock("download"):
+            labels = download(labels)
     if postprocess and config.postprocessing:
         from .postprocess import apply_postprocessing
 
@@ -253,51 +266,197 @@ def _slice_view(volume: torch.Tensor, slice_axis: int | None, channels: bool = F
     return volume.movedim(slice_axis + offset, offset)
 
 
+#: Phases of a volume's segmentation that ``predict_volume(timings=...)`` reports (``bench --volume`` adds the
+#: file's read and write).
+VOLUME_PHASES = ("upload", "normalise", "resize", "model", "resize_back", "argmax", "download")
+#: Slices per batch on the CPU when none is given (more gains nothing there and holds more memory).
+CPU_BATCH_SIZE = 16
+#: The most slices per batch chosen from free GPU memory: beyond it a GPU gains no throughput.
+MAX_AUTO_BATCH_SIZE = 256
+#: Slices the upload copies at a time; compute on earlier slices runs while the next piece travels.
+UPLOAD_PIECE_SLICES = 32
+
+
+class PhaseClock:
+    """Seconds per phase, measured only when a ``timings`` dict is given: then each phase ends with a device
+    synchronisation, so a phase holds its own GPU work; without it, phases cost nothing and never wait."""
+
+    def __init__(self, device: torch.device, timings: dict[str, float] | None):
+        self.device, self.timings = device, timings
+
+    @contextmanager
+    def __call__(self, phase: str):
+        if self.timings is None:
+            yield
+            return
+        started = time.perf_counter()
+        yield
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.timings[phase] = self.timings.get(phase, 0.0) + time.perf_counter() - started
+
+
+def auto_batch_size(free_bytes: int, slice_bytes: int, share: float = 0.5, cap: int = MAX_AUTO_BATCH_SIZE) -> int:
+    """Slices per batch that fill ``share`` of ``free_bytes`` at ``slice_bytes`` each, at least 1, at most ``cap``."""
+    return max(1, min(cap, int(free_bytes * share // max(slice_bytes, 1))))
+
+
+def slice_memory_bytes(model, element_bytes: int, output_pixels: int) -> int:
+    """Peak device memory one slice of a batch needs in inference, from the architecture: one encoder layer's
+    working set (queries/keys/values/attention output and the MLP's hidden layer), the decoder's kept inputs,
+    the logits at the model size and at the slice's own size (float32), and the input at the model size."""
+    vision = model.vision.config
+    size = model.config.image_size
+    tokens = (size // vision.patch_size) ** 2 + 1
+    layer = tokens * (5 * vision.hidden_size + vision.intermediate_size) * element_bytes
+    kept = len(model.extract_layers) * tokens * vision.hidden_size * element_bytes
+    channels = model.config.num_classes + 1
+    logits = channels * (size * size + output_pixels) * 4
+    return layer + kept + logits + 3 * size * size * 4
+
+
+def inference_batch_size(model, device: torch.device, dtype: torch.dtype | None, output_pixels: int,
+                         batch_size: int | None = None) -> int:
+    """``batch_size`` when given, else :data:`CPU_BATCH_SIZE` on the CPU, else :func:`auto_batch_size` of the
+    GPU's free memory for slices of ``output_pixels`` pixels."""
+    if batch_size is not None:
+        return batch_size
+    if device.type != "cuda":
+        return CPU_BATCH_SIZE
+    free, _ = torch.cuda.mem_get_info(device)
+    return auto_batch_size(free, slice_memory_bytes(model, 4 if dtype is None else 2, output_pixels))
+
+
+class DeviceVolume:
+    """A volume on the compute device. On a GPU it is copied in pieces of :data:`UPLOAD_PIECE_SLICES` along its
+    first axis through two reused pinned buffers on a side stream, each piece only when a batch needs it, so the
+    copy of the next piece overlaps the compute on the last; on the CPU it is the array itself."""
+
+    def __init__(self, array: np.ndarray, device: torch.device, clock: PhaseClock):
+        self.clock = clock
+        self.source = torch.from_numpy(np.ascontiguousarray(array))
+        self.cuda = device.type == "cuda"
+        if not self.cuda:
+            self.voxels = self.source
+            return
+        self.voxels = torch.empty(self.source.shape, dtype=self.source.dtype, device=device)
+        piece = (min(UPLOAD_PIECE_SLICES, len(self.source)), *self.source.shape[1:])
+        self.staging = [torch.empty(piece, dtype=self.source.dtype, pin_memory=True) for _ in range(2)]
+        self.staged_events: list = [None, None]
+        self.stream = torch.cuda.Stream(device)
+        self.copied = 0  # slices along the first axis on their way to (or on) the device
+        self.arrived = torch.cuda.Event()
+
+    def tensor(self, upto: int | None = None, everything: bool = False) -> torch.Tensor:
+        """The device volume, with its first ``upto`` slices along axis 0 (all with ``everything``) ready for the
+        current stream."""
+        if not self.cuda:
+            return self.voxels
+        needed = len(self.source) if everything or upto is None else min(upto, len(self.source))
+        with self.clock("upload"):
+            while self.copied < needed:
+                self._copy_piece()
+            torch.cuda.current_stream(self.voxels.device).wait_event(self.arrived)
+        return self.voxels
+
+    def _copy_piece(self) -> None:
+        index = (self.copied // UPLOAD_PIECE_SLICES) % 2
+        buffer, busy = self.staging[index], self.staged_events[index]
+        if busy is not None:
+            busy.synchronize()  # the side stream is done reading this buffer
+        end = min(self.copied + len(buffer), len(self.source))
+        count = end - self.copied
+        buffer[:count].copy_(self.source[self.copied:end])
+        with torch.cuda.stream(self.stream):
+            self.voxels[self.copied:end].copy_(buffer[:count], non_blocking=True)
+            event = torch.cuda.Event()
+            event.record(self.stream)
+        self.staged_events[index], self.arrived, self.copied = event, event, end
+
+
+def device_bounds(normalization: IntensityNormalization, voxels: torch.Tensor) -> tuple[float, float]:
+    """:meth:`IntensityNormalization.bounds` computed on the tensor's device: numpy's linear-interpolation
+    percentiles from two order statistics each (``kthvalue``, which has no input-size limit, unlike
+    ``torch.quantile``'s 2**24 elements), or the minimum and maximum."""
+    if normalization.mode in ("ct", "rgb"):
+        return normalization.bounds(np.zeros(1))
+    values = voxels.reshape(-1)
+    if normalization.mode == "minmax":
+        return float(values.min()), float(values.max())
+    if not values.dtype.is_floating_point:
+        values = values.float()  # kthvalue needs a type it sorts on every device; ints below 2**24 stay exact
+    count = values.numel()
+    bounds = []
+    for percent in (normalization.lower, normalization.upper):
+        position = percent / 100.0 * (count - 1)
+        below = int(position)
+        fraction = position - below
+        low = float(values.kthvalue(below + 1).values)
+        high = float(values.kthvalue(min(below + 2, count)).values) if fraction > 0 else low
+        bounds.append(low + (high - low) * fraction)
+    return bounds[0], bounds[1]
+
+
+def download(labels: torch.Tensor) -> np.ndarray:
+    """A device label volume to numpy: one copy, into pinned memory on a GPU (a pageable target would take a
+    staging copy more)."""
+    if labels.device.type != "cuda":
+        return labels.numpy()
+    host = torch.empty(labels.shape, dtype=labels.dtype, pin_memory=True)
+    host.copy_(labels)
+    return host.numpy()
+
+
 class _Runner:
     """Batches of slices through the model on one device: normalisation and resizing on the device,
     reduced precision by autocast, an optional compiled model with fixed batch shapes."""
 
-    def __init__(self, model, device: torch.device, precision: str, batch_size: int, compile: str | None):
+    def __init__(self, model, device: torch.device, precision: str, batch_size: int | None, compile: str | None,
+                 clock: PhaseClock | None = None):
         self.device, self.batch_size = device, batch_size
         self.dtype = autocast_dtype(device, precision)
         self.image_size = model.config.image_size
-        model.to(device).eval()
+        self.model = model
+        self.clock = clock or PhaseClock(device, None)
+        model.place(device).eval()
         self.forward = _compiled(model, compile) if compile else model
         self.pad = compile is not None  # compiled graphs (and CUDA graphs) want one batch shape
 
-    def upload(self, array: np.ndarray) -> torch.Tensor:
-        tensor = torch.from_numpy(np.ascontiguousarray(array))
-        if self.device.type == "cuda":
-            return tensor.pin_memory().to(self.device, non_blocking=True)
-        return tensor
-
-    def logits(self, voxels: torch.Tensor, slice_axis, rgb: bool, low: float, high: float, augmented: AugmentedView,
+    def logits(self, volume: DeviceVolume, slice_axis, rgb: bool, low: float, high: float, augmented: AugmentedView,
                cancel) -> Iterator[tuple[int, torch.Tensor]]:
         """(first slice index, float32 logits ``(B, n+1, H, W)`` at the slices' own size) per batch."""
-        slices = _slice_view(voxels, slice_axis)
+        clock = self.clock
+        slices = _slice_view(volume.voxels, slice_axis)
         scale = 1.0 / (high - low) if high > low else 0.0
         height, width = slices.shape[1:3]
+        batch_size = inference_batch_size(self.model, self.device, self.dtype, height * width, self.batch_size)
         autocast = torch.autocast(self.device.type, dtype=self.dtype) if self.dtype is not None else nullcontext()
         flip = tuple(d + 2 for d in augmented.flip_dims)  # slice dims (H=0, W=1) -> batch dims
-        for start in range(0, len(slices), self.batch_size):
+        for start in range(0, len(slices), batch_size):
             if _is_cancelled(cancel):
                 raise Cancelled("segmentation cancelled")
-            chunk = slices[start : start + self.batch_size]
+            end = min(start + batch_size, len(slices))
+            volume.tensor(upto=end if slice_axis == 0 else None, everything=slice_axis not in (0, None))
+            chunk = slices[start:end]
             count = len(chunk)
-            chunk = ((chunk.float() - low) * scale).clamp_(0.0, 1.0) if scale else torch.zeros(chunk.shape, device=chunk.device)
-            chunk = chunk.permute(0, 3, 1, 2) if rgb else chunk.unsqueeze(1)
-            if flip:
-                chunk = chunk.flip(flip)
-            images = resize_slices(chunk, self.image_size)
-            if self.pad and count < self.batch_size:
-                images = torch.cat([images, images.new_zeros((self.batch_size - count, *images.shape[1:]))])
-            with autocast:
+            with clock("normalise"):
+                chunk = (((chunk.float() - low) * scale).clamp_(0.0, 1.0) if scale
+                         else torch.zeros(chunk.shape, device=chunk.device))
+                chunk = chunk.permute(0, 3, 1, 2) if rgb else chunk.unsqueeze(1)
+            with clock("resize"):
+                if flip:
+                    chunk = chunk.flip(flip)
+                images = resize_slices(chunk, self.image_size)
+                if self.pad and count < batch_size:
+                    images = torch.cat([images, images.new_zeros((batch_size - count, *images.shape[1:]))])
+            with clock("model"), autocast:
                 logits = self.forward(images)[:count]
-            logits = resize_slices(logits.float(), (height, width))
-            if flip:
-                logits = logits.flip(flip)
-            if augmented.swapped_pairs:
-                logits = swap_channels(logits, augmented.swapped_pairs, axis=1)
+            with clock("resize_back"):
+                logits = resize_slices(logits.float(), (height, width))
+                if flip:
+                    logits = logits.flip(flip)
+                if augmented.swapped_pairs:
+                    logits = swap_channels(logits, augmented.swapped_pairs, axis=1)
             yield start, logits
 
 

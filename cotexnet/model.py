@@ -62,7 +62,8 @@ class ConceptMapper(nn.Sequential):
 
 
 def set_attention(module: nn.Module, implementation: str) -> None:
-    """Switch every CLIPSeg attention block under ``module`` to ``"sdpa"`` or ``"eager"``."""
+    """Switch every CLIPSeg attention block under ``module`` (the decoder's, and the stock baseline's encoders) to
+    transformers' ``"sdpa"`` or ``"eager"`` attention; both majors (4.40+, 5.x) read ``config._attn_implementation``."""
     from transformers.models.clipseg.modeling_clipseg import CLIPSegAttention
 
     for sub in module.modules():
@@ -75,6 +76,45 @@ def output_head(decoder: nn.Module) -> nn.ConvTranspose2d:
     """The decoder's last layer: one output channel per class after the background (:func:`widen_head`)."""
     head = decoder.transposed_convolution
     return head[-1] if isinstance(head, nn.Sequential) else head
+
+
+def pooled(output) -> torch.Tensor:
+    """The projected features of ``get_text_features`` / ``get_image_features``: a tensor in transformers 4, the
+    output's ``pooler_output`` in transformers 5."""
+    return output if isinstance(output, torch.Tensor) else output.pooler_output
+
+
+def encoder_layer(layer: nn.Module, hidden: torch.Tensor, *, causal: bool = False, cls_only: bool = False,
+                  eager: bool = False) -> torch.Tensor:
+    """One CLIP encoder layer (pre-norm attention, then MLP) on transformers' weights, the same in both majors.
+
+    Attention is ``scaled_dot_product_attention`` (flash/memory-efficient kernels on a GPU, causal by flag, no
+    mask tensor) or, with ``eager``, the explicit softmax(QK^T)V. ``cls_only`` computes queries, attention output
+    and MLP for the CLS position alone (keys and values still come from every token).
+    """
+    attention = layer.self_attn
+    normed = layer.layer_norm1(hidden)
+    batch, _, dim = normed.shape
+    residual = hidden[:, :1] if cls_only else hidden
+
+    def heads(values):
+        return values.view(batch, -1, attention.num_heads, attention.head_dim).transpose(1, 2)
+
+    query = heads(attention.q_proj(normed[:, :1] if cls_only else normed))
+    key, value = heads(attention.k_proj(normed)), heads(attention.v_proj(normed))
+    dropout = attention.dropout if attention.training else 0.0
+    if eager:
+        scores = (query @ key.transpose(-1, -2)) * attention.scale
+        if causal:
+            scores = scores.masked_fill(torch.ones(scores.shape[-2:], dtype=torch.bool, device=scores.device).triu(1),
+                                        torch.finfo(scores.dtype).min)
+        weights = F.dropout(scores.softmax(dim=-1, dtype=torch.float32).to(query.dtype), dropout, attention.training)
+        attended = weights @ value
+    else:
+        attended = F.scaled_dot_product_attention(query, key, value, dropout_p=dropout, is_causal=causal,
+                                                  scale=attention.scale)
+    hidden = residual + attention.out_proj(attended.transpose(1, 2).reshape(batch, -1, dim))
+    return hidden + layer.mlp(layer.layer_norm2(hidden))
 
 
 def widen_head(decoder: nn.Module, num_outputs: int) -> None:
@@ -109,7 +149,8 @@ class CoTexNet(BundleMixin, nn.Module):
 
     def __init__(self, config: CoTexNetConfig, backbone, tokenizer):
         super().__init__()
-        config.backbone_config = backbone.config.to_dict()
+        if config.backbone_config is None:  # a loaded bundle keeps its own, as written by whichever transformers
+            config.backbone_config = backbone.config.to_dict()
         self.config = config
         self.tokenizer = tokenizer
         self.prompts = PromptEncoder(tokenizer)
@@ -148,6 +189,16 @@ class CoTexNet(BundleMixin, nn.Module):
         backbone, tokenizer = load_backbone(config.backbone, config.image_size, cache_dir)
         return cls(config, backbone=backbone, tokenizer=tokenizer)
 
+    def place(self, device: torch.device | str) -> "CoTexNet":
+        """Move to ``device`` in the layout that runs fastest there: on a GPU the decoder's convolutions keep their
+        weights channels-last (cuDNN's fast path); on the CPU they stay contiguous, where channels-last measured
+        slower (docs/performance.md). Weights are saved contiguous either way."""
+        device = torch.device(device)
+        self.to(device)
+        layout = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+        self.clipseg.decoder.transposed_convolution.to(memory_format=layout)
+        return self
+
     # ----------------------------------------------------------------------------------- encoders
     @property
     def vision(self):
@@ -173,11 +224,9 @@ class CoTexNet(BundleMixin, nn.Module):
         last = len(layers) - 1
         cls_only_last = not (need_activations and last in self.extract_layers)
         outputs = {}
+        eager = self.config.attention == "eager"
         for index, layer in enumerate(layers):
-            if cls_only_last and index == last:
-                hidden = _cls_only_layer(layer, hidden)
-                continue
-            hidden = layer(hidden, None, None)[0]
+            hidden = encoder_layer(layer, hidden, cls_only=cls_only_last and index == last, eager=eager)
             if need_activations and index in self.extract_layers:
                 outputs[index] = hidden
         activations = [outputs[index] for index in self.extract_layers] if need_activations else []
@@ -187,7 +236,7 @@ class CoTexNet(BundleMixin, nn.Module):
     def encode_text(self, inputs: TextInputs, pseudo_tokens: torch.Tensor | None) -> torch.Tensor:
         """CLIP text encoder with pseudo-tokens injected as token embeddings at real positions.
 
-        Runs embeddings → causal mask → encoder → final layer norm → pooling at each row's EOS →
+        Runs embeddings → causal encoder layers → final layer norm → pooling at each row's EOS →
         projection, the stock ``input_ids`` path, so with no pseudo-tokens it equals
         ``get_text_features``. Parameters are frozen, but gradients flow through to the pseudo-tokens.
         """
@@ -198,10 +247,8 @@ class CoTexNet(BundleMixin, nn.Module):
             positions = inputs.pseudo_positions.to(ids.device)
             tokens = tokens.index_copy(1, positions, pseudo_tokens.to(tokens.dtype))
         hidden = text.embeddings(inputs_embeds=tokens)
-        length = ids.shape[1]
-        causal = torch.full((length, length), torch.finfo(hidden.dtype).min, device=hidden.device, dtype=hidden.dtype)
-        causal = torch.triu(causal, diagonal=1)[None, None].expand(ids.shape[0], 1, -1, -1)
-        hidden = text.encoder(inputs_embeds=hidden, causal_attention_mask=causal).last_hidden_state
+        for layer in text.encoder.layers:  # causal: no position sees the padding after its row's EOS
+            hidden = encoder_layer(layer, hidden, causal=True, eager=self.config.attention == "eager")
         hidden = text.final_layer_norm(hidden)
         pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), inputs.eos_index.to(hidden.device)]
         return self.clipseg.clip.text_projection(pooled)
@@ -234,7 +281,7 @@ class CoTexNet(BundleMixin, nn.Module):
     def clipseg_condition(self, batch_size: int) -> torch.Tensor:
         """The stock baseline's conditioning: CLIP text features of the fixed prompt (frozen)."""
         with torch.no_grad():
-            features = self.clipseg.clip.get_text_features(self.clipseg_prompt_ids)
+            features = pooled(self.clipseg.clip.get_text_features(self.clipseg_prompt_ids))
         return features.expand(batch_size, -1)
 
     def concept_logits(self, image_embeds: torch.Tensor) -> torch.Tensor:
@@ -347,19 +394,4 @@ class CoTexNet(BundleMixin, nn.Module):
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
-
-
-def _cls_only_layer(layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
-    """One CLIP encoder layer evaluated for the CLS position only (keys/values from all tokens)."""
-    attention = layer.self_attn
-    normed = layer.layer_norm1(hidden)
-    batch, length, dim = normed.shape
-    heads, head_dim = attention.num_heads, attention.head_dim
-    query = attention.q_proj(normed[:, :1]).view(batch, 1, heads, head_dim).transpose(1, 2)
-    key = attention.k_proj(normed).view(batch, length, heads, head_dim).transpose(1, 2)
-    value = attention.v_proj(normed).view(batch, length, heads, head_dim).transpose(1, 2)
-    attended = F.scaled_dot_product_attention(query, key, value, scale=attention.scale)
-    cls = hidden[:, :1] + attention.out_proj(attended.transpose(1, 2).reshape(batch, 1, dim))
-    cls = cls + layer.mlp(layer.layer_norm2(cls))
-    return cls
 

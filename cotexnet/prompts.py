@@ -145,11 +145,28 @@ def write_clip_tokenizer_files(directory: Path, bpe_path: Path | None = None) ->
     symbols = list(_bytes_to_unicode().values())
     vocab = symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in merges]
     vocab += ["<|startoftext|>", "<|endoftext|>"]
+    _write_vocabulary(directory, {tok: i for i, tok in enumerate(vocab)}, merges)
+
+
+def _write_vocabulary(directory: Path, vocabulary: dict[str, int], merges) -> None:
+    """``vocab.json`` and ``merges.txt``, the files every transformers major loads a CLIP tokenizer from."""
     directory.mkdir(parents=True, exist_ok=True)
-    (directory / "vocab.json").write_text(json.dumps({tok: i for i, tok in enumerate(vocab)}), encoding="utf-8")
+    (directory / "vocab.json").write_text(json.dumps(vocabulary), encoding="utf-8")
     (directory / "merges.txt").write_text(
         "#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n", encoding="utf-8"
     )
+
+
+def save_tokenizer(tokenizer, directory: str | Path) -> None:
+    """Save a CLIP tokenizer so that transformers 4 and 5 both load it: ``save_pretrained``, plus ``vocab.json``
+    and ``merges.txt`` where that wrote only ``tokenizer.json`` (transformers 5), taken from the same BPE model."""
+    directory = Path(directory)
+    tokenizer.save_pretrained(str(directory))
+    if (directory / "vocab.json").is_file() and (directory / "merges.txt").is_file():
+        return
+    model = json.loads(tokenizer.backend_tokenizer.to_str())["model"]
+    merges = [m.split(" ") if isinstance(m, str) else m for m in model["merges"]]
+    _write_vocabulary(directory, model["vocab"], merges)
 
 
 def load_tokenizer(directory: str | Path):

@@ -2,7 +2,8 @@
 
 :class:`Trainer` holds one run (as nnU-Net's trainer does): :meth:`Trainer.train_step`,
 :meth:`Trainer.validate`, :meth:`Trainer.save_checkpoint` and the short epoch loop of
-:meth:`Trainer.run`, the single entry point (:func:`train` is ``Trainer(options).run()``).
+:meth:`Trainer.run`, the single entry point (:func:`train` is ``Trainer(options).run()``); the run folder and its
+checkpoints (save, load, recover, lock) are :mod:`cotexnet.checkpoints`.
 Defaults follow the paper (docs/method.md, "Training"): Adam, cosine schedule, max lr 3e-4, batch 8, at
 most 500 epochs, early stop after 50 epochs without validation improvement; the authors' choices
 (AdamW, 224 px, batch 16, KL ×10) are options. The output folder holds::
@@ -21,9 +22,7 @@ continues the epoch from there, so the resumed run takes as many optimiser steps
 """
 from __future__ import annotations
 
-import csv
 import errno
-import io
 import json
 import logging
 import math
@@ -43,9 +42,9 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler
 
-from .atomic import recover_folder, write_files_atomic, write_text_atomic
-from .bundle import TRAINING_NAME, read_training_info, save_bundle
+from .bundle import read_training_info
 from .card import record_evaluation
+from .checkpoints import TRAINER_STATE, RunFolder, restore_trainer_state, trainer_state
 from .config import CoTexNetConfig, TrainOptions
 from .config import DEFAULT_PALETTE, RECIPES
 from .data import (IntensityNormalization, flip_rule, load_dataset, read_image_geometry, save_split, split_cases)
@@ -54,15 +53,13 @@ from .data.laterality import FlipRule
 from .data.slice_dataset import ForegroundBatchSampler, SliceDataset, reads_as_color
 from .data.slicing import array_slice_axis
 from .errors import ConfigError, CoTexNetError, DataError, error_summary
-from .infer import autocast_dtype, evaluate, fit_postprocessing, resolve_device
+from .infer import PhaseClock, autocast_dtype, evaluate, fit_postprocessing, resolve_device
 from .losses import CoTexNetLoss
 from .metrics import DatasetDice
 from .model import CoTexNet, output_head
-from .runlock import RunLock, existing_run_files
 
 logger = logging.getLogger(__name__)
 
-TRAINER_STATE = "trainer_state.pt"
 LOSS_TERMS = ("loss", "loss_seg", "loss_kd")
 #: Options a resumed run takes from its checkpoint (model config, optimiser and schedule state): a new
 #: value would be ignored, so resuming with one is refused.
@@ -178,23 +175,15 @@ class PromptSource:
 
 
 # ------------------------------------------------------------------------------------------ training
+def fused_optimizer(device: torch.device) -> dict:
+    """Keyword arguments that make Adam/AdamW one fused kernel per step where torch has one (CUDA)."""
+    return {"fused": True} if device.type == "cuda" else {}
+
+
 def _seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def _rng_state() -> dict:
-    return {"torch": torch.get_rng_state(), "numpy": list(np.random.get_state()[1].tolist()),
-            "numpy_pos": int(np.random.get_state()[2]), "python": repr(random.getstate())}
-
-
-def _set_rng_state(state: dict) -> None:
-    import ast
-
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(("MT19937", np.array(state["numpy"], dtype=np.uint32), state["numpy_pos"], 0, 0.0))
-    random.setstate(ast.literal_eval(state["python"]))
 
 
 def _build_config(options: TrainOptions, index, normalization: IntensityNormalization,
@@ -207,14 +196,6 @@ def _build_config(options: TrainOptions, index, normalization: IntensityNormaliz
                   intensity=normalization.to_dict(), channels="rgb" if color else "grayscale")
     fields.update(options.config_overrides)
     return CoTexNetConfig(**fields)
-
-
-def _write_metrics_csv(path: Path, rows: list[dict]) -> None:
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
-    writer.writeheader()
-    writer.writerows(rows)
-    write_text_atomic(path, buffer.getvalue())
 
 
 def initialized_from(bundle: str | Path, config: CoTexNetConfig) -> CoTexNet:
@@ -281,8 +262,8 @@ class Trainer:
 
     def __init__(self, options: TrainOptions, on_event: Callable[..., None] | None = None):
         self.options = options
-        self.out = Path(options.out)
-        self.last_dir, self.best_dir = self.out / "last", self.out / "best"
+        self.run_folder = RunFolder(options.out)
+        self.out, self.last_dir, self.best_dir = self.run_folder.out, self.run_folder.last, self.run_folder.best
         self.rank, self.world, self.device = distributed_setup(resolve_device(options.device))
         self.is_main = self.rank == 0
         self.writer = ProgressWriter(options.progress_file, options.progress_stdout, self.is_main)
@@ -307,7 +288,7 @@ class Trainer:
         self.stop.install()
         try:
             self.check_output()
-            with RunLock(self.out) if self.is_main else nullcontext():  # one trainer per run folder
+            with self.run_folder.lock() if self.is_main else nullcontext():  # one trainer per run folder
                 self.initialize()
                 start_epoch = self.start_epoch
                 self.emit("start", epochs=options.epochs, start_epoch=start_epoch, steps_per_epoch=self.steps,
@@ -380,46 +361,24 @@ class Trainer:
             raise ConfigError(f"train_encoder {options.train_encoder}: the image encoder has {layers} layers; "
                               f"expected last-1 to last-{layers}, or all")
 
-    def check_run_folder(self) -> None:
-        """Refuse, before anything is written, to train over an earlier run that is not to be replaced."""
-        found = existing_run_files(self.out)
-        if found and not (self.options.resume or self.options.overwrite):
-            raise CoTexNetError(f"{self.out}: already holds a training run ({', '.join(found)}); pass --resume to "
-                                f"continue it or --overwrite to replace it")
-
     def prepare_run_folder(self) -> None:
-        """Under the run lock: clear the earlier run (``overwrite``), or put back the checkpoints whose
-        swap a kill cut between its two renames (the newest complete version) and remove stale staging."""
-        if self.options.overwrite:
-            for name in existing_run_files(self.out):
-                path = self.out / name
-                if path.is_dir():
-                    shutil.rmtree(path)
-                else:
-                    path.unlink()
-            return
-        for folder, complete_file in ((self.best_dir, TRAINING_NAME), (self.last_dir, TRAINER_STATE)):
-            # Both files are the last of their bundle to be written, each atomically.
-            restored = recover_folder(folder, lambda version, name=complete_file: (version / name).is_file())
-            if restored is not None:
-                message = f"{folder}: restored from {restored.name}, left there by a save that was interrupted"
-                logger.warning(message)
-                self.emit("warning", message=message)
+        for message in self.run_folder.prepare(self.options.overwrite):
+            self.emit("warning", message=message)
 
     def initialize(self) -> None:
         """Data, model, split, slices, optimiser, schedule and loaders, restored when resuming."""
         options = self.options
         _seed_everything(options.seed + self.rank)
         self.index = load_dataset(options.data, options.classes)
-        self.check_run_folder()
-        if self.is_main and options.resume:
-            self.prepare_run_folder()  # resuming reads last/: put back a checkpoint a kill left half-swapped
+        self.run_folder.check(options.resume, options.overwrite)
+        if self.is_main and options.resume:  # resuming reads last/: put back a checkpoint a kill left half-swapped
+            self.prepare_run_folder()
         if self.world > 1:
             dist.barrier()
         resume_state = self.build_model()
         self.check_model_options()
-        if self.is_main and not options.resume:
-            self.prepare_run_folder()  # an earlier run is replaced only once the new one's model is built
+        if self.is_main and not options.resume:  # an earlier run is replaced only once the new one's model is built
+            self.prepare_run_folder()
         config = self.config
         normalization = IntensityNormalization.from_dict(config.intensity)
         if not self.split["train"]:
@@ -439,9 +398,10 @@ class Trainer:
             save_split(self.split, self.out / "split.json")
 
         self.model.set_encoder_training(options.train_encoder)
-        model = self.model.to(self.device)
+        model = self.model.place(self.device)
         optimizer_class = torch.optim.AdamW if options.optimizer == "adamw" else torch.optim.Adam
-        self.optimizer = optimizer_class(model.trainable_parameters(), lr=options.lr, weight_decay=options.weight_decay)
+        self.optimizer = optimizer_class(model.trainable_parameters(), lr=options.lr, weight_decay=options.weight_decay,
+                                         **fused_optimizer(self.device))
         self.net = model
         if self.world > 1:
             self.net = torch.nn.parallel.DistributedDataParallel(
@@ -464,7 +424,8 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer,
                                                                     T_max=max(1, options.epochs * self.steps))
         self.augment_rng = torch.Generator()
-        self.start_epoch = 1 if resume_state is None else self.load_checkpoint_state(resume_state) + 1
+        self.clock = PhaseClock(self.device, None)  # bench --train gives it a dict: seconds per phase of the step
+        self.start_epoch = 1 if resume_state is None else restore_trainer_state(self, resume_state) + 1
         self.cache = self.make_cache()
         recipe = {name: getattr(options, name) for name in RECIPES[options.recipe]}
         logger.info("recipe '%s' for backbone %s: %s", options.recipe, options.backbone,
@@ -533,15 +494,14 @@ class Trainer:
             logger.warning(message)
             self.emit("warning", message=message)
         elif options.resume:
-            if not (self.last_dir / TRAINER_STATE).is_file():
-                raise CoTexNetError(f"{self.last_dir}: nothing to resume (no {TRAINER_STATE}); start without --resume")
+            self.run_folder.check_resumable()
             self.model = CoTexNet.from_pretrained(self.last_dir)
             self.config = self.model.config
             if self.config.classes != index.classes:
                 raise DataError(f"classes {index.classes} differ from the run being resumed ({self.config.classes})",
                                 options.data)
             self.check_resume_options()
-            state = torch.load(self.last_dir / TRAINER_STATE, map_location="cpu", weights_only=True)
+            state = self.run_folder.trainer_state()
             self.split = state["split"]
             return state
         if options.intensity is not None:
@@ -730,27 +690,31 @@ class Trainer:
         With the feature cache, the frozen encoders' outputs (and the view's labels and prompts) come from
         :meth:`cached_inputs` instead of being recomputed.
         """
-        model, device = self.model, self.device
-        images = batch["image"].to(device, non_blocking=True)
-        labels = batch["label"].to(device, non_blocking=True)
-        encoded = None
-        if self.cache is not None:
-            labels, prompts, encoded = self.cached_inputs(batch, images, labels)
-        else:
-            images, labels, prompts = self._augmented(images, labels, self.augment_rng)
-        masks = self._class_masks(labels, images.dtype)
-        text_ids = model.encode_prompts(prompts) if prompts is not None else None
-        with self._autocast():
-            output = self.net(images, masks, text_ids, encoded)
-        terms = self.loss(output, labels)
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(terms.total).backward()
-        if self.options.grad_clip > 0:
-            self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(model.trainable_parameters(), self.options.grad_clip)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.scheduler.step()
+        model, device, clock = self.model, self.device, self.clock
+        with clock("data"):
+            images = batch["image"].to(device, non_blocking=True)
+            labels = batch["label"].to(device, non_blocking=True)
+            encoded = None
+            if self.cache is not None:
+                labels, prompts, encoded = self.cached_inputs(batch, images, labels)
+            else:
+                images, labels, prompts = self._augmented(images, labels, self.augment_rng)
+            masks = self._class_masks(labels, images.dtype)
+            text_ids = model.encode_prompts(prompts) if prompts is not None else None
+        with clock("forward"):
+            with self._autocast():
+                output = self.net(images, masks, text_ids, encoded)
+            terms = self.loss(output, labels)
+        with clock("backward"):
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scaler.scale(terms.total).backward()
+        with clock("optimizer"):
+            if self.options.grad_clip > 0:
+                self.scaler.unscale_(self.optimizer)
+                torch.nn.utils.clip_grad_norm_(model.trainable_parameters(), self.options.grad_clip)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.scheduler.step()
         return {"loss": terms.total.item(), "loss_seg": terms.segmentation.item(), "loss_kd": terms.distillation.item()}
 
     def validate(self) -> tuple[float, list[float]]:
@@ -784,46 +748,16 @@ class Trainer:
 
     # --------------------------------------------------------------------------------------- checkpoints
     def save_checkpoint(self, improved: bool, totals: dict | None = None) -> None:
-        """``best/`` when validation improved, ``last/`` with the trainer state (``--resume``), metrics.csv.
-
-        ``totals`` (the loss sums so far) marks a checkpoint saved mid-epoch, after ``self.step`` steps.
-        """
+        """``best/`` when validation improved, ``last/`` with the trainer state (``--resume``), metrics.csv
+        (:class:`~cotexnet.checkpoints.RunFolder`). ``totals`` (the loss sums so far) marks a checkpoint saved
+        mid-epoch, after ``self.step`` steps."""
         from safetensors import SafetensorError
 
-        info = self.training_info()
         try:
-            if improved:
-                self.model.save_pretrained(self.best_dir, training_info=info)
-            state = self.checkpoint_state(totals)
-            save_bundle(self.model, self.last_dir, info, extra_files=lambda folder: write_files_atomic(
-                folder / TRAINER_STATE, lambda target: torch.save(state, target)))  # last: its presence means complete
-            if self.history:
-                _write_metrics_csv(self.out / "metrics.csv", self.history)
+            self.run_folder.save(self.model, self.training_info(), trainer_state(self, totals), improved, self.history)
         except (OSError, SafetensorError) as error:  # e.g. a full disk; the earlier checkpoints stay as they were
             raise CoTexNetError(f"{self.out}: the checkpoint of epoch {self.epoch} could not be written "
                                 f"({error_summary(error)}); free space there or choose another --out") from None
-
-    def checkpoint_state(self, totals: dict | None = None) -> dict:
-        """What ``--resume`` needs besides the weights: optimiser, schedule, early-stopping state, RNGs, split,
-        and for a stop mid-epoch the step reached, its loss sums and the augmentation stream."""
-        state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                 "epoch": self.epoch, "best": self.best, "stale": self.stale, "history": json.dumps(self.history),
-                 "rng": _rng_state(), "split": self.split, "step": self.step if totals is not None else 0}
-        if totals is not None:
-            state.update(totals=json.dumps(totals), augment_rng=self.augment_rng.get_state())
-        return state
-
-    def load_checkpoint_state(self, state: dict) -> int:
-        """Restore :meth:`checkpoint_state`; returns the last epoch it completed."""
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.best, self.stale = state["best"], state["stale"]
-        self.history = json.loads(state["history"])
-        _set_rng_state(state["rng"])
-        if state.get("step"):
-            self.resume_from = {"step": state["step"], "totals": json.loads(state["totals"]),
-                                "augment_rng": state["augment_rng"]}
-        return state["epoch"]
 
     def finish(self) -> Path:
         if self.world > 1:

@@ -27,7 +27,7 @@ from packaging.version import Version
 
 #: Engine requirements installed with pip (torch excluded: the PyTorch extension installs it).
 REQUIREMENTS = (
-    "transformers>=4.40,<5",
+    "transformers>=4.40,<6",
     "safetensors>=0.4",
     "huggingface_hub>=0.20",
     "numpy>=1.23",

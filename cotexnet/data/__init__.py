@@ -17,7 +17,7 @@ Only :mod:`.slice_dataset` and :mod:`.augment` need torch, and they load on firs
 :mod:`.augment`           :func:`augment_batch`, random zoom and flips (torch)
 ========================  ==========================================================================
 """
-from .datasets import Case, DatasetIndex, case_group, load_dataset
+from .datasets import SPLIT_NAMES, Case, DatasetIndex, case_group, load_dataset, load_split
 from .image import (
     LOSSY_SUFFIXES,
     PICTURE_SUFFIXES,
@@ -34,7 +34,7 @@ from .labels import read_label_map, write_segmentation_nrrd
 from .laterality import FlipRule, flip_rule, lateral_pairs, swap_channels, swap_labels, unpaired_lateral
 from .normalization import CT_WINDOWS, IntensityNormalization
 from .slicing import in_plane_spacing, resize_slices, slice_axis_index, stack_slices, volume_slices
-from .splits import SPLIT_NAMES, load_split, make_split, save_split, split_cases
+from .splits import make_split, save_split, split_cases
 
 #: Names whose modules import torch, loaded on first access.
 _LAZY = {"SliceDataset": "slice_dataset", "ForegroundBatchSampler": "slice_dataset", "augment_batch": "augment"}

@@ -1,20 +1,21 @@
-"""Datasets: the cases of an ``images/`` + ``masks/`` folder, an nnU-Net v2 raw or an MSD dataset.
+"""Datasets: the cases of an ``images/`` + ``masks/`` folder, an nnU-Net v2 raw or an MSD dataset, and the split
+file a dataset may carry (``split.json``, nnU-Net ``splits_final.json``).
 
 Indexing reads headers only (to check that each mask fits its image), never voxels.
 """
 from __future__ import annotations
 
+import json
 import logging
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import DataError
-from .image import (PICTURE_SUFFIXES, SEGMENTATION_SUFFIX, VOLUME_SUFFIXES, image_suffix, read_image_geometry,
-                    read_segmentation_file, strip_suffix)
+from .image import (PICTURE_SUFFIXES, SEGMENTATION_SUFFIX, VOLUME_SUFFIXES, check_file, image_suffix,
+                    read_image_geometry, read_segmentation_file, strip_suffix)
 from .labels import check_label_placement, names_match
-from .splits import read_json, split_from_files
 
 logger = logging.getLogger(__name__)
 
@@ -223,3 +224,63 @@ def load_dataset(path: str | Path, classes: Sequence[str] | None = None) -> Data
     index = DatasetIndex(root, format_name, list(classes), cases, modality, None, unlabeled)
     index.split = split_from_files(index)
     return index
+
+
+# ------------------------------------------------------------------------ the split files a dataset carries
+SPLIT_NAMES = ("train", "val", "test")
+
+
+def read_json(path: Path):
+    """A JSON file's content (dataset.json, split files), or a :class:`DataError` naming the file."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise DataError(f"cannot be read as JSON ({error})", path) from None
+
+
+def validated_split(data, path: Path) -> dict[str, list[str]]:
+    if not isinstance(data, dict) or not set(data) <= set(SPLIT_NAMES):
+        raise DataError(f"a split is a JSON object with keys {list(SPLIT_NAMES)}", path)
+    split = {name: list(data.get(name, [])) for name in SPLIT_NAMES}
+    seen: dict[str, str] = {}
+    for name, ids in split.items():
+        for case_id in ids:
+            if not isinstance(case_id, str):
+                raise DataError(f"'{name}' holds {case_id!r}; case ids are strings", path)
+            if case_id in seen:
+                raise DataError(f"case '{case_id}' is in both '{seen[case_id]}' and '{name}'", path)
+            seen[case_id] = name
+    return split
+
+
+def _check_split_ids(split: Mapping[str, list[str]], index: DatasetIndex, path: Path) -> None:
+    known = {case.case_id for case in index.cases}
+    unknown = sorted({cid for ids in split.values() for cid in ids} - known)
+    if unknown:
+        raise DataError(f"split names cases that are not in the dataset: {unknown[:10]}", path)
+
+
+def load_split(path: str | Path, index: DatasetIndex | None = None) -> dict[str, list[str]]:
+    """Read a split file; with ``index``, every case id must belong to the dataset."""
+    path = Path(path)
+    check_file(path)
+    split = validated_split(read_json(path), path)
+    if index is not None:
+        _check_split_ids(split, index, path)
+    return split
+
+
+def split_from_files(index: DatasetIndex) -> dict[str, list[str]] | None:
+    """``split.json`` ({"train": [...], "val": [...], "test": [...]}) or nnU-Net ``splits_final.json`` fold 0."""
+    path = index.root / "split.json"
+    if path.is_file():
+        return load_split(path, index)
+    path = index.root / "splits_final.json"
+    if not path.is_file():
+        return None
+    folds = read_json(path)
+    if not isinstance(folds, list) or not folds or not isinstance(folds[0], dict):
+        raise DataError("expected a list of folds, each {\"train\": [...], \"val\": [...]}", path)
+    split = validated_split({"train": folds[0].get("train", []), "val": folds[0].get("val", [])}, path)
+    _check_split_ids(split, index, path)
+    return split
