@@ -195,7 +195,7 @@ def test_17_wrong_tokens_are_rate_limited(tmp_path):
 ])
 def test_19_a_bad_app_option_is_one_error_line(tmp_path, option, value, expected):
     result = subprocess.run([sys.executable, "-m", "cotexnet.cli", "app", "--data-root", str(tmp_path), option, value],
-                            cwd=REPO, capture_output=True, text=True, timeout=60,
+                            cwd=REPO, capture_output=True, encoding="utf-8", errors="replace", timeout=60,
                             env={**os.environ, "PYTHONPATH": str(REPO)})
     assert result.returncode == 2 and result.stdout == "", result
     assert result.stderr.strip().splitlines() == [result.stderr.strip()] and "Traceback" not in result.stderr
@@ -207,8 +207,8 @@ def test_a_busy_port_is_one_error_line_and_prints_no_address(tmp_path):
     process, port, _ = start_app(tmp_path / "first")
     try:
         second = subprocess.run([sys.executable, "-m", "cotexnet.cli", "app", "--data-root", str(tmp_path / "first"),
-                                 "--port", str(port)], cwd=REPO, capture_output=True, text=True, timeout=60,
-                                env={**os.environ, "PYTHONPATH": str(REPO)})
+                                 "--port", str(port)], cwd=REPO, capture_output=True, encoding="utf-8",
+                                errors="replace", timeout=60, env={**os.environ, "PYTHONPATH": str(REPO)})
         assert second.returncode == 2 and "open http" not in second.stdout, second
         assert second.stderr.strip() == (f"cotexnet app: error: cannot listen on 127.0.0.1:{port}: address already in "
                                          "use (another `cotexnet app`?); choose another --port")

@@ -200,7 +200,8 @@ def test_bundle_config_reads_without_torch(bundle):
     code = ("import sys; sys.modules['torch'] = None\n"
             "from cotexnet.bundle import read_bundle_config\n"
             f"print(read_bundle_config({str(path)!r}).classes)")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True,
+                          encoding="utf-8", errors="replace", timeout=60)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "['gm', 'wm']"
 

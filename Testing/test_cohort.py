@@ -26,7 +26,7 @@ from cotexnet.cli import main
 from cotexnet.cohort import (STATE_FOLDER, Study, expand_inputs, make_studies, read_journals, read_manifest,
                              segment_cohort, split_studies)
 from cotexnet.data import read_image
-from cotexnet.errors import CoTexNetError, DataError
+from cotexnet.errors import CoTexNetError
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
@@ -156,7 +156,7 @@ def test_two_gloo_ranks_segment_every_good_study_once_and_report_all_twelve(bund
     command = [*TORCHRUN, "--standalone", "--nproc-per-node", "2",
                "-m", "cotexnet.cli", "segment", str(bundle), "--inputs", str(manifest), "--out", str(out),
                "--device", "cpu"]
-    done = subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(command, env=ENV, capture_output=True, encoding="utf-8", errors="replace", timeout=300)
     assert done.returncode != 0
     assert "2 of 12 studies failed" in done.stderr, done.stderr
     assert "10 done, 0 skipped, 2 failed of 12 studies" in done.stdout and "on 2 process(es)" in done.stdout, done.stdout
@@ -223,7 +223,7 @@ def test_a_killed_run_restarts_where_it_stopped_and_overwrite_redoes_all(bundle,
     for labels in out.glob("*_labels.nii.gz"):  # what is in place is whole: written temp-then-rename
         assert read_image(labels).shape[1:] == (64, 64)
 
-    again = subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=300)
+    again = subprocess.run(command, env=ENV, capture_output=True, encoding="utf-8", errors="replace", timeout=300)
     assert again.returncode == 0, again.stderr
     assert f"{12 - len(finished)} done, {len(finished)} skipped, 0 failed of 12 studies" in again.stdout, again.stdout
     assert sorted(done_records(out)) == [f"case-{i:02d}" for i in range(12)]  # nothing segmented twice

@@ -89,7 +89,8 @@ def dciodvfy_errors(path: Path) -> list[str]:
     """The errors dicom3tools' validator finds in a file (none checked where it is not installed)."""
     if not shutil.which("dciodvfy"):
         return []
-    report = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=120)
+    report = subprocess.run(["dciodvfy", str(path)], capture_output=True,
+                            encoding="utf-8", errors="replace", timeout=120)
     return [line for line in (report.stdout + report.stderr).splitlines() if line.startswith("Error")]
 
 

@@ -209,8 +209,8 @@ def test_the_same_input_twice_is_segmented_once(bundle, tmp_path, capsys):
 def test_a_second_training_into_a_held_folder_is_refused(shapes, tmp_path, capsys):
     holder = subprocess.Popen([sys.executable, "-c", "import sys; from cotexnet.runlock import RunLock\n"
                                "with RunLock(sys.argv[1]):\n print('locked', flush=True); sys.stdin.read()",
-                               str(tmp_path / "run")], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                              env=ENV)
+                               str(tmp_path / "run")], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              encoding="utf-8", errors="replace", env=ENV)
     try:
         assert holder.stdout.readline().strip() == "locked"
         assert train_cli(shapes, tmp_path / "run", "--classes", "disk", "square") == 2
@@ -938,7 +938,8 @@ def test_11_the_feature_cache_is_reserved_on_disk_and_a_full_disk_is_a_named_err
               f"{' '.join(repr(part) for part in command)}\ncode=$?\nls -a '{run}'\nexit $code")
     if shutil.which("unshare") is None:
         pytest.skip("needs unshare to mount a small disk")
-    result = subprocess.run(["unshare", "-rm", "sh", "-c", script], env=ENV, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(["unshare", "-rm", "sh", "-c", script], env=ENV, capture_output=True,
+                            encoding="utf-8", errors="replace", timeout=300)
     if result.returncode == 99 or result.stderr.startswith("unshare:"):
         pytest.skip(f"cannot mount a small disk here: {result.stderr.strip()}")
     errors = [line for line in result.stderr.splitlines() if "error:" in line]

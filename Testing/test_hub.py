@@ -279,12 +279,12 @@ def test_push_then_segment_by_repo_id_round_trips_and_works_offline(hub, tmp_pat
            "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "cotexnet.cli", "segment", "--device", "cpu", "--out", str(tmp_path / "offline")]
     done = subprocess.run([*command[:4], "alice/disks", str(image), *command[4:]], env=env, capture_output=True,
-                          text=True, timeout=300)
+                          encoding="utf-8", errors="replace", timeout=300)
     assert done.returncode == 0, done.stderr
     offline = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "offline" / "scan_labels.nrrd")))
     np.testing.assert_array_equal(offline, local_labels)
     done = subprocess.run([*command[:4], "bob/unknown", str(image), *command[4:]], env=env, capture_output=True,
-                          text=True, timeout=300)
+                          encoding="utf-8", errors="replace", timeout=300)
     assert done.returncode == 2 and done.stderr.count("\n") == 1
     assert "bob/unknown: no such local folder, and as a Hub repository it could not be downloaded" in done.stderr
     assert "(HF_HUB_OFFLINE is set)" in done.stderr
@@ -295,7 +295,7 @@ def test_a_repo_with_code_or_pickles_is_read_for_its_safetensors_only(hub, tmp_p
     from cotexnet import CoTexNet
 
     folder = tiny_model(classes=("disk",), image_size=32).save_pretrained(tmp_path / "bundle")
-    from cotexnet.hub import push_bundle
+    from cotexnet.bundle import push_bundle
 
     push_bundle(folder, "mallory/model")
     repo = hub.repos["mallory/model"]
@@ -323,7 +323,7 @@ def test_slicer_worker_segments_with_a_repo_id_from_the_cache_offline(hub, bundl
     from CoTexNetSegmentLib.logic import CoTexNetSegmentLogic
     from CoTexNetSegmentLib.worker import SegmentationWorker
     from cotexnet import CoTexNet
-    from cotexnet.hub import push_bundle
+    from cotexnet.bundle import push_bundle
 
     push_bundle(bundle, "carol/organs")
     CoTexNet.from_pretrained("carol/organs")  # downloaded once, online

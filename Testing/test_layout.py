@@ -31,7 +31,7 @@ def test_cli_train_defaults_are_the_config_defaults():
 def _run_without_torch(code: str) -> subprocess.CompletedProcess:
     """Run ``code`` in a fresh interpreter where ``import torch`` fails."""
     return subprocess.run([sys.executable, "-c", "import sys; sys.modules['torch'] = None\n" + code],
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, encoding="utf-8", errors="replace", timeout=120)
 
 
 @pytest.mark.parametrize("module", ["cotexnet.data.image", "cotexnet.data"])
@@ -134,7 +134,8 @@ def test_nothing_outside_docs_cites_the_design_document_that_is_not_in_the_repos
     """Code and docstrings cite docs/ (the project's own design documents), never the outside design note."""
     repo = ENGINE.parent
     name = "DESIGN" + ".md"  # split, so this file does not cite it either
-    tracked = subprocess.run(["git", "ls-files"], cwd=repo, capture_output=True, text=True, check=True).stdout.split()
+    tracked = subprocess.run(["git", "ls-files"], cwd=repo, capture_output=True,
+                             encoding="utf-8", errors="replace", check=True).stdout.split()
     citing = [path for path in tracked if not path.startswith("docs/") and (repo / path).is_file()
               and path.endswith((".py", ".md", ".txt", ".ui", ".cmake", ".json", ".toml"))
               and name in (repo / path).read_text(encoding="utf-8", errors="replace")]

@@ -281,7 +281,8 @@ def live_holder(tmp_path):
     folder = tmp_path / "run"
     environment = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parents[1]),
                                                               os.environ.get("PYTHONPATH", "")]))
-    process = subprocess.Popen([sys.executable, "-c", HOLDER, str(folder)], stdout=subprocess.PIPE, text=True,
+    process = subprocess.Popen([sys.executable, "-c", HOLDER, str(folder)], stdout=subprocess.PIPE,
+                               encoding="utf-8", errors="replace",
                                env=environment)
     assert process.stdout.readline().strip() == "locked"
     yield folder, process.pid

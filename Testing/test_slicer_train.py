@@ -532,6 +532,7 @@ def test_logic_imports_without_qt_from_its_module_folder_alone():
         "assert 'qt' not in sys.modules and 'CoTexNetSegmentLib' not in sys.modules; "
         "print(CoTexNetTrainLogic.train.__name__)"
     )
-    result = subprocess.run([sys.executable, "-c", code, str(MODULE_DIR)], capture_output=True, text=True, timeout=60)
+    result = subprocess.run([sys.executable, "-c", code, str(MODULE_DIR)], capture_output=True,
+                            encoding="utf-8", errors="replace", timeout=60)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "train"

@@ -306,7 +306,7 @@ def test_worker_protocol_status_unknown_request_and_shutdown():
     """The engine side alone: ready line, answers by id, a clear error for a bad request, clean exit."""
     environment = dict(os.environ, PYTHONPATH=str(REPO))
     process = subprocess.Popen([sys.executable, "-m", "cotexnet.worker"], stdin=subprocess.PIPE,
-                               stdout=subprocess.PIPE, text=True, env=environment)
+                               stdout=subprocess.PIPE, encoding="utf-8", errors="replace", env=environment)
     requests = [{"id": 1, "type": "status"}, {"id": 2, "type": "teleport"}, "not json", {"type": "shutdown"}]
     output, _ = process.communicate("\n".join(r if isinstance(r, str) else json.dumps(r) for r in requests) + "\n",
                                     timeout=60)
@@ -375,6 +375,7 @@ info = logic.deviceInfo()
 assert 'torch' not in sys.modules, 'torch was imported'
 print(config.classes, info.describe())
 """
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True,
+                            encoding="utf-8", errors="replace", timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == f"{CLASSES} No CUDA GPU detected: CoTexNet runs on the CPU."

@@ -3,10 +3,10 @@
 Heavy modules (torch, transformers) load on first use, so ``import cotexnet`` stays cheap for tools
 that only need the config or the concept attributes.
 """
-from .config import CoTexNetConfig
+from .config import ENGINE_VERSION, CoTexNetConfig
 from .errors import BundleError, Cancelled, CoTexNetError, ConfigError, DataError
 
-__version__ = "0.1.0"
+__version__ = ENGINE_VERSION
 __all__ = ["CoTexNet", "CoTexNetConfig", "segment_volume", "describe", "CoTexNetError", "ConfigError",
            "BundleError", "DataError", "Cancelled", "__version__"]
 

@@ -27,16 +27,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .atomic import write_folder_atomic, write_json_atomic
-from .config import DEFAULT_IMAGE_SIZE, FORMAT_VERSION, SYNTHETIC_BACKBONES, CoTexNetConfig
+from .config import (CONFIG_NAME, DEFAULT_IMAGE_SIZE, FORMAT_VERSION, SYNTHETIC_BACKBONES, TRAINING_NAME, WEIGHTS_NAME,
+                     CoTexNetConfig)
 from .data.normalization import IntensityNormalization
-from .errors import BundleError, ConfigError, error_summary
+from .errors import BundleError, CoTexNetError, ConfigError, error_summary
 from .prompts import load_tokenizer, offline_clip_tokenizer_dir, save_tokenizer
 
-WEIGHTS_NAME = "model.safetensors"
 #: Older Hugging Face repositories hold only this pickle; backbones may use it, bundles never do.
 PICKLED_WEIGHTS_NAME = "pytorch_model.bin"
-CONFIG_NAME = "config.json"
-TRAINING_NAME = "training.json"
 #: Files of a Hugging Face CLIPSeg repository that loading needs (the pickle only as a fallback).
 BACKBONE_FILES = ("config.json", "model.safetensors", "vocab.json", "merges.txt", "tokenizer_config.json",
                   "special_tokens_map.json", "preprocessor_config.json")
@@ -305,3 +303,60 @@ class BundleMixin:
 def read_training_info(directory: str | os.PathLike) -> dict:
     path = bundle_folder(directory) / TRAINING_NAME
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+
+def push_bundle(bundle: str | os.PathLike, repo_id: str, *, private: bool = False, revision: str | None = None,
+                license: str | None = None, token: str | None = None) -> dict:
+    """Upload a bundle (or a training run's best bundle) to a Hub model repository; returns what was pushed.
+
+    The repository is created when missing (``private`` then applies) and the branch ``revision`` too. The card
+    is rewritten first (:func:`cotexnet.card.write_model_card`, with ``license`` when given) so that it says how
+    to use the model from there.
+    """
+    from huggingface_hub import HfApi
+    from huggingface_hub.utils import HfHubHTTPError
+
+    from .card import write_model_card
+    from .hub import REPO_ID, UPLOAD_FILES, parse_repo_id
+
+    if not REPO_ID.match(repo_id):
+        raise CoTexNetError(f"{repo_id}: expected a Hub repository id owner/name (letters, digits, '-', '_', '.'); "
+                            f"give a branch with --revision")
+    if parse_repo_id(bundle) is not None:
+        raise CoTexNetError(f"{bundle}: no such folder; push takes a local bundle folder or training run folder")
+    folder = bundle_folder(bundle)
+    read_bundle_config(folder)  # a folder that is not a loadable bundle is refused before anything is uploaded
+    write_model_card(folder, license, repo_id + (f"@{revision}" if revision else ""))  # says how to use it from there
+    files = [name for name in UPLOAD_FILES if (folder / name).is_file()]
+    api = HfApi(token=token)
+    try:
+        url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+        if revision:
+            api.create_branch(repo_id, branch=revision, exist_ok=True)
+        commit = api.upload_folder(repo_id=repo_id, folder_path=str(folder), revision=revision, allow_patterns=files,
+                                   commit_message=f"Upload CoTexNet model from {folder.name}")
+    except HfHubHTTPError as error:
+        raise CoTexNetError(f"{repo_id}: the Hub refused the upload ({error}); check the token "
+                            f"(huggingface-cli login or HF_TOKEN) and that you may write to this repository") from None
+    except OSError as error:
+        raise CoTexNetError(f"{repo_id}: could not reach the Hub ({type(error).__name__}: {error})") from None
+    logger.info("pushed %s to %s (%s)", folder, repo_id, revision or "main")
+    return {"bundle": str(folder), "repo_id": repo_id, "revision": revision or "main", "url": str(url),
+            "commit": commit.oid, "files": files}
+
+
+def card_summary(folder: str | os.PathLike) -> dict:
+    """``{"title", "classes"}`` of a bundle (a Hub id fetches only its config and card): the card's first heading,
+    or the title a card would get."""
+    from .card import CARD_NAME, card_title
+    from .hub import DESCRIPTION_FILES
+
+    folder = bundle_folder(folder, files=DESCRIPTION_FILES)
+    config = read_bundle_config(folder)
+    title = card_title(config)
+    card = folder / CARD_NAME
+    if card.is_file():
+        heading = next((line[2:].strip() for line in card.read_text(encoding="utf-8").splitlines()
+                        if line.startswith("# ")), "")
+        title = heading or title
+    return {"title": title, "classes": list(config.classes)}

@@ -14,7 +14,7 @@ import math
 import os
 from pathlib import Path
 
-from .config import SYNTHETIC_BACKBONES, CoTexNetConfig
+from .config import CONFIG_NAME, SYNTHETIC_BACKBONES, TRAINING_NAME, CoTexNetConfig
 from .errors import CoTexNetError
 
 CARD_NAME = "README.md"
@@ -139,16 +139,16 @@ def model_card(config: CoTexNetConfig, info: dict, license: str = NO_LICENSE, re
 
 
 def _read(folder: Path) -> tuple[CoTexNetConfig, dict]:
-    from .bundle import read_bundle_config, read_training_info
-
-    return read_bundle_config(folder), read_training_info(folder)
+    """The config and training record of a local bundle folder (one this process saved or already checked)."""
+    training = folder / TRAINING_NAME
+    return (CoTexNetConfig.from_json_file(folder / CONFIG_NAME),
+            json.loads(training.read_text(encoding="utf-8")) if training.is_file() else {})
 
 
 def write_model_card(folder: str | os.PathLike, license: str | None = None, repo_id: str | None = None) -> Path:
     """(Re)write ``README.md`` of a bundle folder from its config and training record. ``license`` and ``repo_id``
     (where it is shared) are kept in ``training.json`` for later rewrites."""
     from .atomic import write_json_atomic, write_text_atomic
-    from .bundle import TRAINING_NAME
 
     folder = Path(folder)
     config, info = _read(folder)
@@ -168,7 +168,6 @@ def record_evaluation(folder: str | os.PathLike, result: dict, source: str = "ev
     """Store one ``cotexnet evaluate --json`` result in the bundle's training record (by split) and rewrite the
     card; returns the split. An evaluation of other classes than the bundle's is refused."""
     from .atomic import write_json_atomic
-    from .bundle import TRAINING_NAME
 
     folder = Path(folder)
     config, info = _read(folder)
@@ -184,20 +183,3 @@ def record_evaluation(folder: str | os.PathLike, result: dict, source: str = "ev
     write_json_atomic(folder / TRAINING_NAME, info)
     write_model_card(folder)
     return result["split"]
-
-
-def card_summary(folder: str | os.PathLike) -> dict:
-    """``{"title", "classes"}`` of a bundle (a Hub id fetches only its config and card): the card's first heading,
-    or the title a card would get."""
-    from .bundle import bundle_folder
-    from .hub import DESCRIPTION_FILES
-
-    folder = bundle_folder(folder, files=DESCRIPTION_FILES)
-    config = _read(folder)[0]
-    title = card_title(config)
-    card = folder / CARD_NAME
-    if card.is_file():
-        heading = next((line[2:].strip() for line in card.read_text(encoding="utf-8").splitlines()
-                        if line.startswith("# ")), "")
-        title = heading or title
-    return {"title": title, "classes": list(config.classes)}

@@ -361,7 +361,7 @@ def _add_push(sub) -> None:
 
 
 def _run_push(args) -> int:
-    from .hub import push_bundle
+    from .bundle import push_bundle
 
     report = push_bundle(args.model, args.repo_id, private=args.private, revision=args.revision, license=args.license)
     if args.json:

@@ -18,6 +18,12 @@ from .errors import ConfigError
 
 #: Version of the bundle/config format written by this code. Loading refuses newer versions.
 FORMAT_VERSION = 1
+#: The engine's version (``cotexnet.__version__``), here so that every module can name it without a cycle.
+ENGINE_VERSION = "0.1.0"
+#: A bundle's files (docs/bundle-format.md), named here for every module that reads or writes them.
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+TRAINING_NAME = "training.json"
 
 # Choice lists and defaults: defined here once; the config, the trainer, the CLI and both Slicer modules
 # read them from this module.

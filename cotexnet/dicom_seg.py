@@ -147,7 +147,7 @@ def write_dicom_seg(
     import highdicom as hd
     from pydicom.sr.codedict import codes as dicom_codes
 
-    from . import __version__
+    from .config import ENGINE_VERSION
     from .atomic import write_files_atomic
 
     labels = labels.reshape((len(source), *labels.shape[-2:]))
@@ -157,7 +157,7 @@ def write_dicom_seg(
         raise CoTexNetError(f"{target}: no class has any voxel; a DICOM SEG needs at least one segment, so none "
                             f"was written")
     algorithm = hd.AlgorithmIdentificationSequence(name="CoTexNet", family=dicom_codes.cid7162.ArtificialIntelligence,
-                                                   version=__version__, parameters={"model": model_name})
+                                                   version=ENGINE_VERSION, parameters={"model": model_name})
     descriptions = []
     for number, index in enumerate(present, start=1):
         name = classes[index - 1]
@@ -182,7 +182,7 @@ def write_dicom_seg(
         source_images=list(source), pixel_array=pixels, segmentation_type=kind, segment_descriptions=descriptions,
         series_instance_uid=hd.UID(), series_number=int(getattr(reference, "SeriesNumber", None) or 0) + 1000,
         sop_instance_uid=hd.UID(), instance_number=1, manufacturer="CoTexNet",
-        manufacturer_model_name=model_name[:64], software_versions=__version__, device_serial_number="n/a",
+        manufacturer_model_name=model_name[:64], software_versions=ENGINE_VERSION, device_serial_number="n/a",
         content_label="COTEXNET", content_description=f"CoTexNet segmentation ({model_name})"[:64],
         series_description=f"CoTexNet {model_name}"[:64],
     )

@@ -14,7 +14,8 @@ import os
 import re
 from pathlib import Path
 
-from .errors import BundleError, CoTexNetError
+from .config import CONFIG_NAME, WEIGHTS_NAME
+from .errors import BundleError
 
 logger = logging.getLogger(__name__)
 
@@ -45,8 +46,6 @@ def download_model(repo_id: str, revision: str | None = None, files=DOWNLOAD_PAT
     from huggingface_hub import constants, snapshot_download
     from huggingface_hub.utils import RepositoryNotFoundError, RevisionNotFoundError
 
-    from .bundle import CONFIG_NAME, WEIGHTS_NAME
-
     where = f"{repo_id}" + (f"@{revision}" if revision else "")
     try:
         folder = Path(snapshot_download(repo_id, revision=revision, allow_patterns=list(files), cache_dir=cache_dir))
@@ -74,8 +73,6 @@ def cached_snapshot(repo_id: str, revision: str | None = None) -> Path | None:
     ask on every keystroke); None when it was never downloaded."""
     from huggingface_hub import snapshot_download
 
-    from .bundle import CONFIG_NAME
-
     try:
         folder = Path(snapshot_download(repo_id, revision=revision, allow_patterns=list(DESCRIPTION_FILES),
                                         local_files_only=True))
@@ -95,43 +92,3 @@ def resolve_model(name: str | os.PathLike, revision: str | None = None, files=DO
     if revision is not None and tagged is not None and revision != tagged:
         raise BundleError(f"{name}: revision {revision!r} given besides {tagged!r} in the name")
     return download_model(repo_id, revision or tagged, files)
-
-
-def push_bundle(bundle: str | os.PathLike, repo_id: str, *, private: bool = False, revision: str | None = None,
-                license: str | None = None, token: str | None = None) -> dict:
-    """Upload a bundle (or a training run's best bundle) to a Hub model repository; returns what was pushed.
-
-    The repository is created when missing (``private`` then applies) and the branch ``revision`` too. The card
-    is rewritten first (:func:`cotexnet.card.write_model_card`, with ``license`` when given) so that it says how
-    to use the model from there.
-    """
-    from huggingface_hub import HfApi
-    from huggingface_hub.utils import HfHubHTTPError
-
-    from .bundle import bundle_folder, read_bundle_config
-    from .card import write_model_card
-
-    if not REPO_ID.match(repo_id):
-        raise CoTexNetError(f"{repo_id}: expected a Hub repository id owner/name (letters, digits, '-', '_', '.'); "
-                            f"give a branch with --revision")
-    if parse_repo_id(bundle) is not None:
-        raise CoTexNetError(f"{bundle}: no such folder; push takes a local bundle folder or training run folder")
-    folder = bundle_folder(bundle)
-    read_bundle_config(folder)  # a folder that is not a loadable bundle is refused before anything is uploaded
-    write_model_card(folder, license, repo_id + (f"@{revision}" if revision else ""))  # says how to use it from there
-    files = [name for name in UPLOAD_FILES if (folder / name).is_file()]
-    api = HfApi(token=token)
-    try:
-        url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-        if revision:
-            api.create_branch(repo_id, branch=revision, exist_ok=True)
-        commit = api.upload_folder(repo_id=repo_id, folder_path=str(folder), revision=revision, allow_patterns=files,
-                                   commit_message=f"Upload CoTexNet model from {folder.name}")
-    except HfHubHTTPError as error:
-        raise CoTexNetError(f"{repo_id}: the Hub refused the upload ({error}); check the token "
-                            f"(huggingface-cli login or HF_TOKEN) and that you may write to this repository") from None
-    except OSError as error:
-        raise CoTexNetError(f"{repo_id}: could not reach the Hub ({type(error).__name__}: {error})") from None
-    logger.info("pushed %s to %s (%s)", folder, repo_id, revision or "main")
-    return {"bundle": str(folder), "repo_id": repo_id, "revision": revision or "main", "url": str(url),
-            "commit": commit.oid, "files": files}

@@ -136,8 +136,7 @@ class CoTexNetSegmentLogic:
         config, read with no network access, since the field updates on the GUI thread. A Hugging Face Hub
         repository id (``owner/name``) is read from the Hugging Face cache; one never downloaded gives its id as
         the title and no classes or config (the worker downloads it on the first run). BundleError if unusable."""
-        from cotexnet.bundle import read_bundle_config
-        from cotexnet.card import card_summary
+        from cotexnet.bundle import card_summary, read_bundle_config
         from cotexnet.hub import cached_snapshot, parse_repo_id
 
         path = _checkedModelPath(modelPath)
