@@ -8,7 +8,9 @@ from __future__ import annotations
 from trame.widgets import html
 from trame.widgets import vuetify3 as v3
 from trame_client.widgets.core import HtmlElement
-from trame_slicer.app.ui import SegmentEditorToolbarUI, SegmentEditorUI, SegmentEditorUndoRedoUI, ViewerLayout
+from trame_slicer.app.logic.slice_view_logic import get_view_slider_typed_state
+from trame_slicer.app.ui import (SegmentEditorToolbarUI, SegmentEditorUI, SegmentEditorUndoRedoUI, ViewerLayout,
+                                 create_vertical_slice_view_gutter_ui)
 
 
 def build_page(page) -> None:
@@ -18,12 +20,20 @@ def build_page(page) -> None:
         with page.ui.drawer:
             _build_panel(page)
             page.editor_ui = SegmentEditorUI()
+            page.editor_ui.add_segment_clicked.connect(page.add_segment_without_volume)
         with page.ui.toolbar:
             SegmentEditorToolbarUI(editor_ui=page.editor_ui)
         with page.ui.undo_redo:
             SegmentEditorUndoRedoUI(editor_ui=page.editor_ui)
         with page.ui.content:
             page.layout_logic.layout_manager.initialize_layout_grid(page.ui)
+            html.Div("No volume: open one from the data root or upload one", id="cx-no-volume", v_show=("!cx_opened",),
+                     classes="text-h6 text-grey-lighten-1",
+                     style="position: absolute; top: 45%; left: 50%; transform: translate(-50%, -50%); "
+                           "pointer-events: none; z-index: 5")
+        page.ui.footer.clear()  # trame-slicer's footer names its own maker; this page says what it is
+        with page.ui.footer:
+            html.Span("CoTexNet in the browser, on trame-slicer and 3D Slicer", classes="text-grey-lighten-1 text-caption")
     page.editor_logic.set_ui(page.editor_ui)
 
 
@@ -34,42 +44,83 @@ def _build_panel(page) -> None:
                        density="compact", hide_details=True)
             v3.VBtn("Open", id="cx-open", click=page.open_volume, disabled=("cx_busy",), density="compact",
                     classes="ml-1")
-        with html.Div(classes="d-flex align-center mt-2", v_show=("cx_cases.length",)):
+            with v3.VBtn(id="cx-refresh", icon=True, click=page.refresh_lists, density="compact", variant="text",
+                         title="List the data root again", classes="ml-1"):
+                v3.VIcon("mdi-refresh")
+        with html.Details(v_show=("cx_segmentations.length",), classes="text-caption mt-1", id="cx-segmentations"):
+            html.Summary("{{ cx_segmentations.length }} segmentation(s) in the data root (a volume opens with the "
+                         ".seg.nrrd saved beside it)")
+            html.Div("{{ name }}", v_for="name in cx_segmentations", key="name", classes="ml-3")
+        with html.Div(classes="d-flex align-center mt-2", v_if=("cx_cases.length",)):
             v3.VSelect(id="cx-case", label="Opened cases (training uses those with segments)",
                        items=("cx_cases",), model_value=("cx_opened",), update_modelValue=(page.open_volume, "[$event]"),
                        disabled=("cx_busy",), density="compact", hide_details=True)
             v3.VBtn("Close", id="cx-close", click=page.close_case, disabled=("cx_busy",),
                     density="compact", classes="ml-1")
+        with html.Div(classes="d-flex align-center mt-2", v_if=("cx_opened",)):
+            v3.VSelect(id="cx-window-level", label="Window/level preset (or left-drag in a view with no tool)",
+                       items=("cx_presets",), density="compact", hide_details=True,
+                       update_modelValue=(page.window_level, "[$event]"))
+            html.Span("W {{ cx_window_level[0] }} / L {{ cx_window_level[1] }}", v_show=("cx_window_level.length",),
+                      classes="text-caption ml-2")
         v3.VFileInput(
             id="cx-upload", label="Upload a volume", density="compact", hide_details=True, classes="mt-2",
-            # The cap is checked here too, so an oversized file is never sent.
-            change=(f"$event.target.files[0] && $event.target.files[0].size > cx_upload_limit "
-                    f"? (cx_error = `${{$event.target.files[0].name}}: over the upload limit`) "
-                    f": trigger('{page.ctrl.trigger_name(page.upload)}', [$event.target.files])"),
-            disabled=("cx_busy",),
+            # In chunks, with the cap checked before anything is sent (web/upload.js).
+            change="window.cotexnetUpload($event.target.files[0], trame)",
+            disabled=("cx_busy || cx_uploading",),
         )
+        v3.VProgressLinear(id="cx-upload-progress", model_value=("cx_upload_progress",), v_show=("cx_uploading",),
+                           color="secondary", classes="mt-1")
         v3.VSelect(id="cx-model", label="Model (recent, --model, run folders and bundles in the data root)",
                    items=("cx_models",), v_model=("cx_model",), density="compact", hide_details=True,
                    classes="mt-2")
         with html.Div(classes="d-flex align-center mt-2"):
-            v3.VBtn("Segment", id="cx-segment", color="primary", click=page.segment, disabled=("cx_busy || !cx_opened",))
+            # A disabled button keeps its colour in Vuetify 3; grey says it cannot be clicked.
+            v3.VBtn("Segment", id="cx-segment", color=("cx_busy || !cx_opened ? 'grey-lighten-1' : 'primary'",),
+                    click=page.segment, disabled=("cx_busy || !cx_opened",))
             v3.VBtn("Cancel", id="cx-cancel", click=page.cancel, disabled=("!cx_busy",), classes="ml-2")
-            v3.VBtn("Save .seg.nrrd", id="cx-save", click=page.save, disabled=("cx_busy || !cx_concepts.length",),
+            v3.VBtn("Save .seg.nrrd", id="cx-save", click=page.save, disabled=("cx_busy || !cx_opened",),
                     classes="ml-2")
-        v3.VProgressLinear(id="cx-progress", model_value=("cx_progress",), v_show=("cx_busy",), classes="mt-2")
+        with html.Div(classes="d-flex align-center mt-1", v_if=("cx_conflict",)):
+            v3.VBtn("Reload from disk", id="cx-reload", click=page.reload, density="compact", variant="tonal")
+            v3.VBtn("Save as a copy", id="cx-save-copy", click=page.save_copy, density="compact", variant="tonal",
+                    classes="ml-2")
+        with v3.VDialog(model_value=("!!cx_question",), persistent=True, max_width=420):
+            with v3.VCard(id="cx-question"):
+                v3.VCardText("{{ cx_question }}")
+                with v3.VCardActions():
+                    v3.VSpacer()
+                    v3.VBtn("Cancel", id="cx-question-cancel", click=(page.answer, "[false]"))
+                    v3.VBtn("{{ cx_answer }}", id="cx-question-proceed", color="error", click=(page.answer, "[true]"))
+        with v3.VProgressLinear(id="cx-progress", model_value=("cx_progress",), v_show=("cx_busy",), height=18,
+                                classes="mt-2"):
+            html.Span("{{ cx_phase }}", id="cx-phase", classes="text-caption")
         html.Div("{{ cx_message }}", id="cx-message", classes="text-caption mt-1")
         html.Div("{{ cx_error }}", id="cx-error", v_show=("cx_error",), classes="text-caption text-error")
-        with v3.VTable(id="cx-concepts", density="compact", v_show=("cx_concepts.length",), classes="mt-2"):
+        with v3.VTable(id="cx-concepts", density="compact", hover=True, v_show=("cx_concepts.length",), classes="mt-2"):
             with html.Thead():
                 with html.Tr():
                     html.Th("{{ column.title }}", v_for="column in cx_concept_columns", key="column.key")
             with html.Tbody():
                 with html.Tr(v_for="(row, index) in cx_concepts", key="index", classes="cx-concept-row",
-                             style="cursor: pointer", click=(page.show_concept_row, "[index]")):
-                    # One line per class; a long prompt is cut, with the whole of it on hover.
+                             style=("`cursor: pointer; ${index === cx_active_row ? 'background: #d6e8fa' : ''}`",),
+                             click=(page.show_concept_row, "[index]")):
+                    # One line per class, the prompt wrapped over several; a long cell is cut, whole on hover.
                     html.Td("{{ row[column.key] }}", v_for="column in cx_concept_columns", key="column.key",
                             title=("row[column.key]",),
-                            style="white-space: nowrap; max-width: 160px; overflow: hidden; text-overflow: ellipsis")
+                            style=("column.key === 'prompt' ? 'white-space: normal; min-width: 200px' : "
+                                   "'white-space: nowrap; max-width: 140px; overflow: hidden; text-overflow: ellipsis'",))
+        with v3.VTable(id="cx-statistics", density="compact", v_show=("cx_statistics.length",), classes="mt-2"):
+            with html.Thead():
+                with html.Tr():
+                    html.Th("Segment")
+                    html.Th("Voxels")
+                    html.Th("Volume (mL)")
+            with html.Tbody():
+                with html.Tr(v_for="row in cx_statistics", key="row.segment", classes="cx-statistics-row"):
+                    html.Td("{{ row.segment }}")
+                    html.Td("{{ row.voxels }}")
+                    html.Td("{{ row.ml.toFixed(2) }}")
         _build_training_panel(page)
 
 
@@ -82,23 +133,31 @@ def _build_training_panel(page) -> None:
                 disabled=("cx_training || cx_busy || !cx_opened",))
         v3.VBtn("Stop", id="cx-stop", click=page.stop_training, disabled=("!cx_training",), classes="ml-2")
     html.Div("{{ cx_train_message }}", id="cx-train-message", classes="text-caption mt-1")
-    with html.Div(id="cx-charts", classes="d-flex mt-1", v_show=("cx_charts.length",)):
-        with html.Svg(v_for="chart in cx_charts", key="chart.title", width=("chart.width",),
-                      height=("chart.height",), classes="cx-chart mr-1", style="background: #fafafa"):
-            SvgElement("text", "{{ chart.title }}", x=("chart.margin",), y="12", font_size="11")
-            SvgElement("text", "{{ chart.y_top }}", x="1", y="10", font_size="9")
-            SvgElement("text", "epoch {{ chart.x_max }}", x=("chart.width - 50",), y=("chart.height - 4",),
-                       font_size="9")
-            SvgElement("line", x1=("chart.margin",), y1="0", x2=("chart.margin",),
-                       y2=("chart.height - chart.margin",), stroke="#999")
-            SvgElement("line", x1=("chart.margin",), y1=("chart.height - chart.margin",), x2=("chart.width",),
-                       y2=("chart.height - chart.margin",), stroke="#999")
-            with SvgElement("g", v_for="series in chart.series", key="series.name"):
-                SvgElement("polyline", points=("series.points",), fill="none", stroke=("series.color",),
-                           stroke_width="1.5")
-                SvgElement("circle", v_for="(dot, i) in series.dots", key="i", cx=("dot[0]",), cy=("dot[1]",),
-                           r="2.5", fill=("series.color",), classes="cx-point")
-                SvgElement("title", "{{ series.name }}")
+    v3.VBtn("Use the new model anyway", id="cx-use-candidate", click=page.use_candidate, v_show=("cx_candidate",),
+            density="compact", variant="tonal", classes="mt-1")
+    with html.Div(id="cx-charts", classes="d-flex mt-1", v_if=("cx_charts.length",)):
+        with html.Div(v_for="chart in cx_charts", key="chart.title", classes="mr-1"):
+            with html.Svg(width=("chart.width",), height=("chart.height",), classes="cx-chart",
+                          style="background: #fafafa"):
+                SvgElement("text", "{{ chart.title }}", x=("chart.margin",), y="11", font_size="11")
+                SvgElement("text", "{{ chart.y_top }}", x="1", y=("chart.top + 4",), font_size="9")
+                SvgElement("text", "epoch {{ chart.x_max }}", x=("chart.width - 50",), y=("chart.height - 4",),
+                           font_size="9")
+                SvgElement("line", x1=("chart.margin",), y1=("chart.top",), x2=("chart.margin",),
+                           y2=("chart.height - chart.margin",), stroke="#999")
+                SvgElement("line", x1=("chart.margin",), y1=("chart.height - chart.margin",), x2=("chart.right",),
+                           y2=("chart.height - chart.margin",), stroke="#999")
+                with SvgElement("g", v_for="series in chart.series", key="series.name"):
+                    SvgElement("polyline", points=("series.points",), fill="none", stroke=("series.color",),
+                               stroke_width="1.5")
+                    SvgElement("circle", v_for="(dot, i) in series.dots", key="i", cx=("dot[0]",), cy=("dot[1]",),
+                               r="2.5", fill=("series.color",), classes="cx-point")
+                    SvgElement("title", "{{ series.name }}")
+            with html.Div(classes="cx-legend text-caption d-flex flex-wrap"):
+                with html.Span(v_for="series in chart.series", key="series.name", classes="mr-2"):
+                    html.Span(style=("`display: inline-block; width: 10px; height: 10px; margin-right: 3px; "
+                                     "background: ${series.color}`",))
+                    html.Span("{{ series.name }}")
 
 
 class SvgElement(HtmlElement):
@@ -108,3 +167,26 @@ class SvgElement(HtmlElement):
         super().__init__(tag, children, **kwargs)
         self._attr_names += ["x", "y", "x1", "y1", "x2", "y2", "cx", "cy", "r", "points", "fill", "stroke",
                              ("stroke_width", "stroke-width"), ("font_size", "font-size")]
+
+
+#: Where the patient's sides lie on the screen in Slicer's slice views (left, right, top, bottom): radiological
+#: convention, the patient's right on the screen's left; sagittal views face left.
+ORIENTATION_LABELS = {"Axial": ("R", "L", "A", "P"), "Coronal": ("R", "L", "S", "I"), "Sagittal": ("A", "P", "S", "I")}
+#: The axis a slice view's position is measured along, as Slicer names it in its views.
+SLICE_AXIS = {"Axial": "S", "Coronal": "A", "Sagittal": "R"}
+
+
+def slice_view_ui(server, view_id: str, view) -> None:
+    """trame-slicer's slider gutter, plus the orientation labels on each side and the slice position (mm)."""
+    create_vertical_slice_view_gutter_ui(server, view_id, view)
+    orientation = view.get_orientation()
+    if orientation not in ORIENTATION_LABELS:
+        return
+    left, right, top, bottom = ORIENTATION_LABELS[orientation]
+    label = "position: absolute; color: #ffd54f; font: 13px sans-serif; pointer-events: none; text-shadow: 0 0 2px #000;"
+    for text, where in ((left, "left: 6px; top: 50%"), (right, "right: 28px; top: 50%"),
+                        (top, "top: 4px; left: 50%"), (bottom, "bottom: 36px; left: 50%")):
+        html.Div(text, classes="cx-orientation", style=label + where)
+    position = get_view_slider_typed_state(server, view).name.value
+    html.Div(f"{SLICE_AXIS[orientation]} {{{{ Number({position}).toFixed(1) }}}} mm", classes="cx-slice-position",
+             style=label + "left: 6px; bottom: 30px")

@@ -44,6 +44,15 @@ class ModelChooser:
                 add(bundle, bundle)
         return choices
 
+    def default(self, choices: list[dict]) -> Optional[str]:
+        """The model a new session starts with: the first --model, else the first model of the data root.
+        The recent list (shared by every session) is offered, never chosen for the user."""
+        if self.fixed_models:
+            return self.value(Path(self.fixed_models[0]))
+        recent = {self.value(Path(path)) for path in self.recent.models()}
+        others = [choice["value"] for choice in choices if choice["value"] not in recent]
+        return (others or [choice["value"] for choice in choices] or [None])[0]
+
     def inside_root(self, path: Path) -> Optional[str]:
         try:
             return self.data_root.relative(path)
