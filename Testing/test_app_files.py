@@ -206,3 +206,16 @@ def test_a_new_session_starts_with_the_model_the_server_was_given_not_the_recent
     assert [c["value"] for c in choices] == ["runs/a", "models/b"] and chooser.default(choices) == "models/b"
     given = ModelChooser(data_root, [str(root / "models" / "b")], recent)
     assert given.default(given.choices()) == "models/b"
+
+
+def test_the_progress_bar_names_each_phase_of_a_segmentation():
+    """cotexnet_app.jobs.next_phase: the worker's events (cotexnet.worker) turn into the phase the page shows."""
+    from cotexnet_app.jobs import LOADING_MODEL, next_phase
+
+    phase = next_phase(LOADING_MODEL, "log", "Model tiny ready (1 load(s) ...)")
+    assert phase == "Model ready"
+    phase = next_phase(phase, "progress", (3, 19))
+    assert phase == "Slices 3 of 19"
+    assert next_phase(phase, "progress", (19, 19)) == "Post-processing"
+    assert next_phase("Post-processing", "log", "Describing the segmented classes") == "Describing the segmented classes"
+    assert next_phase("Slices 3 of 19", "log", "something else") == "Slices 3 of 19"

@@ -28,6 +28,9 @@ logic_path.add_slicer_logic_to_path()
 
 from CoTexNetSegmentLib import mrml  # noqa: E402
 
+#: What a training does with a segment that is not one of the model's classes: add it as a class (the
+#: default), leave it out, or count it as the named class ("map to white matter").
+ADD_CLASS, SKIP_CLASS, MAP_TO = "add as a new class", "skip (leave it out)", "map to "
 #: Suffix of the segment statistics written beside a saved segmentation.
 STATISTICS_SUFFIX = ".statistics.csv"
 #: Memory the undo steps of the case in the views may hold: each step keeps the segmentation before and
@@ -204,6 +207,36 @@ class OpenedCases:
             raise AccessError(self.data_root.shown(f"{path}: not loaded ({error}); Save will not replace it")) from None
         case.disk_stamp, case.saved = stamp, case.fingerprint()
         return path
+
+    def with_classes(self, case: OpenedCase, choices: dict) -> OpenedCase:
+        """The case as a training should see it: segments whose name ``choices`` maps to ``SKIP`` left out,
+        to ``MAP_TO + class`` renamed; the case itself when nothing changes, else a copy of its segmentation
+        (hidden, removed with :meth:`drop_copy`) so the user's segments stay as they are."""
+        names = case.segment_names
+        changes = {name: choices[name] for name in names if choices.get(name, ADD_CLASS) != ADD_CLASS}
+        if not changes:
+            return case
+        copy = self.slicer_app.scene.AddNewNodeByClass("vtkMRMLSegmentationNode",
+                                                      f"{case.segmentation.GetName()} for training")
+        segmentation = copy.GetSegmentation()
+        segmentation.DeepCopy(case.segmentation.GetSegmentation())
+        for name, choice in changes.items():
+            segment_id = segmentation.GetSegmentIdBySegmentName(name)
+            if choice == SKIP_CLASS:
+                segmentation.RemoveSegment(segment_id)
+                continue
+            target = choice[len(MAP_TO):]
+            if target in names:
+                self.slicer_app.scene.RemoveNode(copy)
+                raise AccessError(f"{case.relative}: '{name}' cannot be mapped to '{target}', which the case has "
+                                  "too: skip one of them, or merge them by painting")
+            segmentation.GetSegment(segment_id).SetName(target)
+        return OpenedCase(case.relative, case.path, case.volume, copy)
+
+    def drop_copy(self, case: OpenedCase) -> None:
+        """Removes a training copy made by :meth:`with_classes` (an opened case itself stays)."""
+        if self.by_path.get(case.relative) is not case:
+            self.slicer_app.scene.RemoveNode(case.segmentation)
 
     def changed_on_disk(self, case: OpenedCase, target: Optional[Path] = None) -> bool:
         """Whether the case's segmentation file differs from the one this session last read or wrote (another

@@ -107,7 +107,7 @@ class TrainingJobs:
         self.started_at = 0.0
         self.init_model: Optional[Path] = None
         self.run: Optional[Path] = None
-        self._cases: list[OpenedCase] = []
+        self.cases: list[OpenedCase] = []  # the run's cases (copies where segments were skipped or mapped)
 
     @property
     def running(self) -> bool:
@@ -123,7 +123,7 @@ class TrainingJobs:
                          initFrom=str(model), backbone=config.backbone, epochs=epochs, device=self.device)
         # The export names cases case_000, case_001, ... in this order: say which files they are.
         write_json_atomic(run / SOURCES_FILE, {export_name(i): case.relative for i, case in enumerate(cases)})
-        self.init_model, self.run, self._cases = model, run, list(cases)
+        self.init_model, self.run, self.cases = model, run, list(cases)
         classes = self.logic.classes
         model_colors = dict(zip(config.classes, config.colors))
         self.curves = TrainingCurves(classes, [hex_color(model_colors.get(c) or segment_colors.get(c) or (0.4, 0.4, 0.4))
@@ -151,7 +151,7 @@ class TrainingJobs:
         arguments = []
         classes = list(self.logic.classes)
         for case_id in held_out.case_ids:
-            case = self._cases[int(case_id.rpartition("_")[2])]
+            case = self.cases[int(case_id.rpartition("_")[2])]
             names = [name for name in case.segment_names if name in classes]
             labels = mrml.segmentationToLabelMap(case.segmentation, case.volume, names)
             truth = folder / f"{case_id}.seg.nrrd"

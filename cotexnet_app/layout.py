@@ -102,14 +102,18 @@ def _build_panel(page) -> None:
                 with html.Tr():
                     html.Th("{{ column.title }}", v_for="column in cx_concept_columns", key="column.key")
             with html.Tbody():
-                with html.Tr(v_for="(row, index) in cx_concepts", key="index", classes="cx-concept-row",
-                             style=("`cursor: pointer; ${index === cx_active_row ? 'background: #d6e8fa' : ''}`",),
-                             click=(page.show_concept_row, "[index]")):
-                    # One line per class, the prompt wrapped over several; a long cell is cut, whole on hover.
-                    html.Td("{{ row[column.key] }}", v_for="column in cx_concept_columns", key="column.key",
-                            title=("row[column.key]",),
-                            style=("column.key === 'prompt' ? 'white-space: normal; min-width: 200px' : "
-                                   "'white-space: nowrap; max-width: 140px; overflow: hidden; text-overflow: ellipsis'",))
+                # Per class: its attributes on one line, then its prompt over the whole width (no sideways
+                # scrolling); the chosen class is highlighted.
+                with HtmlElement("template", v_for="(row, index) in cx_concepts", key="index"):
+                    highlight = "index === cx_active_row ? 'background: rgba(33, 150, 243, 0.3)' : ''"
+                    with html.Tr(classes="cx-concept-row", style=(f"`cursor: pointer; ${{{highlight}}}`",),
+                                 click=(page.show_concept_row, "[index]")):
+                        html.Td("{{ row[column.key] }}", v_for="column in cx_concept_columns", key="column.key",
+                                style="white-space: nowrap; border-bottom: none")
+                    with html.Tr(classes="cx-concept-prompt", style=(f"`cursor: pointer; ${{{highlight}}}`",),
+                                 click=(page.show_concept_row, "[index]")):
+                        html.Td("{{ row.prompt }}", colspan=("cx_concept_columns.length",),
+                                classes="text-caption text-medium-emphasis", style="white-space: normal")
         with v3.VTable(id="cx-statistics", density="compact", v_show=("cx_statistics.length",), classes="mt-2"):
             with html.Thead():
                 with html.Tr():
@@ -133,6 +137,18 @@ def _build_training_panel(page) -> None:
                 disabled=("cx_training || cx_busy || !cx_opened",))
         v3.VBtn("Stop", id="cx-stop", click=page.stop_training, disabled=("!cx_training",), classes="ml-2")
     html.Div("{{ cx_train_message }}", id="cx-train-message", classes="text-caption mt-1")
+    with v3.VDialog(model_value=("cx_unknown.length > 0",), persistent=True, max_width=560):
+        with v3.VCard(id="cx-unknown"):
+            v3.VCardTitle("Segments that are not the model's classes")
+            v3.VCardText("Choose what the training does with each of them.", classes="pb-0")
+            with html.Div(v_for="row in cx_unknown", key="row.name", classes="d-flex align-center px-4 py-1"):
+                html.Span("{{ row.name }}", classes="cx-unknown-name", style="min-width: 150px")
+                v3.VSelect(items=("cx_unknown_choices",), v_model=("row.choice",), density="compact",
+                           hide_details=True, classes="cx-unknown-choice")
+            with v3.VCardActions():
+                v3.VSpacer()
+                v3.VBtn("Cancel", id="cx-unknown-cancel", click="cx_unknown = []")
+                v3.VBtn("Train", id="cx-unknown-train", color="primary", click=(page.train, "[cx_unknown]"))
     v3.VBtn("Use the new model anyway", id="cx-use-candidate", click=page.use_candidate, v_show=("cx_candidate",),
             density="compact", variant="tonal", classes="mt-1")
     with html.Div(id="cx-charts", classes="d-flex mt-1", v_if=("cx_charts.length",)):

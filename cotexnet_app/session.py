@@ -46,10 +46,11 @@ from CoTexNetSegmentLib import mrml  # noqa: E402
 from CoTexNetSegmentLib.logic import CONCEPT_COLUMNS  # noqa: E402
 from CoTexNetSegmentLib.worker import SegmentationWorker  # noqa: E402
 from CoTexNetTrainLib import TrainingInputError, TrainingRunError, TrainingState  # noqa: E402
+from cotexnet.bundle import read_bundle_config  # noqa: E402
 from cotexnet.data import read_image  # noqa: E402
 from cotexnet.errors import CoTexNetError  # noqa: E402
 
-from cotexnet_app.cases import OpenedCase, OpenedCases, statistics_path  # noqa: E402
+from cotexnet_app.cases import ADD_CLASS, MAP_TO, SKIP_CLASS, OpenedCase, OpenedCases, statistics_path  # noqa: E402
 from cotexnet_app.jobs import DEFAULT_TRAINING_EPOCHS, DRAWING, SegmentationJobs, TrainingJobs  # noqa: E402
 from cotexnet_app.layout import build_page, slice_view_ui  # noqa: E402
 from cotexnet_app.models import ModelChooser  # noqa: E402
@@ -120,6 +121,7 @@ class CoTexNetWebApp(TrameApp):
         s.cx_volume = s.cx_volumes[0] if s.cx_volumes else None
         s.cx_model = self.models.default(s.cx_models)
         s.cx_candidate = ""  # a trained model the page did not make current (worse on held-out cases)
+        s.cx_unknown, s.cx_unknown_choices = [], []  # segments that are not the model's classes, and what to do
         s.cx_opened = ""
         s.cx_cases = []
         s.cx_busy = False
@@ -133,7 +135,7 @@ class CoTexNetWebApp(TrameApp):
         s.cx_window_level = []
         # The page segments without a confidence volume, so the table's mean-confidence column would be empty.
         s.cx_concept_columns = [{"key": key, "title": title} for key, title in CONCEPT_COLUMNS
-                                if key not in ("sources", "mean_confidence")]
+                                if key not in ("sources", "mean_confidence", "prompt")]  # the prompt: a line of its own
         s.cx_active_row = -1
         s.cx_upload_limit = self.data_root.upload_limit_bytes
         s.cx_upload_chunk_bytes = UPLOAD_CHUNK_BYTES
@@ -232,9 +234,13 @@ class CoTexNetWebApp(TrameApp):
         editor = self.slicer_app.segmentation_editor
         # The editor carries one "show 3D" switch over to the segmentation it activates; each case keeps its own.
         show_3d = case.segmentation.GetSegmentation().ContainsRepresentation(CLOSED_SURFACE)
-        editor.deactivate_effect()
-        editor.set_active_segmentation(case.segmentation, case.volume)
-        editor.undo_stack.set_undo_limit(case.undo_steps())
+        active = editor.active_segmentation
+        if active is None or active.segmentation_node.GetID() != case.segmentation.GetID():
+            editor.deactivate_effect()
+            editor.set_active_segmentation(case.segmentation, case.volume)  # this clears the undo steps
+            editor.undo_stack.set_undo_limit(case.undo_steps())
+        else:
+            editor.trigger_all_signals()  # the same segmentation, new segments: the segment list follows
         editor.set_surface_representation_enabled(show_3d)
         self.case = case
         self.state.cx_opened = case.relative
@@ -373,7 +379,6 @@ class CoTexNetWebApp(TrameApp):
         editor = self.slicer_app.segmentation_editor
         if self.case is None:
             return
-        log.info(f"key {action} {value}")
         if action == "slice":
             view = next(v for v in self.slicer_app.view_manager.get_slice_views() if v.get_orientation() == "Axial")
             low, high = view.get_slice_range()
@@ -483,11 +488,13 @@ class CoTexNetWebApp(TrameApp):
             self.state.cx_message = f"{name} has no voxels in this case: nothing to show (paint it to add some)."
 
     # ------------------------------------------------------------------ training
-    def train(self) -> None:
+    def train(self, choices: Optional[list] = None) -> None:
         """Trains on every opened case that has segments, continuing from the chosen model, in a background
         process run by CoTexNetTrainLogic (the Slicer module's logic: checks, export, ``cotexnet train``,
-        progress file, stop file, run lock). The run folder goes to ``runs/`` in the data root."""
-        self.state.cx_error = ""
+        progress file, stop file, run lock). The run folder goes to ``runs/`` in the data root. Segments that
+        are not the model's classes are listed first, each to be added as a class, skipped or mapped to one
+        (``choices``: the page's rows, name and choice)."""
+        self.state.cx_error, self.state.cx_unknown = "", []
         try:
             epochs = float(self.state.cx_epochs)
             if epochs < 1 or epochs != int(epochs):
@@ -503,8 +510,25 @@ class CoTexNetWebApp(TrameApp):
         segment_colors = {p.name: p.color for p in self.slicer_app.segmentation_editor.get_all_segment_properties().values()}
         try:
             model = self.models.path(self.state.cx_model)
-            run = self.training.start(segmented, model, epochs, segment_colors)
+            classes = list(read_bundle_config(model).classes)
+        except (CoTexNetError, ValueError) as error:
+            return self._fail(f"Training could not start: {error}")
+        unknown = sorted({name for case in segmented for name in case.segment_names} - set(classes))
+        if unknown and choices is None:
+            self.state.cx_unknown_choices = [ADD_CLASS, SKIP_CLASS] + [f"{MAP_TO}{name}" for name in classes]
+            self.state.cx_unknown = [{"name": name, "choice": ADD_CLASS} for name in unknown]
+            return
+        try:
+            training_cases = [self.cases.with_classes(case, {row["name"]: row["choice"] for row in choices or []})
+                              for case in segmented]
+        except AccessError as error:
+            return self._fail(str(error))
+        try:
+            run = self.training.start([case for case in training_cases if case.segment_count], model, epochs,
+                                      segment_colors)
         except (CoTexNetError, TrainingInputError, TrainingRunError, ValueError, OSError) as error:
+            for case in training_cases:
+                self.cases.drop_copy(case)
             return self._fail(f"Training could not start: {error}")
         self.state.cx_training, self.state.cx_charts = True, self.training.curves.charts()
         self.state.cx_candidate = ""
@@ -528,7 +552,16 @@ class CoTexNetWebApp(TrameApp):
                     log.info("training start to first plot point: "
                              f"{time.perf_counter() - self.training.started_at:.2f} s")
 
+        try:
+            await self._watch_and_hand_over(show)
+        finally:
+            for case in self.training.cases:
+                self.cases.drop_copy(case)
+
+    async def _watch_and_hand_over(self, show) -> None:
+        training = self.training.logic
         await self.training.watch(show)
+        self.refresh_lists()  # the run is listed among the models, current or not
         with self.state:
             self.state.cx_training = False
             if training.state == TrainingState.FAILED:  # a segmentation may be running: cx_busy stays as it is
