@@ -114,7 +114,7 @@ def app(data_root, tmp_path_factory):
     config = tmp_path_factory.mktemp("config")
     process = subprocess.Popen(
         [sys.executable, "-m", "cotexnet.cli", "app", "--data-root", str(root), "--model", str(model), "--port",
-         str(port), "--token", TOKEN, "--device", "cpu", "--max-sessions", "8", "--upload-limit-mb",
+         str(port), "--token", TOKEN, "--device", "cpu", "--max-sessions", "8", "--idle-timeout", "15", "--upload-limit-mb",
          str(UPLOAD_LIMIT_MB)],
         cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
         env={**os.environ, "PYTHONPATH": str(REPO), "XDG_CONFIG_HOME": str(config)})
@@ -140,22 +140,42 @@ def app(data_root, tmp_path_factory):
     assert not alive, f"session processes left running after the app stopped: {alive}"
 
 
-@pytest.fixture(scope="module")
-def browsers():
-    """Opens headless Chromium windows, each with a new profile (so each is its own browser session)."""
+def open_chromium():
+    """A headless Chromium window with a new profile (so it is its own browser session)."""
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for argument in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                     "--disable-component-update", "--disable-sync", "--no-first-run", "--window-size=1600,1000",
+                     f"--user-data-dir={tempfile.mkdtemp(prefix='cotexnet-chromium-')}"):
+        options.add_argument(argument)
+    return webdriver.Chrome(service=webdriver.ChromeService(CHROMEDRIVER), options=options)
+
+
+def window_opener():
+    """(open a window, the windows opened so far)."""
     opened = []
 
     def open_browser():
-        options = webdriver.ChromeOptions()
-        options.binary_location = CHROMIUM
-        for argument in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                         "--disable-component-update", "--disable-sync", "--no-first-run", "--window-size=1600,1000",
-                         f"--user-data-dir={tempfile.mkdtemp(prefix='cotexnet-chromium-')}"):
-            options.add_argument(argument)
-        driver = webdriver.Chrome(service=webdriver.ChromeService(CHROMEDRIVER), options=options)
-        opened.append(driver)
-        return driver
+        opened.append(open_chromium())
+        return opened[-1]
 
+    return open_browser, opened
+
+
+@pytest.fixture
+def browsers():
+    """Opens browser windows for one test and closes them after it: the app ends a session whose page is
+    closed after --idle-timeout, so the tests never reach --max-sessions."""
+    open_browser, opened = window_opener()
+    yield open_browser
+    for driver in opened:
+        driver.quit()
+
+
+@pytest.fixture(scope="module")
+def module_browsers():
+    """Browser windows shared by the tests of one module (the segmented page)."""
+    open_browser, opened = window_opener()
     yield open_browser
     for driver in opened:
         driver.quit()
@@ -335,9 +355,9 @@ def state(driver, name):
 
 
 @pytest.fixture(scope="module")
-def segmented(app, browsers):
+def segmented(app, module_browsers):
     """A page with the demo case opened and segmented, shared by the tests of what follows a segmentation."""
-    driver = browsers()
+    driver = module_browsers()
     open_page(driver, app["url"])
     open_volume(driver, CASE)
     wait_for(lambda: "Opened" in text(driver, "cx-message"), 60, "the volume to open")

@@ -109,9 +109,12 @@ class CoTexNetWebApp(TrameApp):
         self.ctrl.on_server_exited.add(self._end)
 
     def _end(self, **_) -> None:
-        """The session ends: its worker, and a training it started (stopped at once; its best model stays)."""
+        """The session ends: its worker, a training it started (stopped at once; its best model stays), and an
+        unfinished upload."""
         self.logic.worker.stop()
         self.training.logic.terminate()
+        if self._upload is not None:  # a file the page was still sending: nothing of it stays
+            self._upload.abort()
 
     # ------------------------------------------------------------------ state
     def _set_defaults(self) -> None:
