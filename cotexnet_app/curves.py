@@ -11,8 +11,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-#: Size of one chart in pixels, and the margin left for the axis labels.
-CHART_WIDTH, CHART_HEIGHT, MARGIN = 250, 140, 28
+#: Size of one chart in pixels, the margin left for the axis labels (left and bottom), the band above the
+#: plot for the title (so a Dice of 1 does not run through it) and the room right of the last epoch (so its
+#: point is drawn whole).
+CHART_WIDTH, CHART_HEIGHT, MARGIN, TOP, RIGHT = 250, 150, 28, 16, 6
 LOSS_COLOR = "#e65933"
 
 
@@ -49,8 +51,8 @@ class TrainingCurves:
         dice = {"title": "validation Dice", "y_top": "1",
                 "series": [_series(name, color, self.epochs, self.dice.get(name, []), x_max, 1.0)
                            for name, color in zip(self.classes, self.colors)]}
-        return [{**chart, "x_max": str(x_max), "width": CHART_WIDTH, "height": CHART_HEIGHT, "margin": MARGIN}
-                for chart in (loss, dice)]
+        return [{**chart, "x_max": str(x_max), "width": CHART_WIDTH, "height": CHART_HEIGHT, "margin": MARGIN,
+                 "top": TOP, "right": CHART_WIDTH - RIGHT} for chart in (loss, dice)]
 
 
 def _number(value) -> float:
@@ -59,8 +61,8 @@ def _number(value) -> float:
 
 def _series(name: str, color: str, epochs: list[int], values: list[float], x_max: int, y_top: float) -> dict:
     """Pixel coordinates: epoch 0..x_max across the plot area, 0..y_top from its bottom to its top."""
-    width, height = CHART_WIDTH - MARGIN, CHART_HEIGHT - MARGIN
-    dots = [[round(MARGIN + width * epoch / x_max, 1), round(height * (1 - min(value, y_top) / y_top), 1)]
+    width, height = CHART_WIDTH - MARGIN - RIGHT, CHART_HEIGHT - MARGIN - TOP
+    dots = [[round(MARGIN + width * epoch / x_max, 1), round(TOP + height * (1 - min(value, y_top) / y_top), 1)]
             for epoch, value in zip(epochs, values) if math.isfinite(value)]
     return {"name": name, "color": color, "dots": dots, "points": " ".join(f"{x},{y}" for x, y in dots)}
 

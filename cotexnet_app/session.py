@@ -6,6 +6,9 @@ logic the Slicer module runs, with the engine in a persistent worker process (do
 the page stays responsive while a model runs. Every file path the page sends goes through
 :class:`cotexnet_app.files.DataRoot`. The gateway (:mod:`cotexnet_app.gateway`) starts one such process
 per browser session and is the only one that knows its secret.
+
+This module binds the page's state to the session's parts: the opened cases (:mod:`.cases`), the model
+choice (:mod:`.models`), the segmentation and training jobs (:mod:`.jobs`) and the widgets (:mod:`.layout`).
 """
 
 from __future__ import annotations
@@ -16,13 +19,11 @@ import logging
 import os
 import sys
 import time
-from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Optional
 
 from cotexnet_app import logic_path
-from cotexnet_app.curves import TrainingCurves, hex_color
-from cotexnet_app.files import RUNS_FOLDER, AccessError, DataRoot
+from cotexnet_app.files import AccessError, DataRoot, Upload
 from cotexnet_app.recent import RecentModels
 from cotexnet_app.gateway import SECRET_ENVIRONMENT, SECRET_HEADER
 
@@ -30,49 +31,46 @@ logic_path.add_slicer_logic_to_path()
 
 from aiohttp import web  # noqa: E402
 from trame.app import TrameApp  # noqa: E402
-from trame.widgets import html  # noqa: E402
-from trame_client.widgets.core import HtmlElement  # noqa: E402
-from trame.widgets import vuetify3 as v3  # noqa: E402
 from trame_slicer import module as trame_slicer_module  # noqa: E402
 from trame_slicer.app.logic import LayoutButtonLogic  # noqa: E402
 from trame_slicer.app.logic.segmentation import SegmentEditorLogic  # noqa: E402
-from trame_slicer.app.ui import SegmentEditorToolbarUI, SegmentEditorUI, SegmentEditorUndoRedoUI, ViewerLayout  # noqa: E402
 from trame_slicer.core import SlicerApp  # noqa: E402
 from trame_slicer.rca_view import register_rca_factories  # noqa: E402
+from trame_slicer.segmentation import (SegmentationEffectErase, SegmentationEffectNoTool,  # noqa: E402
+                                       SegmentationEffectPaint)
+from trame_slicer.segmentation.segmentation_state_stack import SegmentationStateStack  # noqa: E402
+from trame_slicer.segmentation.segmentation_undo_command import SegmentationLabelMapUndoCommand  # noqa: E402
 
 from CoTexNetSegmentLib import CoTexNetSegmentLogic  # noqa: E402
 from CoTexNetSegmentLib import mrml  # noqa: E402
 from CoTexNetSegmentLib.logic import CONCEPT_COLUMNS  # noqa: E402
 from CoTexNetSegmentLib.worker import SegmentationWorker  # noqa: E402
-from CoTexNetTrainLib import CoTexNetTrainLogic, TrainingInputError, TrainingRunError, TrainingState  # noqa: E402
+from CoTexNetTrainLib import TrainingInputError, TrainingRunError, TrainingState  # noqa: E402
 from cotexnet.bundle import read_bundle_config  # noqa: E402
-from cotexnet.data.image import SEGMENTATION_SUFFIX, strip_suffix  # noqa: E402
+from cotexnet.data import read_image  # noqa: E402
 from cotexnet.errors import CoTexNetError  # noqa: E402
 
+from cotexnet_app.cases import ADD_CLASS, MAP_TO, SKIP_CLASS, OpenedCase, OpenedCases, statistics_path  # noqa: E402
+from cotexnet_app.jobs import DEFAULT_TRAINING_EPOCHS, DRAWING, SegmentationJobs, TrainingJobs  # noqa: E402
+from cotexnet_app.layout import build_page, slice_view_ui  # noqa: E402
+from cotexnet_app.models import ModelChooser  # noqa: E402
+from cotexnet_app.promotion import mean_over, run_facts  # noqa: E402
+
 log = logging.getLogger("cotexnet_app.session")
-#: How often the page's job watcher polls the worker, in seconds.
-POLL_INTERVAL_S = 0.1
-#: How often the training watcher reads the training process's progress file, in seconds.
-TRAINING_POLL_INTERVAL_S = 0.5
+#: Window/level presets (window, level) in the volume's units; "MR auto" is Slicer's automatic window/level.
+WINDOW_LEVEL_PRESETS = {"CT soft tissue": (400.0, 40.0), "CT lung": (1500.0, -600.0), "CT bone": (2000.0, 300.0),
+                        "CT brain": (80.0, 40.0), "MR auto": None}
+#: The tools the B, E and Escape keys choose.
+TOOLS = {"paint": SegmentationEffectPaint, "erase": SegmentationEffectErase, "none": SegmentationEffectNoTool}
 #: The segmentation representation the 3D view draws.
 CLOSED_SURFACE = "Closed surface"
-#: Epochs of a training started from the page unless the page asks for another number.
-DEFAULT_TRAINING_EPOCHS = 20
-
-
-@dataclass
-class OpenedCase:
-    """A case opened in the page: its volume and the segmentation that Segment, the effects and Save work on.
-    Cases stay in the session's scene until closed, so a training can use every one of them."""
-
-    relative: str  # its path in the data root, as the page names it
-    path: Path
-    volume: object  # vtkMRMLScalarVolumeNode
-    segmentation: object  # vtkMRMLSegmentationNode
-
-    @property
-    def stem(self) -> str:
-        return self.path.name if self.path.is_dir() else strip_suffix(self.path)
+#: Seconds after the last edit before the segment statistics are counted again.
+STATISTICS_DELAY_S = 0.5
+#: Bytes of an uploaded file per websocket message: well under wslink's default message size (4 MiB) and
+#: trame's websocket limit (10,000,000 bytes), so no upload size reaches either.
+UPLOAD_CHUNK_BYTES = 2 << 20
+#: The page's own scripts (upload.js).
+WEB_FOLDER = Path(__file__).resolve().parent / "web"
 
 
 class CoTexNetWebApp(TrameApp):
@@ -81,230 +79,374 @@ class CoTexNetWebApp(TrameApp):
     def __init__(self, server, data_root: DataRoot, models: list[str], device: str = "auto", batch_size: int = 8,
                  recent: Optional[RecentModels] = None):
         super().__init__(server)
-        self.data_root, self.device, self.batch_size = data_root, device, batch_size
-        self.fixed_models = models  # --model folders (outside the data root is fine: the server owner chose them)
-        self.recent = recent or RecentModels()
+        self.data_root = data_root
+        self.models = ModelChooser(data_root, models, recent or RecentModels())
         self.server.enable_module(trame_slicer_module)
         self.slicer_app = SlicerApp()
         mrml.ensureSegmentationConverters()
-        register_rca_factories(self.slicer_app.view_manager, self.server)
+        register_rca_factories(self.slicer_app.view_manager, self.server, slice_view_ui_f=slice_view_ui)
         self.layout_logic = LayoutButtonLogic(self.server, self.slicer_app)
         self.layout_logic.layout_manager.set_layout("Quad View")
         self.editor_logic = SegmentEditorLogic(self.server, self.slicer_app)
         self.logic = CoTexNetSegmentLogic(self.slicer_app.scene, worker=SegmentationWorker())
-        self.training = CoTexNetTrainLogic(self.slicer_app.scene)
-        self.cases: dict[str, OpenedCase] = {}
+        self.cases = OpenedCases(self.slicer_app, data_root, self.logic.conceptTable)
         self.case: Optional[OpenedCase] = None  # the one in the views
-        self.job = None
-        self.curves: Optional[TrainingCurves] = None
-        self._segmenting_with: Optional[Path] = None
-        self._segment_clicked_at = self._training_started_at = 0.0
+        self.segmentation = SegmentationJobs(self.logic, device, batch_size)
+        self.training = TrainingJobs(self.slicer_app.scene, data_root, device)
+        self._upload: Optional[Upload] = None
+        self._pending = None  # what the open question's answer button does
+        self._segmentation_before = None  # the segments before the running segmentation, for its undo step
+        for name in ("upload_begin", "upload_chunk", "upload_end", "undo", "redo", "key"):  # called by web/*.js
+            self.server.trigger(f"cx_{name}")(getattr(self, name))
+        self.server.enable_module({"serve": {"cotexnet": str(WEB_FOLDER)},
+                                   "scripts": ["cotexnet/upload.js", "cotexnet/keys.js"]})
         self._set_defaults()
-        self._build_ui()
+        build_page(self)
         self.ctrl.on_server_bind.add(self._require_secret)
+        self.ctrl.on_client_connected.add(self.refresh_lists)
+        self._statistics_due = False
+        self.slicer_app.segmentation_editor.undo_stack.index_changed.connect(self._statistics_later)  # each edit
         self.ctrl.on_server_exited.add(self._end)
 
     def _end(self, **_) -> None:
-        """The session ends: its worker, and a training it started (stopped at once; its best model stays)."""
+        """The session ends: its worker, a training it started (stopped at once; its best model stays), and an
+        unfinished upload."""
         self.logic.worker.stop()
-        self.training.terminate()
+        self.training.logic.terminate()
+        if self._upload is not None:  # a file the page was still sending: nothing of it stays
+            self._upload.abort()
 
     # ------------------------------------------------------------------ state
     def _set_defaults(self) -> None:
         s = self.state
         s.trame__title = "CoTexNet"
-        s.cx_volumes = self.data_root.volumes()
+        self.refresh_lists()
         s.cx_volume = s.cx_volumes[0] if s.cx_volumes else None
-        s.cx_models = self._model_choices()
-        s.cx_model = s.cx_models[0]["value"] if s.cx_models else None
+        s.cx_model = self.models.default(s.cx_models)
+        s.cx_candidate = ""  # a trained model the page did not make current (worse on held-out cases)
+        s.cx_unknown, s.cx_unknown_choices = [], []  # segments that are not the model's classes, and what to do
         s.cx_opened = ""
         s.cx_cases = []
         s.cx_busy = False
         s.cx_progress = 0
+        s.cx_phase = ""
         s.cx_message = "Open a volume from the data root, choose a model, then Segment."
         s.cx_error = ""
         s.cx_concepts = []
-        s.cx_concept_columns = [{"key": key, "title": title} for key, title in CONCEPT_COLUMNS if key != "sources"]
+        s.cx_statistics = []
+        s.cx_presets = list(WINDOW_LEVEL_PRESETS)
+        s.cx_window_level = []
+        # The page segments without a confidence volume, so the table's mean-confidence column would be empty.
+        s.cx_concept_columns = [{"key": key, "title": title} for key, title in CONCEPT_COLUMNS
+                                if key not in ("sources", "mean_confidence", "prompt")]  # the prompt: a line of its own
+        s.cx_active_row = -1
         s.cx_upload_limit = self.data_root.upload_limit_bytes
+        s.cx_upload_chunk_bytes = UPLOAD_CHUNK_BYTES
+        s.cx_uploading = False
+        s.cx_upload_progress = 0
         s.cx_training = False
         s.cx_epochs = DEFAULT_TRAINING_EPOCHS
         s.cx_train_message = ""
         s.cx_charts = []
+        s.cx_question, s.cx_answer = "", ""
+        s.cx_conflict = False
         s.is_drawer_visible = True
 
+    def refresh_lists(self, **_) -> None:
+        """Lists the data root again: images, segmentations and models apart (on each page load, each open,
+        and on the page's Refresh)."""
+        with self.state:
+            self.state.cx_volumes = self.data_root.volumes()
+            self.state.cx_segmentations = self.data_root.segmentations()
+            self.state.cx_models = self.models.choices()
+
+    def _statistics_later(self, *_) -> None:
+        """Segment statistics follow the edits, once they pause (a stroke modifies the segmentation often)."""
+        if not self._statistics_due:
+            self._statistics_due = True
+            asyncio.ensure_future(self._update_statistics(STATISTICS_DELAY_S))
+
+    async def _update_statistics(self, delay: float = 0.0) -> None:
+        await asyncio.sleep(delay)
+        self._statistics_due = False
+        with self.state:
+            self.state.cx_statistics = self.case.statistics() if self.case is not None else []
+
     def _fail(self, message: str) -> None:
+        message = self.data_root.shown(message)  # paths relative to the data root, never the server's
         self.state.cx_error = message
         self.state.cx_busy = False
         log.warning(message)
 
-    # ------------------------------------------------------------------ volumes
+    # ------------------------------------------------------------------ cases
     def open_volume(self, relative: Optional[str] = None) -> None:
         """Opens a volume or DICOM folder of the data root as a new case (or shows it again if it is open)."""
         relative = relative or self.state.cx_volume
         self.state.cx_error = ""
         try:
-            path = self.data_root.resolve(relative or "")
+            self.data_root.resolve(relative or "")
         except AccessError as error:
             return self._fail(str(error))
-        if self.job is not None and not self.job.finished:
+        if self.segmentation.running:
             return self._fail("a segmentation is running: Cancel it before opening another volume")
-        relative = self.data_root.relative(path)
-        if relative not in self.cases:
-            files = sorted(str(p) for p in path.iterdir() if p.is_file()) if path.is_dir() else [str(path)]
-            volumes = self.slicer_app.io_manager.load_volumes(files)
-            if not volumes:
-                return self._fail(f"{relative}: no volume could be read from it")
-            for extra in volumes[1:]:  # a folder of several series: the first is the case
-                self.slicer_app.scene.RemoveNode(extra)
-            segmentation = self.slicer_app.segmentation_editor.create_empty_segmentation_node()
-            segmentation.SetName(f"{volumes[0].GetName()} segmentation")
-            self.cases[relative] = OpenedCase(relative, path, volumes[0], segmentation)
-        self._show_case(self.cases[relative])
-        self.state.cx_message = f"Opened {relative}."
+        self.refresh_lists()
+        opened = set(self.cases.by_path)
+        try:
+            case = self.cases.open(relative)
+        except AccessError as error:
+            return self._fail(str(error))
+        saved, problem = None, ""
+        if case.relative not in opened:
+            try:
+                saved = self.cases.load_saved(case)
+            except AccessError as error:
+                problem = str(error)
+        self._show_case(case)
+        self.state.cx_message = f"Opened {case.relative}" + (
+            f" with its saved segmentation {self.data_root.relative(saved)} ({case.segment_count} segments)."
+            if saved else ".")
+        self.state.cx_error = problem
 
-    def close_case(self) -> None:
-        """Removes the case in the views (volume, segmentation, its concept table) from the session's scene."""
+    def close_case(self, confirmed: bool = False) -> None:
+        """Removes the case in the views (volume, segmentation, its concept table) from the session's scene;
+        asks first when it has unsaved edits."""
         self.state.cx_error = ""
         if self.case is None:
             return
-        if self.job is not None and not self.job.finished:
+        if self.segmentation.running:
             return self._fail("a segmentation is running: Cancel it before closing the case")
-        case = self.cases.pop(self.case.relative)  # a running training has its own copy (exported at its start)
+        case = self.case
+        if not confirmed and case.has_unsaved_edits:
+            return self._ask(f"{case.relative} has unsaved edits. Close it and discard them?", "Discard and close",
+                             lambda: self.close_case(confirmed=True))
         self.slicer_app.segmentation_editor.deactivate_effect()
-        for node in (self.logic.conceptTable(case.segmentation), case.segmentation, case.volume):
-            if node is not None:
-                self.slicer_app.scene.RemoveNode(node)
+        following = self.cases.close(case)
         self.case = None
-        if self.cases:
-            self._show_case(next(reversed(self.cases.values())))
+        if following is not None:
+            self._show_case(following)
         else:
-            self.state.cx_opened, self.state.cx_concepts = "", []
-            self._list_cases()
+            self.state.cx_opened, self.state.cx_concepts, self.state.cx_statistics = "", [], []
+            self.state.cx_cases = self.cases.choices()
         self.state.cx_message = f"Closed {case.relative}."
 
     def _show_case(self, case: OpenedCase) -> None:
         """Puts a case in the views and in the segment editor; the other cases' volumes and segments are hidden."""
-        for other in self.cases.values():
-            if other is not case:
-                self.slicer_app.display_manager.hide_volume(other.volume)
-                other.segmentation.SetDisplayVisibility(False)
+        self.cases.hide_all_but(case)
         case.segmentation.SetDisplayVisibility(True)
         self.slicer_app.display_manager.show_volume(case.volume, do_reset_views=True)
         editor = self.slicer_app.segmentation_editor
         # The editor carries one "show 3D" switch over to the segmentation it activates; each case keeps its own.
         show_3d = case.segmentation.GetSegmentation().ContainsRepresentation(CLOSED_SURFACE)
-        editor.deactivate_effect()
-        editor.set_active_segmentation(case.segmentation, case.volume)
+        active = editor.active_segmentation
+        if active is None or active.segmentation_node.GetID() != case.segmentation.GetID():
+            editor.deactivate_effect()
+            editor.set_active_segmentation(case.segmentation, case.volume)  # this clears the undo steps
+            editor.undo_stack.set_undo_limit(case.undo_steps())
+        else:
+            editor.trigger_all_signals()  # the same segmentation, new segments: the segment list follows
         editor.set_surface_representation_enabled(show_3d)
         self.case = case
         self.state.cx_opened = case.relative
         self.state.cx_volume = case.relative
         self.state.cx_concepts = self._concept_rows(case.segmentation)
-        self._list_cases()
+        self.state.cx_active_row = -1
+        self.state.cx_cases = self.cases.choices()
+        self.state.cx_statistics = case.statistics()
 
-    def _list_cases(self) -> None:
-        """The opened cases for the page, each with how many segments it has (training uses those with some)."""
-        self.state.cx_cases = [
-            {"value": case.relative, "title": f"{case.relative} ({case.segmentation.GetSegmentation().GetNumberOfSegments()}"
-                                              " segments)"} for case in self.cases.values()]
-
-    def upload(self, files) -> None:
-        """Saves an uploaded volume into the data root's uploads/ folder and opens it."""
+    def upload_begin(self, name: str, size: int) -> bool:
+        """The page starts sending a file (cotexnet_app/web/upload.js): refused at once over the cap or if it
+        is not a volume file; any upload this page left unfinished is dropped."""
         self.state.cx_error = ""
-        if not files:
-            return
-        upload = files[0] if isinstance(files, list) else files
+        if self._upload is not None:
+            self._upload.abort()
         try:
-            content = upload.get("content") or b""
-            if isinstance(content, list):  # large files arrive in chunks
-                content = b"".join(content)
-            path = self.data_root.save_upload(upload.get("name", ""), content)
+            self._upload = self.data_root.begin_upload(str(name), int(size))
         except AccessError as error:
+            self._upload = None
+            self._fail(str(error))
+            return False
+        self.state.cx_uploading = True
+        self.state.cx_message = f"Uploading {name}..."
+        return True
+
+    def upload_chunk(self, offset: int, data: bytes) -> bool:
+        """One chunk of the file, written to disk at once (no process keeps the upload in memory)."""
+        try:
+            if self._upload is None:
+                raise AccessError("upload chunk without a started upload")
+            self._upload.write(int(offset), bytes(data))
+        except AccessError as error:
+            self._end_upload()
+            self._fail(str(error))
+            return False
+        return True
+
+    def upload_end(self) -> None:
+        """The whole file has arrived: it is read with the engine's checked reader, moved into uploads/ and
+        opened; a file the reader refuses leaves nothing behind."""
+        upload = self._end_upload()
+        if upload is None:
+            return
+        try:
+            path = upload.finish(read_image)  # the engine's checked reader, as on open
+        except AccessError as error:
+            self.state.cx_message = "The upload was refused."
             return self._fail(str(error))
         relative = self.data_root.relative(path)
-        self.state.cx_volumes = self.data_root.volumes()
         self.state.cx_volume = relative
         self.open_volume(relative)
 
-    # ------------------------------------------------------------------ models
-    def _model_choices(self) -> list[dict]:
-        """The model chooser's entries: recent models first, then --model folders, then the data root's run
-        folders and the bundles that are not a run's. Values inside the data root are relative to it."""
-        choices, seen = [], set()
+    def _end_upload(self):
+        upload, self._upload = self._upload, None
+        self.state.cx_uploading = False
+        return upload
 
-        def add(value: str, title: str) -> None:
-            if value not in seen:
-                seen.add(value)
-                choices.append({"title": title, "value": value})
+    def save(self) -> None:
+        """Writes the (corrected) segmentation as .seg.nrrd next to the opened volume; refuses when that file
+        changed on disk since this session read or wrote it (another session saved it, say)."""
+        self.state.cx_error, self.state.cx_conflict = "", False
+        case = self.case
+        if case is None or not case.segment_count:
+            return self._fail("nothing to save: segment a volume first")
+        target = self.cases.segmentation_path(case)
+        if self.cases.changed_on_disk(case):
+            self.state.cx_conflict = True
+            return self._fail(f"{self.data_root.relative(target)} changed on disk since this page opened it "
+                              "(another session saved it?): reload it or save as a copy")
+        self._write(case, target)
 
-        for path in self.recent.models():
-            value = self._inside_root(Path(path)) or path
-            add(value, f"{value} (recent)")
-        for path in self.fixed_models:
-            add(self._inside_root(Path(path)) or path, path)
-        runs = self.data_root.runs()
-        for run in runs:
-            add(run, f"{run} (run)")
-        for bundle in self.data_root.models():
-            if not any(bundle.startswith(run + "/") for run in runs):
-                add(bundle, bundle)
-        return choices
+    def save_copy(self) -> None:
+        """Writes the segmentation beside the usual file as ``<stem>-copy-N.seg.nrrd`` (a free name)."""
+        if self.case is not None:
+            self.state.cx_error, self.state.cx_conflict = "", False
+            self._write(self.case, self.cases.free_copy_path(self.case))
 
-    def _inside_root(self, path: Path) -> Optional[str]:
+    def reload(self, confirmed: bool = False) -> None:
+        """Replaces the case's segments with the file on disk; asks first when that discards unsaved edits."""
+        case = self.case
+        if case is None:
+            return
+        if not confirmed and case.has_unsaved_edits:
+            return self._ask("Reloading replaces your unsaved edits with the file on disk.", "Reload",
+                             lambda: self.reload(confirmed=True))
+        self.state.cx_error, self.state.cx_conflict = "", False
+        case.segmentation.GetSegmentation().RemoveAllSegments()
         try:
-            return self.data_root.relative(path)
-        except ValueError:
-            return None
+            saved = self.cases.load_saved(case)
+        except AccessError as error:
+            return self._fail(str(error))
+        self._show_case(case)
+        self.state.cx_message = (f"Reloaded {self.data_root.relative(saved)}." if saved
+                                 else "No saved segmentation on disk: the segments were cleared.")
 
-    def _model_path(self) -> Path:
-        """The chosen model's folder: an absolute path only if the app itself listed it (a --model or a recent
-        model), anything else is a path inside the data root."""
-        chosen = self.state.cx_model or ""
-        if chosen in self.fixed_models or chosen in self.recent.models():
-            return Path(chosen)
-        return self.data_root.resolve(chosen)
+    def _write(self, case: OpenedCase, target: Path) -> None:
+        try:
+            self.cases.save(case, target)
+        except CoTexNetError as error:
+            return self._fail(self.data_root.shown(str(error)))
+        self.state.cx_message = (f"Saved {self.data_root.relative(target)} and its segment statistics "
+                                 f"{self.data_root.relative(statistics_path(target))}.")
 
+    # ------------------------------------------------------------------ questions
+    def _ask(self, question: str, answer: str, action) -> None:
+        """Shows a question with a button that runs ``action``, and Cancel."""
+        self._pending = action
+        self.state.cx_question, self.state.cx_answer = question, answer
+
+    def answer(self, proceed: bool) -> None:
+        action, self._pending = self._pending, None
+        self.state.cx_question = ""
+        if proceed and action is not None:
+            action()
+
+    def add_segment_without_volume(self) -> None:
+        """trame-slicer's Add segment needs a segmentation: before a volume is open, say so."""
+        if self.case is None:
+            self._fail("open a volume first: segments belong to a volume")
+
+    # ------------------------------------------------------------------ viewer
+    def window_level(self, preset: str) -> None:
+        """Applies a window/level preset to the case in the views."""
+        if self.case is None or preset not in WINDOW_LEVEL_PRESETS:
+            return
+        display = self.case.volume.GetDisplayNode()
+        values = WINDOW_LEVEL_PRESETS[preset]
+        display.SetAutoWindowLevel(values is None)
+        if values is not None:
+            display.SetWindowLevel(*values)
+        self.state.cx_window_level = [round(display.GetWindow(), 1), round(display.GetLevel(), 1)]
+
+    # ------------------------------------------------------------------ keyboard
+    def key(self, action: str, value) -> None:
+        """A shortcut of web/keys.js: step the axial slice, choose the n-th segment, a tool, the brush size."""
+        editor = self.slicer_app.segmentation_editor
+        if self.case is None:
+            return
+        if action == "slice":
+            view = next(v for v in self.slicer_app.view_manager.get_slice_views() if v.get_orientation() == "Axial")
+            low, high = view.get_slice_range()
+            view.set_slice_value(min(max(view.get_slice_value() + int(value) * view.get_slice_step(), low), high))
+        elif action == "segment" and 1 <= int(value) <= self.case.segment_count:
+            editor.set_active_segment_id(editor.get_nth_segment_id(int(value) - 1))
+        elif action == "tool":
+            editor.set_active_effect_type(TOOLS[value])
+        elif action == "brush" and hasattr(editor.active_effect, "increase_brush_size"):
+            (editor.active_effect.increase_brush_size if int(value) > 0 else editor.active_effect.decrease_brush_size)()
+
+    # ------------------------------------------------------------------ undo
+    def undo(self) -> None:
+        self.slicer_app.segmentation_editor.undo_stack.undo()
+
+    def redo(self) -> None:
+        self.slicer_app.segmentation_editor.undo_stack.redo()
+
+    # ------------------------------------------------------------------ models
     def _use_model(self, folder: Path) -> None:
-        """Lists ``folder`` first among the recent models and makes it the chosen one."""
-        self.recent.add(folder)
-        self.state.cx_models = self._model_choices()
-        self.state.cx_model = self._inside_root(folder) or str(folder.resolve())
+        """Lists ``folder`` first among the recent models and makes it this session's chosen one."""
+        self.models.recent.add(folder)
+        self.state.cx_models = self.models.choices()
+        self.state.cx_model = self.models.value(folder)
+        self.state.cx_candidate = ""
 
     # ------------------------------------------------------------------ segmentation
-
-    def segment(self) -> None:
+    def segment(self, confirmed: bool = False) -> None:
+        """Segments the case in the views; its result replaces the segments named like the model's classes,
+        as one step that Undo takes back. Asks first when the case has unsaved edits."""
         self.state.cx_error = ""
         if self.case is None:
             return self._fail("open a volume first")
-        if self.job is not None and not self.job.finished:
+        if self.segmentation.running:
             return self._fail("a segmentation is already running")
+        if not confirmed and self.case.has_unsaved_edits:
+            return self._ask("Segmenting replaces the model's classes in your unsaved edits (Undo brings them "
+                             "back).", "Segment", lambda: self.segment(confirmed=True))
+        before = SegmentationStateStack(self.case.segmentation.GetSegmentation(), max_size=2)
         try:
-            model = self._model_path()
-            self.job = self.logic.startSegmentation(self.case.volume, model, self.device,
-                                                    segmentationNode=self.case.segmentation, batchSize=self.batch_size)
+            model = self.models.path(self.state.cx_model)
+            job = self.segmentation.start(self.case, model, beforeApply=before.save_state)
         except (CoTexNetError, ValueError, RuntimeError) as error:
             return self._fail(str(error))
-        self._segment_clicked_at = time.perf_counter()
+        self._segmentation_before = before
         self.state.cx_busy, self.state.cx_progress = True, 0
         self.state.cx_message = f"Segmenting with {model.name}..."
-        self._segmenting_with = model
-        asyncio.ensure_future(self._watch(self.job))
+        asyncio.ensure_future(self._watch(job))
 
     async def _watch(self, job) -> None:
-        """Polls the job on the server's event loop: MRML changes only happen here, on its thread."""
-        while True:
-            job.poll()
-            done, total = job.progress
+        """Shows the job's progress, then its result: MRML changes only happen here, on the server's thread."""
+        def progress(percent: int, phase: str) -> None:
             with self.state:
-                self.state.cx_progress = int(100 * done / total) if total else 0
-            if job.finished:
-                break
-            await asyncio.sleep(POLL_INTERVAL_S)
+                self.state.cx_progress, self.state.cx_phase = percent, phase
+
+        await self.segmentation.watch(job, progress)
+        if job.state == job.DONE:  # say so before the (possibly long) drawing
+            with self.state:
+                self.state.cx_phase = DRAWING
+            await asyncio.sleep(0.05)
         with self.state:
-            self.state.cx_busy = False
+            self.state.cx_busy, self.state.cx_phase = False, ""
             if job.state == job.DONE:
                 self._show_result(job.result)
-                self.recent.add(self._segmenting_with)
+                self.models.recent.add(self.segmentation.model)
             elif job.state == job.CANCELLED:
                 self.state.cx_message = "Cancelled; the segmentation was left as it was."
             else:
@@ -314,7 +456,11 @@ class CoTexNetWebApp(TrameApp):
         self.case.segmentation = segmentation  # the node the job filled (the case's own)
         segmentation.CreateClosedSurfaceRepresentation()  # surfaces in the 3D view, as Segment Editor's "Show 3D"
         self._show_case(self.case)
-        seconds = time.perf_counter() - self._segment_clicked_at
+        # One undo step from the segments before the run (saved just before it changed the scene) to its result.
+        editor = self.slicer_app.segmentation_editor
+        self._segmentation_before.save_state()
+        editor.undo_stack.push(SegmentationLabelMapUndoCommand(self._segmentation_before, editor.active_segmentation))
+        seconds = time.perf_counter() - self.segmentation.started_at
         count = segmentation.GetSegmentation().GetNumberOfSegments()
         self.state.cx_message = f"Segmented {count} segments in {seconds:.1f} s."
         log.info(f"segment click to segments shown: {seconds:.2f} s")
@@ -328,8 +474,7 @@ class CoTexNetWebApp(TrameApp):
                 for row in range(table.GetNumberOfRows())]
 
     def cancel(self) -> None:
-        if self.job is not None and not self.job.finished:
-            self.job.cancel()
+        self.segmentation.cancel()
 
     def show_concept_row(self, row: int) -> None:
         """Centres the views on the row's segment and makes it the one the effects edit."""
@@ -340,103 +485,130 @@ class CoTexNetWebApp(TrameApp):
         if not segment_id:
             return
         self.slicer_app.segmentation_editor.set_active_segment_id(segment_id)
+        self.state.cx_active_row = int(row)
         if segmentation.GetSegmentCenterRAS(segment_id) is None:
             name = segmentation.GetSegmentation().GetSegment(segment_id).GetName()
             self.state.cx_message = f"{name} has no voxels in this case: nothing to show (paint it to add some)."
 
-    def save(self) -> None:
-        """Writes the (corrected) segmentation as .seg.nrrd next to the opened volume."""
-        from cotexnet.data.labels import write_segmentation_nrrd
-
-        self.state.cx_error = ""
-        case = self.case
-        if case is None or not case.segmentation.GetSegmentation().GetNumberOfSegments():
-            return self._fail("nothing to save: segment a volume first")
-        editor = self.slicer_app.segmentation_editor
-        names = editor.get_segment_names()
-        labels = mrml.segmentationToLabelMap(case.segmentation, case.volume, names)
-        colors = [editor.get_segment_properties(i).color for i in editor.get_segment_ids()]
-        # Beside the volume file, or beside the DICOM folder (never inside a series).
-        target = self.data_root.resolve(str(PurePosixPath(case.relative).parent / f"{case.stem}{SEGMENTATION_SUFFIX}"),
-                                        must_exist=False)
-        try:
-            write_segmentation_nrrd(labels, mrml.geometryFromVolume(case.volume), target, names, colors)
-        except CoTexNetError as error:
-            return self._fail(str(error))
-        self.state.cx_message = f"Saved {self.data_root.relative(target)}."
-
     # ------------------------------------------------------------------ training
-    def train(self) -> None:
+    def train(self, choices: Optional[list] = None) -> None:
         """Trains on every opened case that has segments, continuing from the chosen model, in a background
         process run by CoTexNetTrainLogic (the Slicer module's logic: checks, export, ``cotexnet train``,
-        progress file, stop file, run lock). The run's classes are the model's, then segments it lacks; the
-        run folder goes to ``runs/`` in the data root."""
-        self.state.cx_error = ""
-        segmented = [case for case in self.cases.values() if case.segmentation.GetSegmentation().GetNumberOfSegments()]
-        pairs = [(case.volume, case.segmentation) for case in segmented]
-        if not pairs:
-            return self._fail("nothing to train on: open a case and segment (or paint) it first")
-        if self.training.isRunning:
-            return self._fail("a training is already running: Stop it first")
+        progress file, stop file, run lock). The run folder goes to ``runs/`` in the data root. Segments that
+        are not the model's classes are listed first, each to be added as a class, skipped or mapped to one
+        (``choices``: the page's rows, name and choice)."""
+        self.state.cx_error, self.state.cx_unknown = "", []
         try:
-            epochs = int(self.state.cx_epochs)
-            if epochs < 1:
+            epochs = float(self.state.cx_epochs)
+            if epochs < 1 or epochs != int(epochs):
                 raise ValueError
+            epochs = int(epochs)
         except (TypeError, ValueError):
             return self._fail(f"epochs: expected a whole number of at least 1, got {self.state.cx_epochs!r}")
-        try:
-            model = self._model_path()
-            config = read_bundle_config(model)
-            name = segmented[0].stem if len(segmented) == 1 else f"{len(segmented)}-cases"
-            run = self.data_root.resolve(f"{RUNS_FOLDER}/{name}-{time.strftime('%Y%m%d-%H%M%S')}", must_exist=False)
-            self.training.train(pairs, None, run, waitForCompletion=False, initFrom=str(model),
-                                backbone=config.backbone, epochs=epochs, device=self.device)
-        except (CoTexNetError, TrainingInputError, TrainingRunError, ValueError, OSError) as error:
-            return self._fail(f"Training could not start: {error}")
-        classes = self.training.classes
-        model_colors = dict(zip(config.classes, config.colors))
+        segmented = [case for case in self.cases if case.segment_count]
+        if not segmented:
+            return self._fail("nothing to train on: open a case and segment (or paint) it first")
+        if self.training.running:
+            return self._fail("a training is already running: Stop it first")
         segment_colors = {p.name: p.color for p in self.slicer_app.segmentation_editor.get_all_segment_properties().values()}
-        self.curves = TrainingCurves(classes, [hex_color(model_colors.get(c) or segment_colors.get(c) or (0.4, 0.4, 0.4))
-                                               for c in classes])
-        self._training_started_at = time.perf_counter()
-        self.state.cx_training, self.state.cx_charts = True, self.curves.charts()
-        cases = "this case" if len(pairs) == 1 else f"{len(pairs)} cases"
+        try:
+            model = self.models.path(self.state.cx_model)
+            classes = list(read_bundle_config(model).classes)
+        except (CoTexNetError, ValueError) as error:
+            return self._fail(f"Training could not start: {error}")
+        unknown = sorted({name for case in segmented for name in case.segment_names} - set(classes))
+        if unknown and choices is None:
+            self.state.cx_unknown_choices = [ADD_CLASS, SKIP_CLASS] + [f"{MAP_TO}{name}" for name in classes]
+            self.state.cx_unknown = [{"name": name, "choice": ADD_CLASS} for name in unknown]
+            return
+        try:
+            training_cases = [self.cases.with_classes(case, {row["name"]: row["choice"] for row in choices or []})
+                              for case in segmented]
+        except AccessError as error:
+            return self._fail(str(error))
+        try:
+            run = self.training.start([case for case in training_cases if case.segment_count], model, epochs,
+                                      segment_colors)
+        except (CoTexNetError, TrainingInputError, TrainingRunError, ValueError, OSError) as error:
+            for case in training_cases:
+                self.cases.drop_copy(case)
+            return self._fail(f"Training could not start: {error}")
+        self.state.cx_training, self.state.cx_charts = True, self.training.curves.charts()
+        self.state.cx_candidate = ""
+        cases = "this case" if len(segmented) == 1 else f"{len(segmented)} cases"
         self.state.cx_train_message = f"Training {self.data_root.relative(run)} on {cases} from {model.name}..."
         asyncio.ensure_future(self._watch_training())
 
     async def _watch_training(self) -> None:
-        """Reads the training process's progress events into the curves until it ends."""
-        training, first_point = self.training, True
-        while True:
-            events = training.poll()
+        """Draws the curves as the training process reports epochs; at its end its model becomes the chosen one."""
+        training = self.training.logic
+        first_point = True
+
+        def show(events: list) -> None:
+            nonlocal first_point
             with self.state:
-                for event in events:
-                    self.curves.add(event)
                 if events:
-                    self.state.cx_charts = self.curves.charts()
+                    self.state.cx_charts = self.training.curves.charts()
                     self.state.cx_train_message = training.progress.summary()
-                if first_point and self.curves.epochs:
+                if first_point and self.training.curves.epochs:
                     first_point = False
-                    log.info(f"training start to first plot point: {time.perf_counter() - self._training_started_at:.2f} s")
-            if not training.isRunning and training.state not in (TrainingState.RUNNING, TrainingState.STOPPING):
-                break
-            await asyncio.sleep(TRAINING_POLL_INTERVAL_S)
+                    log.info("training start to first plot point: "
+                             f"{time.perf_counter() - self.training.started_at:.2f} s")
+
+        try:
+            await self._watch_and_hand_over(show)
+        finally:
+            for case in self.training.cases:
+                self.cases.drop_copy(case)
+
+    async def _watch_and_hand_over(self, show) -> None:
+        training = self.training.logic
+        await self.training.watch(show)
+        self.refresh_lists()  # the run is listed among the models, current or not
         with self.state:
             self.state.cx_training = False
             if training.state == TrainingState.FAILED:  # a segmentation may be running: cx_busy stays as it is
                 self.state.cx_train_message, self.state.cx_error = "", f"Training failed: {training.errorMessage}"
                 log.warning(self.state.cx_error)
                 return
-            bundle = training.bundlePath
-            self.state.cx_train_message = training.progress.summary()
-            if bundle is not None:
+            summary = training.progress.summary()
+            current = self.state.cx_model
+            epochs, held_out = run_facts(training.outDir)
+            if training.bundlePath is None or epochs < 1 or held_out is None or not held_out.case_ids:
+                self.state.cx_train_message = (f"{summary}; it stopped before one full epoch, so the current model "
+                                               f"stays {current}.")
+                return
+            where = (f"{len(held_out.case_ids)} held-out case(s)" if not held_out.trained_on else
+                     "its training case(s): no case was held out, so this Dice is on training data")
+            self.state.cx_train_message = f"{summary}; comparing it with {current} on {where}..."
+        try:
+            old, new = await self.training.compare(held_out)
+        except (RuntimeError, ValueError, OSError, CoTexNetError) as error:
+            with self.state:
+                self.state.cx_candidate = self.models.value(training.outDir)
+                self.state.cx_train_message = (f"{summary}; it could not be compared with {current} ({error}), so "
+                                               "the current model stays.")
+            return
+        classes = list(old)  # the current model's classes: the new one's added classes have no rival
+        old_mean, new_mean = mean_over(old, classes), mean_over(new, classes)
+        with self.state:
+            verdict = f"{summary}. Mean Dice on {where}: new {new_mean:.3f}, current {old_mean:.3f}"
+            if new_mean >= old_mean:
                 self._use_model(training.outDir)  # the run folder: segmenting with it uses its best model
-                self.state.cx_train_message += f"; the current model is now {self.state.cx_model}."
+                self.state.cx_train_message = f"{verdict}; the current model is now {self.state.cx_model}."
+            else:
+                self.state.cx_candidate = self.models.value(training.outDir)
+                self.state.cx_train_message = f"{verdict}: it is worse, so the current model stays {current}."
+
+    def use_candidate(self) -> None:
+        """Makes the trained model that was not better the current one anyway (the user's choice)."""
+        if self.state.cx_candidate:
+            self._use_model(self.models.path(self.state.cx_candidate))
+            self.state.cx_train_message = f"The current model is now {self.state.cx_model}."
 
     def stop_training(self) -> None:
         """Asks the training process to stop after its current step; it saves its best model and exits."""
-        if self.training.isRunning:
-            self.training.requestStop()
+        if self.training.stop():
             self.state.cx_train_message = "Stopping after the current step..."
 
     # ------------------------------------------------------------------ security
@@ -451,102 +623,6 @@ class CoTexNetWebApp(TrameApp):
             return await handler(request)
 
         wslink_server.app.middlewares.append(check)
-
-    # ------------------------------------------------------------------ page
-    def _build_ui(self) -> None:
-        with ViewerLayout(self.server, title="CoTexNet", is_drawer_visible=True) as self.ui:
-            self.ui.drawer.width = 560  # room for the concept table
-            with self.ui.drawer:
-                self._build_panel()
-                self.editor_ui = SegmentEditorUI()
-            with self.ui.toolbar:
-                SegmentEditorToolbarUI(editor_ui=self.editor_ui)
-            with self.ui.undo_redo:
-                SegmentEditorUndoRedoUI(editor_ui=self.editor_ui)
-            with self.ui.content:
-                self.layout_logic.layout_manager.initialize_layout_grid(self.ui)
-        self.editor_logic.set_ui(self.editor_ui)
-
-    def _build_panel(self) -> None:
-        with v3.VCard(id="cotexnet-panel", flat=True, classes="pa-2"):
-            with html.Div(classes="d-flex align-center"):
-                v3.VSelect(id="cx-volume", label="Volume (data root)", items=("cx_volumes",), v_model=("cx_volume",),
-                           density="compact", hide_details=True)
-                v3.VBtn("Open", id="cx-open", click=self.open_volume, disabled=("cx_busy",), density="compact",
-                        classes="ml-1")
-            with html.Div(classes="d-flex align-center mt-2", v_show=("cx_cases.length",)):
-                v3.VSelect(id="cx-case", label="Opened cases (training uses those with segments)",
-                           items=("cx_cases",), model_value=("cx_opened",), update_modelValue=(self.open_volume, "[$event]"),
-                           disabled=("cx_busy",), density="compact", hide_details=True)
-                v3.VBtn("Close", id="cx-close", click=self.close_case, disabled=("cx_busy",),
-                        density="compact", classes="ml-1")
-            v3.VFileInput(
-                id="cx-upload", label="Upload a volume", density="compact", hide_details=True, classes="mt-2",
-                # The cap is checked here too, so an oversized file is never sent.
-                change=(f"$event.target.files[0] && $event.target.files[0].size > cx_upload_limit "
-                        f"? (cx_error = `${{$event.target.files[0].name}}: over the upload limit`) "
-                        f": trigger('{self.ctrl.trigger_name(self.upload)}', [$event.target.files])"),
-                disabled=("cx_busy",),
-            )
-            v3.VSelect(id="cx-model", label="Model (recent, --model, run folders and bundles in the data root)",
-                       items=("cx_models",), v_model=("cx_model",), density="compact", hide_details=True,
-                       classes="mt-2")
-            with html.Div(classes="d-flex align-center mt-2"):
-                v3.VBtn("Segment", id="cx-segment", color="primary", click=self.segment, disabled=("cx_busy || !cx_opened",))
-                v3.VBtn("Cancel", id="cx-cancel", click=self.cancel, disabled=("!cx_busy",), classes="ml-2")
-                v3.VBtn("Save .seg.nrrd", id="cx-save", click=self.save, disabled=("cx_busy || !cx_concepts.length",),
-                        classes="ml-2")
-            v3.VProgressLinear(id="cx-progress", model_value=("cx_progress",), v_show=("cx_busy",), classes="mt-2")
-            html.Div("{{ cx_message }}", id="cx-message", classes="text-caption mt-1")
-            html.Div("{{ cx_error }}", id="cx-error", v_show=("cx_error",), classes="text-caption text-error")
-            with v3.VTable(id="cx-concepts", density="compact", v_show=("cx_concepts.length",), classes="mt-2"):
-                with html.Thead():
-                    with html.Tr():
-                        html.Th("{{ column.title }}", v_for="column in cx_concept_columns", key="column.key")
-                with html.Tbody():
-                    with html.Tr(v_for="(row, index) in cx_concepts", key="index", classes="cx-concept-row",
-                                 style="cursor: pointer", click=(self.show_concept_row, "[index]")):
-                        # One line per class; a long prompt is cut, with the whole of it on hover.
-                        html.Td("{{ row[column.key] }}", v_for="column in cx_concept_columns", key="column.key",
-                                title=("row[column.key]",),
-                                style="white-space: nowrap; max-width: 160px; overflow: hidden; text-overflow: ellipsis")
-            self._build_training_panel()
-
-    def _build_training_panel(self) -> None:
-        """Train on the opened cases from the current model; loss and per-class Dice drawn as SVG per epoch."""
-        with html.Div(classes="d-flex align-center mt-3"):
-            v3.VTextField(id="cx-epochs", label="Epochs", v_model_number=("cx_epochs",), type="number", min=1,
-                          density="compact", hide_details=True, style="max-width: 90px", disabled=("cx_training",))
-            v3.VBtn("Train on the opened cases", id="cx-train", click=self.train, classes="ml-2",
-                    disabled=("cx_training || cx_busy || !cx_opened",))
-            v3.VBtn("Stop", id="cx-stop", click=self.stop_training, disabled=("!cx_training",), classes="ml-2")
-        html.Div("{{ cx_train_message }}", id="cx-train-message", classes="text-caption mt-1")
-        with html.Div(id="cx-charts", classes="d-flex mt-1", v_show=("cx_charts.length",)):
-            with html.Svg(v_for="chart in cx_charts", key="chart.title", width=("chart.width",),
-                          height=("chart.height",), classes="cx-chart mr-1", style="background: #fafafa"):
-                SvgElement("text", "{{ chart.title }}", x=("chart.margin",), y="12", font_size="11")
-                SvgElement("text", "{{ chart.y_top }}", x="1", y="10", font_size="9")
-                SvgElement("text", "epoch {{ chart.x_max }}", x=("chart.width - 50",), y=("chart.height - 4",),
-                           font_size="9")
-                SvgElement("line", x1=("chart.margin",), y1="0", x2=("chart.margin",),
-                           y2=("chart.height - chart.margin",), stroke="#999")
-                SvgElement("line", x1=("chart.margin",), y1=("chart.height - chart.margin",), x2=("chart.width",),
-                           y2=("chart.height - chart.margin",), stroke="#999")
-                with SvgElement("g", v_for="series in chart.series", key="series.name"):
-                    SvgElement("polyline", points=("series.points",), fill="none", stroke=("series.color",),
-                               stroke_width="1.5")
-                    SvgElement("circle", v_for="(dot, i) in series.dots", key="i", cx=("dot[0]",), cy=("dot[1]",),
-                               r="2.5", fill=("series.color",), classes="cx-point")
-                    SvgElement("title", "{{ series.name }}")
-
-
-class SvgElement(HtmlElement):
-    """An SVG element by tag name (trame's html module has <svg> but not the shapes inside it)."""
-
-    def __init__(self, tag: str, children=None, **kwargs):
-        super().__init__(tag, children, **kwargs)
-        self._attr_names += ["x", "y", "x1", "y1", "x2", "y2", "cx", "cy", "r", "points", "fill", "stroke",
-                             ("stroke_width", "stroke-width"), ("font_size", "font-size")]
 
 
 def main(argv: Optional[list[str]] = None) -> int:

@@ -84,6 +84,11 @@ def main() -> int:
         time.sleep(0.3)
         driver.find_element(By.ID, "cx-open").click()
         wait_for(lambda: "Opened" in driver.find_element(By.ID, "cx-message").text, 60, "the case to open")
+        # A window/level preset (its W/L shows beside the chooser); the views carry their orientation labels.
+        chooser = driver.find_element(By.ID, "cx-window-level").find_element(By.XPATH, "ancestor::div[contains(@class, 'v-select')][1]")
+        chooser.find_element(By.CSS_SELECTOR, ".v-field").click()
+        wait_for(lambda: [item for item in driver.find_elements(By.CSS_SELECTOR, ".v-overlay .v-list-item")
+                          if item.is_displayed() and item.text == "MR auto"], 10, "the presets")[0].click()
         driver.find_element(By.ID, "cx-segment").click()
         rows = wait_for(lambda: driver.find_elements(By.CSS_SELECTOR, ".cx-concept-row"), 600, "the segments")
         rows[0].find_element(By.TAG_NAME, "td").click()  # the class cell: the table keeps its left edge in view
