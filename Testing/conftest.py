@@ -1,6 +1,7 @@
 """Shared fixtures: tiny random-init models (fast on 2 CPU cores) and real anatomy from nilearn."""
 from __future__ import annotations
 
+import locale
 import sys
 from pathlib import Path
 
@@ -10,6 +11,19 @@ REPO = Path(__file__).resolve().parents[1]
 for module_dir in (REPO, REPO / "CoTexNetSegment", REPO / "CoTexNetTrain"):
     if str(module_dir) not in sys.path:
         sys.path.insert(0, str(module_dir))
+
+
+LOCALE = locale.setlocale(locale.LC_CTYPE)
+
+
+@pytest.fixture(autouse=True)
+def _restore_text_locale():
+    """SimpleITK's DICOM writer (GDCM), which tests use to write series, switches the C library's locale to "C"
+    and leaves it so; Python then decodes files and pipes as ASCII for the rest of the process (torch's inductor then fails to read its own sources):
+    each test starts with the locale the run started with, so no outcome depends on the order of the tests."""
+    yield
+    if locale.setlocale(locale.LC_CTYPE) != LOCALE:
+        locale.setlocale(locale.LC_CTYPE, LOCALE)
 
 
 @pytest.fixture
