@@ -979,8 +979,23 @@ def test_15_a_diverging_training_stops_with_a_message_and_keeps_the_last_good_ch
     CoTexNet.from_pretrained(tmp_path / "run2" / "last")  # finite weights: loading refuses NaN ones
 
 
+def test_20_a_stop_file_written_after_the_start_is_a_stop_request_not_a_leftover(tmp_path):
+    """The web app and CoTexNetTrain write the stop file when Stop is clicked, which may be while the training
+    process still imports torch: that is a request (the run stops at its first step), only a file older than
+    the process is refused."""
+    from cotexnet.train import StopRequest
+
+    request = StopRequest(str(tmp_path / "stop"))
+    (tmp_path / "stop").touch()
+    assert request and not request.left_from_before()
+    os.utime(tmp_path / "stop", (time.time() - 3600,) * 2)
+    assert request.left_from_before()
+
+
 def _stop_file(tmp: Path) -> str:
+    """A stop file an earlier run left an hour ago (one written after the process started is a stop request)."""
     (tmp / "stop").touch()
+    os.utime(tmp / "stop", (time.time() - 3600,) * 2)
     return str(tmp / "stop")
 
 

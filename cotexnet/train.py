@@ -111,6 +111,15 @@ class StopRequest:
     def __bool__(self) -> bool:
         return self.signalled or (self.stop_file is not None and self.stop_file.exists())
 
+    def left_from_before(self) -> bool:
+        """Whether the stop file was there before this process started: left by an earlier run, not a request.
+        One written after the start (Stop clicked while the process still imports torch) is a stop request.
+        The second of slack covers the precision of the process start time."""
+        import psutil
+
+        return (self.stop_file is not None and self.stop_file.exists()
+                and self.stop_file.stat().st_mtime < psutil.Process().create_time() - 1.0)
+
 
 def threading_main() -> bool:
     import threading
@@ -345,9 +354,9 @@ class Trainer:
         if self.out.resolve().is_relative_to(data):
             raise ConfigError(f"{self.out}: the output folder lies inside the dataset {data}; choose a folder outside "
                               f"it (the run's files would become part of the dataset)")
-        if self.stop.stop_file is not None and self.stop.stop_file.exists():
-            raise ConfigError(f"{self.stop.stop_file}: the stop file exists already, so the run would stop before "
-                              f"its first step; delete it first")
+        if self.stop.left_from_before():
+            raise ConfigError(f"{self.stop.stop_file}: the stop file exists already (from an earlier run?), so the "
+                              f"run would stop before its first step; delete it first")
 
     def check_model_options(self) -> None:
         """Options that only the built model can check: the size its patches tile, the encoder layers it has."""
