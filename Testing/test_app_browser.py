@@ -54,18 +54,22 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def write_dicom_series(image_path: Path, folder: Path) -> None:
+def write_dicom_series(image_path: Path, folder: Path, number: int = 2, description: str = "MNI152 T1 test series",
+                       shrink: int = 1) -> None:
     """Writes a volume as an MR DICOM series, one file per slice, with the geometry tags a reader sorts and
     places slices by (ImagePositionPatient, ImageOrientationPatient, PixelSpacing, SliceThickness). The
-    intensities (0..1 in the demo's template) are stored as integers times 1000."""
+    intensities (0..1 in the demo's template) are stored as integers times 1000. ``number`` ends the series
+    UID and starts the file names, so a folder can hold several series; ``shrink`` keeps every n-th voxel."""
     import SimpleITK as sitk
 
     image = sitk.ReadImage(str(image_path))
+    if shrink > 1:
+        image = sitk.Shrink(image, [shrink] * 3)
     stored = sitk.Cast(sitk.Round(image * 1000.0), sitk.sitkInt16)
     direction = np.reshape(image.GetDirection(), (3, 3))
     orientation = "\\".join(f"{v:.6f}" for v in (*direction[:, 0], *direction[:, 1]))
-    study, series = "1.2.826.0.1.3680043.2.1125.1.1", "1.2.826.0.1.3680043.2.1125.1.2"
-    folder.mkdir(parents=True)
+    study, series = "1.2.826.0.1.3680043.2.1125.1.1", f"1.2.826.0.1.3680043.2.1125.1.{number}"
+    folder.mkdir(parents=True, exist_ok=True)
     writer = sitk.ImageFileWriter()
     writer.KeepOriginalImageUIDOn()
     for k in range(stored.GetDepth()):
@@ -75,9 +79,9 @@ def write_dicom_series(image_path: Path, folder: Path) -> None:
                            ("0008|0018", f"{series}.{k + 1}"), ("0020|0013", str(k + 1)),
                            ("0020|0032", "\\".join(f"{v:.6f}" for v in position)), ("0020|0037", orientation),
                            ("0018|0050", f"{image.GetSpacing()[2]:.6f}"), ("0010|0010", "MNI152^Template"),
-                           ("0008|103e", "MNI152 T1 test series")):
+                           ("0008|103e", description)):
             slice_.SetMetaData(tag, value)
-        writer.SetFileName(str(folder / f"slice_{k:03d}.dcm"))
+        writer.SetFileName(str(folder / f"series{number}_slice_{k:03d}.dcm"))
         writer.Execute(slice_)
 
 
@@ -667,6 +671,72 @@ def test_a_dicom_folder_opens_segments_and_saves_beside_the_folder(app, browsers
         a, b = labels == index, expected == index
         dice = 2 * (a & b).sum() / (a.sum() + b.sum())
         assert dice > 0.99, f"{name}: Dice {dice:.3f} between the DICOM and NIfTI segmentations"
+
+
+def test_a_folder_of_two_dicom_series_lists_them_and_opens_the_chosen_one(app, browsers, tmp_path):
+    """A DICOM folder holding the test case twice, whole and shrunk by 2, opens neither silently: a dialog
+    lists both series with their sizes; choosing the smaller opens it (the saved segmentation has its grid),
+    and its segmentation is saved as ``<folder>-<series UID>.seg.nrrd``, apart from the other series'."""
+    from cotexnet.data import read_image
+    from cotexnet.data.image import read_segmentation_file
+
+    folder = "cases/two_series"
+    write_dicom_series(app["root"] / CASE, app["root"] / folder, number=2, description="Whole T1")
+    write_dicom_series(app["root"] / CASE, app["root"] / folder, number=3, description="Shrunk T1", shrink=2)
+    whole = read_image(app["root"] / CASE).shape  # (slices, rows, columns)
+    small = tuple(n // 2 for n in whole)  # SimpleITK.Shrink drops a last odd voxel
+    driver = browsers()
+    open_page(driver, app["url"])
+    series = "1.2.826.0.1.3680043.2.1125.1.{}"
+
+    def choose(row: int) -> Path:
+        """Opens the folder, chooses a series from the dialog, adds a segment and saves: the saved file."""
+        open_volume(driver, folder)
+        rows = wait_for(lambda: driver.find_elements(By.CSS_SELECTOR, ".cx-series-row"), 60, "the list of series")
+        assert state(driver, "cx_opened") in ("", f"{folder}#series={series.format(3)}")  # nothing new opened yet
+        rows[row].click()
+        wait_for(lambda: "Opened" in text(driver, "cx-message") or text(driver, "cx-error"), 60, "the chosen series")
+        assert text(driver, "cx-error") == ""
+        assert not driver.find_elements(By.CSS_SELECTOR, ".cx-series-row")
+        number = 2 + row
+        assert state(driver, "cx_opened") == f"{folder}#series={series.format(number)}"
+        add = [b for b in driver.find_elements(By.XPATH, "//button[.//i[contains(@class, 'mdi-plus')]]")
+               if b.is_displayed()]
+        add[0].click()  # trame-slicer's Add segment: Save needs a segment
+        time.sleep(1)
+        driver.find_element(By.ID, "cx-save").click()
+        saved = app["root"] / f"{folder}-{series.format(number)}.seg.nrrd"
+        wait_for(lambda: saved.exists() or text(driver, "cx-error"), 30, "the saved segmentation")
+        assert text(driver, "cx-error") == ""
+        return saved
+
+    open_volume(driver, folder)
+    rows = wait_for(lambda: driver.find_elements(By.CSS_SELECTOR, ".cx-series-row"), 60, "the list of series")
+    time.sleep(0.5)  # the dialog's transition
+    save_screenshot(driver, "app-dicom-series.png", tmp_path)
+    listed = [[cell.text for cell in row.find_elements(By.TAG_NAME, "td")] for row in rows]
+    print(f"series listed: {listed}")
+    size = "{1} x {2} x {0}"  # rows x columns x slices
+    assert listed == [["Whole T1", "MR", size.format(*whole), str(whole[0])],
+                      ["Shrunk T1", "MR", size.format(*small), str(small[0])]]
+    assert f"{folder} holds 2 DICOM series" in driver.find_element(By.ID, "cx-series").text
+    driver.find_element(By.ID, "cx-series-cancel").click()  # Cancel opens nothing
+    wait_for(lambda: not driver.find_elements(By.CSS_SELECTOR, ".cx-series-row"), 10, "the dialog to close")
+    assert state(driver, "cx_opened") == ""
+
+    saved_small = choose(1)
+    assert read_segmentation_file(saved_small)[1].shape == small, "the opened grid is not the chosen series'"
+    small_bytes = saved_small.read_bytes()
+    saved_whole = choose(0)  # the other series of the folder: a file of its own
+    assert read_segmentation_file(saved_whole)[1].shape == whole
+    assert saved_small.read_bytes() == small_bytes
+    assert not (app["root"] / f"{folder}.seg.nrrd").exists()
+    assert [case["value"] for case in state(driver, "cx_cases")] == [
+        f"{folder}#series={series.format(3)}", f"{folder}#series={series.format(2)}"]
+
+    open_volume(driver, DICOM_CASE)  # a folder of one series opens at once, as before
+    wait_for(lambda: f"Opened {DICOM_CASE}" in text(driver, "cx-message") or text(driver, "cx-error"), 60, "the series")
+    assert text(driver, "cx-error") == "" and not driver.find_elements(By.CSS_SELECTOR, ".cx-series-row")
 
 
 def upload_file(driver, path: Path) -> None:

@@ -92,6 +92,24 @@ def _build_panel(page) -> None:
                     v3.VSpacer()
                     v3.VBtn("Cancel", id="cx-question-cancel", click=(page.answer, "[false]"))
                     v3.VBtn("{{ cx_answer }}", id="cx-question-proceed", color="error", click=(page.answer, "[true]"))
+        with v3.VDialog(model_value=("cx_series.length > 0",), persistent=True, max_width=640):
+            with v3.VCard(id="cx-series"):
+                v3.VCardTitle("{{ cx_series_folder }} holds {{ cx_series.length }} DICOM series: click the one to open",
+                              classes="text-wrap text-body-1")
+                with v3.VTable(density="compact", hover=True):
+                    with html.Thead():
+                        with html.Tr():
+                            for title in ("Description", "Modality", "Size (rows x columns x slices)", "Files"):
+                                html.Th(title)
+                    with html.Tbody():
+                        with html.Tr(v_for="(one, index) in cx_series", key="one.uid", classes="cx-series-row",
+                                     id=("`cx-series-${index}`",), style="cursor: pointer", title=("one.uid",),
+                                     click=(page.open_series, "[one.uid]")):
+                            for field in ("description", "modality", "size", "files"):
+                                html.Td(f"{{{{ one.{field} }}}}")
+                with v3.VCardActions():
+                    v3.VSpacer()
+                    v3.VBtn("Cancel", id="cx-series-cancel", click=(page.open_series, "[null]"))
         with v3.VProgressLinear(id="cx-progress", model_value=("cx_progress",), v_show=("cx_busy",), height=18,
                                 classes="mt-2"):
             html.Span("{{ cx_phase }}", id="cx-phase", classes="text-caption")
