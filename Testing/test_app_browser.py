@@ -1057,6 +1057,61 @@ def test_the_keyboard_steps_slices_chooses_segments_and_tools(app, browsers):
                  f"key {key!r} to choose {effect}")
 
 
+def test_the_brush_size_beside_paint_and_erase_sets_the_diameter_the_effect_paints_with(app, browsers, tmp_path):
+    """Beside the paint and erase buttons, + and - change the active effect's brush diameter (by trame-slicer's
+    ratio 1.1 a step, as the keys do) and the effect panel's slider follows; a dot painted after eight + steps
+    covers more voxels than one painted before. The control shows only while paint or erase is active."""
+    from cotexnet.data.image import read_segmentation_file
+
+    relative = copy_case(app, "brush_case")
+    saved = app["root"] / relative.replace(".nii.gz", ".seg.nrrd")
+    driver = browsers()
+    open_page(driver, app["url"])
+    open_volume(driver, relative)
+    wait_for(lambda: f"Opened {relative}" in text(driver, "cx-message"), 60, "the case")
+    assert not driver.find_elements(By.ID, "cx-brush")
+    [b for b in driver.find_elements(By.XPATH, "//button[.//i[contains(@class, 'mdi-plus')]]") if b.is_displayed()][0].click()
+    wait_for(lambda: state(driver, "SegmentEditorState__segment_list__SegmentListState__active_segment_id"), 30,
+             "the new segment")
+    choose_effect(driver, "mdi-brush", "Paint")
+    slider = "PaintEffectState__brush_diameter_slider__SliderState__value"
+    shown = lambda: float(driver.find_element(By.ID, "cx-brush-size").text)  # noqa: E731
+    start = wait_for(lambda: state(driver, slider), 30, "the brush diameter")
+    assert shown() == pytest.approx(start, abs=0.05)
+
+    def painted_voxels() -> int:
+        """Paints a dot in the axial view, saves, and counts the segment's voxels in the written file."""
+        before = saved.stat().st_mtime_ns if saved.exists() else None
+        counted = sum(row["voxels"] for row in state(driver, "cx_statistics"))
+        ActionChains(driver).move_to_element_with_offset(main_view(driver), *offset).click_and_hold().move_by_offset(
+            1, 0).release().perform()
+        wait_for(lambda: sum(row["voxels"] for row in state(driver, "cx_statistics")) > counted, 30, "the dot")
+        driver.find_element(By.ID, "cx-save").click()
+        wait_for(lambda: saved.exists() and saved.stat().st_mtime_ns != before, 30, "the saved segmentation")
+        return int(np.count_nonzero(read_segmentation_file(saved)[0]["voxels"]))
+
+    offset = (-80, 0)
+    small = painted_voxels()
+    for _ in range(8):
+        driver.find_element(By.ID, "cx-brush-larger").click()
+        time.sleep(0.3)
+    larger = start * 1.1 ** 8
+    wait_for(lambda: abs(state(driver, slider) - larger) < 1e-3 * larger, 30, f"the diameter {larger:.2f}")
+    wait_for(lambda: abs(shown() - larger) <= 0.05, 10, "the shown diameter")
+    save_screenshot(driver, "app-brush-size.png", tmp_path)
+    offset = (80, 0)  # apart from the first dot
+    large = painted_voxels() - small
+    print(f"brush diameter {start:.2f} -> {larger:.2f}: a dot painted {small} -> {large} voxels")
+    assert small > 0 and large > 4 * small, (small, large)  # a sphere brush: about (1.1 ** 8) ** 3 = 9.8 times
+
+    driver.find_element(By.ID, "cx-brush-smaller").click()
+    wait_for(lambda: abs(state(driver, slider) - larger / 1.1) < 1e-3 * larger, 30, "one step smaller")
+    choose_effect(driver, "mdi-eraser", "Erase")  # erase shares the brush, and the control stays
+    assert abs(shown() - larger / 1.1) <= 0.05
+    choose_effect(driver, "mdi-cursor-default", "NoTool")
+    wait_for(lambda: not driver.find_elements(By.ID, "cx-brush"), 10, "the control to hide with no brush tool")
+
+
 def test_window_level_presets_orientation_labels_and_slice_positions(app, browsers):
     """Each slice view names the patient's sides (radiological convention) and its slice position; a
     window/level preset sets the volume's window and level."""
