@@ -418,6 +418,14 @@ def saved_counts(app, driver, num_classes, case=CASE) -> list[int]:
     return [int((labels == index).sum()) for index in range(1, num_classes + 1)]
 
 
+def add_segment_button(driver):
+    """trame-slicer's Add segment button (an mdi-plus icon in the panel)."""
+    buttons = driver.find_elements(By.XPATH, "//button[.//i[contains(@class, 'mdi-plus')]]")
+    add = [button for button in buttons if button.is_displayed()]
+    assert add, "trame-slicer's Add segment button"
+    return add[0]
+
+
 def editor_button(driver, icon):
     """trame-slicer's effect and undo buttons are icons (mdi-brush, mdi-eraser, mdi-undo); the toolbar beside
     the views holds the last of each."""
@@ -700,9 +708,7 @@ def test_a_folder_of_two_dicom_series_lists_them_and_opens_the_chosen_one(app, b
         assert not driver.find_elements(By.CSS_SELECTOR, ".cx-series-row")
         number = 2 + row
         assert state(driver, "cx_opened") == f"{folder}#series={series.format(number)}"
-        add = [b for b in driver.find_elements(By.XPATH, "//button[.//i[contains(@class, 'mdi-plus')]]")
-               if b.is_displayed()]
-        add[0].click()  # trame-slicer's Add segment: Save needs a segment
+        add_segment_button(driver).click()  # Save needs a segment
         time.sleep(1)
         driver.find_element(By.ID, "cx-save").click()
         saved = app["root"] / f"{folder}-{series.format(number)}.seg.nrrd"
@@ -993,9 +999,7 @@ def test_the_page_says_what_it_cannot_do_yet_and_refuses_fractional_epochs(app, 
     assert not segment.is_enabled() and "grey" in segment.get_attribute("class")
     footer = driver.find_element(By.CSS_SELECTOR, "footer").text
     assert "Kitware Inc." not in footer and "CoTexNet" in footer
-    add = [b for b in driver.find_elements(By.XPATH, "//button[.//i[contains(@class, 'mdi-plus')]]") if b.is_displayed()]
-    assert add, "trame-slicer's Add segment button"
-    add[0].click()
+    add_segment_button(driver).click()
     wait_for(lambda: "open a volume first" in text(driver, "cx-error"), 30, "the Add segment message")
 
     open_volume(driver, CASE)
@@ -1070,7 +1074,7 @@ def test_the_brush_size_beside_paint_and_erase_sets_the_diameter_the_effect_pain
     open_volume(driver, relative)
     wait_for(lambda: f"Opened {relative}" in text(driver, "cx-message"), 60, "the case")
     assert not driver.find_elements(By.ID, "cx-brush")
-    [b for b in driver.find_elements(By.XPATH, "//button[.//i[contains(@class, 'mdi-plus')]]") if b.is_displayed()][0].click()
+    add_segment_button(driver).click()
     wait_for(lambda: state(driver, "SegmentEditorState__segment_list__SegmentListState__active_segment_id"), 30,
              "the new segment")
     choose_effect(driver, "mdi-brush", "Paint")

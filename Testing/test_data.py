@@ -101,7 +101,8 @@ def _folder2d(root, names=("a", "b"), size=(8, 10)):
 def _dicom_series(folder, array, spacing=(0.8, 0.6, 2.0), origin=(10.0, 20.0, 30.0), z_positions=None, uid_end="7",
                   description=None, prefix="slice"):
     """Write ``array`` (z, y, x) as a CT DICOM series, one file per slice; ``z_positions`` (mm) replaces the
-    slices' evenly spaced positions. A folder may hold several series (each with its own ``uid_end`` and file ``prefix``)."""
+    slices' evenly spaced positions. A folder may hold several series (each with its own ``uid_end`` and file
+    ``prefix``)."""
     folder.mkdir(parents=True, exist_ok=True)
     volume = _volume(array, spacing, origin)
     writer = sitk.ImageFileWriter()
