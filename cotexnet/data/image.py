@@ -251,8 +251,9 @@ def _dicom_series_files(folder: Path, series_uid: str | None = None) -> list[str
         chosen = series[0]
         if len(series) > 1:
             others = "; ".join(map(str, series[1:]))
-            logger.warning("%s: holds %d DICOM series; reading %s. Not read: %s. Choose one with read_image(folder, "
-                           "series_uid=...) (list_dicom_series lists them)", folder, len(series), chosen, others)
+            logger.warning("%s: holds %d DICOM series; reading %s. Not read: %s. Choose one in the web app's dialog, "
+                           "with read_image(folder, series_uid=...) (list_dicom_series lists them), or by giving a "
+                           "folder of that series alone", folder, len(series), chosen, others)
     return list(chosen.files)
 
 
