@@ -54,18 +54,22 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def write_dicom_series(image_path: Path, folder: Path) -> None:
+def write_dicom_series(image_path: Path, folder: Path, number: int = 2, description: str = "MNI152 T1 test series",
+                       shrink: int = 1) -> None:
     """Writes a volume as an MR DICOM series, one file per slice, with the geometry tags a reader sorts and
     places slices by (ImagePositionPatient, ImageOrientationPatient, PixelSpacing, SliceThickness). The
-    intensities (0..1 in the demo's template) are stored as integers times 1000."""
+    intensities (0..1 in the demo's template) are stored as integers times 1000. ``number`` ends the series
+    UID and starts the file names, so a folder can hold several series; ``shrink`` keeps every n-th voxel."""
     import SimpleITK as sitk
 
     image = sitk.ReadImage(str(image_path))
+    if shrink > 1:
+        image = sitk.Shrink(image, [shrink] * 3)
     stored = sitk.Cast(sitk.Round(image * 1000.0), sitk.sitkInt16)
     direction = np.reshape(image.GetDirection(), (3, 3))
     orientation = "\\".join(f"{v:.6f}" for v in (*direction[:, 0], *direction[:, 1]))
-    study, series = "1.2.826.0.1.3680043.2.1125.1.1", "1.2.826.0.1.3680043.2.1125.1.2"
-    folder.mkdir(parents=True)
+    study, series = "1.2.826.0.1.3680043.2.1125.1.1", f"1.2.826.0.1.3680043.2.1125.1.{number}"
+    folder.mkdir(parents=True, exist_ok=True)
     writer = sitk.ImageFileWriter()
     writer.KeepOriginalImageUIDOn()
     for k in range(stored.GetDepth()):
@@ -75,9 +79,9 @@ def write_dicom_series(image_path: Path, folder: Path) -> None:
                            ("0008|0018", f"{series}.{k + 1}"), ("0020|0013", str(k + 1)),
                            ("0020|0032", "\\".join(f"{v:.6f}" for v in position)), ("0020|0037", orientation),
                            ("0018|0050", f"{image.GetSpacing()[2]:.6f}"), ("0010|0010", "MNI152^Template"),
-                           ("0008|103e", "MNI152 T1 test series")):
+                           ("0008|103e", description)):
             slice_.SetMetaData(tag, value)
-        writer.SetFileName(str(folder / f"slice_{k:03d}.dcm"))
+        writer.SetFileName(str(folder / f"series{number}_slice_{k:03d}.dcm"))
         writer.Execute(slice_)
 
 
@@ -414,6 +418,14 @@ def saved_counts(app, driver, num_classes, case=CASE) -> list[int]:
     return [int((labels == index).sum()) for index in range(1, num_classes + 1)]
 
 
+def add_segment_button(driver):
+    """trame-slicer's Add segment button (an mdi-plus icon in the panel)."""
+    buttons = driver.find_elements(By.XPATH, "//button[.//i[contains(@class, 'mdi-plus')]]")
+    add = [button for button in buttons if button.is_displayed()]
+    assert add, "trame-slicer's Add segment button"
+    return add[0]
+
+
 def editor_button(driver, icon):
     """trame-slicer's effect and undo buttons are icons (mdi-brush, mdi-eraser, mdi-undo); the toolbar beside
     the views holds the last of each."""
@@ -667,6 +679,70 @@ def test_a_dicom_folder_opens_segments_and_saves_beside_the_folder(app, browsers
         a, b = labels == index, expected == index
         dice = 2 * (a & b).sum() / (a.sum() + b.sum())
         assert dice > 0.99, f"{name}: Dice {dice:.3f} between the DICOM and NIfTI segmentations"
+
+
+def test_a_folder_of_two_dicom_series_lists_them_and_opens_the_chosen_one(app, browsers, tmp_path):
+    """A DICOM folder holding the test case twice, whole and shrunk by 2, opens neither silently: a dialog
+    lists both series with their sizes; choosing the smaller opens it (the saved segmentation has its grid),
+    and its segmentation is saved as ``<folder>-<series UID>.seg.nrrd``, apart from the other series'."""
+    from cotexnet.data import read_image
+    from cotexnet.data.image import read_segmentation_file
+
+    folder = "cases/two_series"
+    write_dicom_series(app["root"] / CASE, app["root"] / folder, number=2, description="Whole T1")
+    write_dicom_series(app["root"] / CASE, app["root"] / folder, number=3, description="Shrunk T1", shrink=2)
+    whole = read_image(app["root"] / CASE).shape  # (slices, rows, columns)
+    small = tuple(n // 2 for n in whole)  # SimpleITK.Shrink drops a last odd voxel
+    driver = browsers()
+    open_page(driver, app["url"])
+    series = "1.2.826.0.1.3680043.2.1125.1.{}"
+
+    def choose(row: int) -> Path:
+        """Opens the folder, chooses a series from the dialog, adds a segment and saves: the saved file."""
+        open_volume(driver, folder)
+        rows = wait_for(lambda: driver.find_elements(By.CSS_SELECTOR, ".cx-series-row"), 60, "the list of series")
+        assert state(driver, "cx_opened") in ("", f"{folder}#series={series.format(3)}")  # nothing new opened yet
+        rows[row].click()
+        wait_for(lambda: "Opened" in text(driver, "cx-message") or text(driver, "cx-error"), 60, "the chosen series")
+        assert text(driver, "cx-error") == ""
+        assert not driver.find_elements(By.CSS_SELECTOR, ".cx-series-row")
+        number = 2 + row
+        assert state(driver, "cx_opened") == f"{folder}#series={series.format(number)}"
+        add_segment_button(driver).click()  # Save needs a segment
+        time.sleep(1)
+        driver.find_element(By.ID, "cx-save").click()
+        saved = app["root"] / f"{folder}-{series.format(number)}.seg.nrrd"
+        wait_for(lambda: saved.exists() or text(driver, "cx-error"), 30, "the saved segmentation")
+        assert text(driver, "cx-error") == ""
+        return saved
+
+    open_volume(driver, folder)
+    rows = wait_for(lambda: driver.find_elements(By.CSS_SELECTOR, ".cx-series-row"), 60, "the list of series")
+    time.sleep(0.5)  # the dialog's transition
+    save_screenshot(driver, "app-dicom-series.png", tmp_path)
+    listed = [[cell.text for cell in row.find_elements(By.TAG_NAME, "td")] for row in rows]
+    print(f"series listed: {listed}")
+    size = "{1} x {2} x {0}"  # rows x columns x slices
+    assert listed == [["Whole T1", "MR", size.format(*whole), str(whole[0])],
+                      ["Shrunk T1", "MR", size.format(*small), str(small[0])]]
+    assert f"{folder} holds 2 DICOM series" in driver.find_element(By.ID, "cx-series").text
+    driver.find_element(By.ID, "cx-series-cancel").click()  # Cancel opens nothing
+    wait_for(lambda: not driver.find_elements(By.CSS_SELECTOR, ".cx-series-row"), 10, "the dialog to close")
+    assert state(driver, "cx_opened") == ""
+
+    saved_small = choose(1)
+    assert read_segmentation_file(saved_small)[1].shape == small, "the opened grid is not the chosen series'"
+    small_bytes = saved_small.read_bytes()
+    saved_whole = choose(0)  # the other series of the folder: a file of its own
+    assert read_segmentation_file(saved_whole)[1].shape == whole
+    assert saved_small.read_bytes() == small_bytes
+    assert not (app["root"] / f"{folder}.seg.nrrd").exists()
+    assert [case["value"] for case in state(driver, "cx_cases")] == [
+        f"{folder}#series={series.format(3)}", f"{folder}#series={series.format(2)}"]
+
+    open_volume(driver, DICOM_CASE)  # a folder of one series opens at once, as before
+    wait_for(lambda: f"Opened {DICOM_CASE}" in text(driver, "cx-message") or text(driver, "cx-error"), 60, "the series")
+    assert text(driver, "cx-error") == "" and not driver.find_elements(By.CSS_SELECTOR, ".cx-series-row")
 
 
 def upload_file(driver, path: Path) -> None:
@@ -923,9 +999,7 @@ def test_the_page_says_what_it_cannot_do_yet_and_refuses_fractional_epochs(app, 
     assert not segment.is_enabled() and "grey" in segment.get_attribute("class")
     footer = driver.find_element(By.CSS_SELECTOR, "footer").text
     assert "Kitware Inc." not in footer and "CoTexNet" in footer
-    add = [b for b in driver.find_elements(By.XPATH, "//button[.//i[contains(@class, 'mdi-plus')]]") if b.is_displayed()]
-    assert add, "trame-slicer's Add segment button"
-    add[0].click()
+    add_segment_button(driver).click()
     wait_for(lambda: "open a volume first" in text(driver, "cx-error"), 30, "the Add segment message")
 
     open_volume(driver, CASE)
@@ -985,6 +1059,61 @@ def test_the_keyboard_steps_slices_chooses_segments_and_tools(app, browsers):
         press(driver, key)
         wait_for(lambda: (state(driver, "SegmentEditorState__active_effect_name") or "").endswith(effect), 30,
                  f"key {key!r} to choose {effect}")
+
+
+def test_the_brush_size_beside_paint_and_erase_sets_the_diameter_the_effect_paints_with(app, browsers, tmp_path):
+    """Beside the paint and erase buttons, + and - change the active effect's brush diameter (by trame-slicer's
+    ratio 1.1 a step, as the keys do) and the effect panel's slider follows; a dot painted after eight + steps
+    covers more voxels than one painted before. The control shows only while paint or erase is active."""
+    from cotexnet.data.image import read_segmentation_file
+
+    relative = copy_case(app, "brush_case")
+    saved = app["root"] / relative.replace(".nii.gz", ".seg.nrrd")
+    driver = browsers()
+    open_page(driver, app["url"])
+    open_volume(driver, relative)
+    wait_for(lambda: f"Opened {relative}" in text(driver, "cx-message"), 60, "the case")
+    assert not driver.find_elements(By.ID, "cx-brush")
+    add_segment_button(driver).click()
+    wait_for(lambda: state(driver, "SegmentEditorState__segment_list__SegmentListState__active_segment_id"), 30,
+             "the new segment")
+    choose_effect(driver, "mdi-brush", "Paint")
+    slider = "PaintEffectState__brush_diameter_slider__SliderState__value"
+    shown = lambda: float(driver.find_element(By.ID, "cx-brush-size").text)  # noqa: E731
+    start = wait_for(lambda: state(driver, slider), 30, "the brush diameter")
+    assert shown() == pytest.approx(start, abs=0.05)
+
+    def painted_voxels() -> int:
+        """Paints a dot in the axial view, saves, and counts the segment's voxels in the written file."""
+        before = saved.stat().st_mtime_ns if saved.exists() else None
+        counted = sum(row["voxels"] for row in state(driver, "cx_statistics"))
+        ActionChains(driver).move_to_element_with_offset(main_view(driver), *offset).click_and_hold().move_by_offset(
+            1, 0).release().perform()
+        wait_for(lambda: sum(row["voxels"] for row in state(driver, "cx_statistics")) > counted, 30, "the dot")
+        driver.find_element(By.ID, "cx-save").click()
+        wait_for(lambda: saved.exists() and saved.stat().st_mtime_ns != before, 30, "the saved segmentation")
+        return int(np.count_nonzero(read_segmentation_file(saved)[0]["voxels"]))
+
+    offset = (-80, 0)
+    small = painted_voxels()
+    for _ in range(8):
+        driver.find_element(By.ID, "cx-brush-larger").click()
+        time.sleep(0.3)
+    larger = start * 1.1 ** 8
+    wait_for(lambda: abs(state(driver, slider) - larger) < 1e-3 * larger, 30, f"the diameter {larger:.2f}")
+    wait_for(lambda: abs(shown() - larger) <= 0.05, 10, "the shown diameter")
+    save_screenshot(driver, "app-brush-size.png", tmp_path)
+    offset = (80, 0)  # apart from the first dot
+    large = painted_voxels() - small
+    print(f"brush diameter {start:.2f} -> {larger:.2f}: a dot painted {small} -> {large} voxels")
+    assert small > 0 and large > 4 * small, (small, large)  # a sphere brush: about (1.1 ** 8) ** 3 = 9.8 times
+
+    driver.find_element(By.ID, "cx-brush-smaller").click()
+    wait_for(lambda: abs(state(driver, slider) - larger / 1.1) < 1e-3 * larger, 30, "one step smaller")
+    choose_effect(driver, "mdi-eraser", "Erase")  # erase shares the brush, and the control stays
+    assert abs(shown() - larger / 1.1) <= 0.05
+    choose_effect(driver, "mdi-cursor-default", "NoTool")
+    wait_for(lambda: not driver.find_elements(By.ID, "cx-brush"), 10, "the control to hide with no brush tool")
 
 
 def test_window_level_presets_orientation_labels_and_slice_positions(app, browsers):

@@ -219,3 +219,47 @@ def test_the_progress_bar_names_each_phase_of_a_segmentation():
     assert next_phase(phase, "progress", (19, 19)) == "Post-processing"
     assert next_phase("Post-processing", "log", "Describing the segmented classes") == "Describing the segmented classes"
     assert next_phase("Slices 3 of 19", "log", "something else") == "Slices 3 of 19"
+
+
+def test_a_held_out_case_from_a_dicom_folder_of_several_series_is_scored_on_its_own_series(tmp_path, capsys,
+                                                                                            monkeypatch):
+    """cotexnet_app.promotion scores each held-out case as the page opened it: the chosen series of a DICOM
+    folder, whose grid its truth is on. (Read as the folder's largest series, the truth would be resampled onto
+    that series and the Dice would be of other voxels.) The prediction is a known rule, so the Dice is exact."""
+    import types
+
+    import numpy as np
+    from cotexnet import CoTexNet, CoTexNetConfig
+    from cotexnet.data import read_image, write_segmentation_nrrd
+    from test_data import _dicom_series
+
+    import cotexnet.infer
+    from cotexnet_app.promotion import main
+
+    rng = np.random.default_rng(0)
+    folder = _dicom_series(tmp_path / "study", rng.integers(0, 1000, (6, 20, 20)).astype(np.int16), uid_end="7")
+    _dicom_series(folder, rng.integers(0, 1000, (4, 20, 20)).astype(np.int16), uid_end="8", prefix="small")
+    chosen = "1.2.826.0.1.3680043.2.1125.8.2"
+    image = read_image(folder, series_uid=chosen)
+    truth = np.zeros(image.shape, np.uint8)
+    truth[1:3, 4:12, 2:9] = 1
+    write_segmentation_nrrd(truth, image, tmp_path / "truth.seg.nrrd", ["a"])
+    model = tmp_path / "model"
+    CoTexNet.from_config(CoTexNetConfig(classes=["a", "b"], backbone="tiny", image_size=32)).save_pretrained(model)
+    scored = []
+
+    def bright_voxels_are_a(model, volume, device):  # stands in for the network: class "a" where intensity > 500
+        scored.append(volume.shape)
+        return types.SimpleNamespace(labels=(volume.array > 500).astype(np.uint8))
+
+    monkeypatch.setattr(cotexnet.infer, "predict_volume", bright_voxels_are_a)
+
+    def dice(series: str) -> float:
+        assert main([str(model), "--case", str(folder), str(tmp_path / "truth.seg.nrrd"), series,
+                     "--classes", "a", "--device", "cpu"]) == 0
+        return json.loads(capsys.readouterr().out.strip().splitlines()[-1])[0]["a"]
+
+    predicted = image.array > 500
+    expected = 2 * (predicted & (truth == 1)).sum() / (predicted.sum() + truth.sum())
+    assert dice(chosen) == pytest.approx(float(expected), abs=1e-9) and scored == [(4, 20, 20)]
+    assert dice("") != pytest.approx(float(expected), abs=1e-3) and scored[-1] == (6, 20, 20)  # the largest

@@ -1,6 +1,7 @@
 """Image I/O, label maps, normalisation, slicing, datasets, splits and augmentation on tiny files."""
 import json
 import math
+import os
 
 import numpy as np
 import pytest
@@ -22,6 +23,7 @@ from cotexnet.data import (
     load_split,
     make_split,
     read_image,
+    list_dicom_series,
     read_image_geometry,
     read_label_map,
     resize_slices,
@@ -96,10 +98,12 @@ def _folder2d(root, names=("a", "b"), size=(8, 10)):
     return root
 
 
-def _dicom_series(folder, array, spacing=(0.8, 0.6, 2.0), origin=(10.0, 20.0, 30.0), z_positions=None, uid_end="7"):
+def _dicom_series(folder, array, spacing=(0.8, 0.6, 2.0), origin=(10.0, 20.0, 30.0), z_positions=None, uid_end="7",
+                  description=None, prefix="slice"):
     """Write ``array`` (z, y, x) as a CT DICOM series, one file per slice; ``z_positions`` (mm) replaces the
-    slices' evenly spaced positions."""
-    folder.mkdir(parents=True)
+    slices' evenly spaced positions. A folder may hold several series (each with its own ``uid_end`` and file
+    ``prefix``)."""
+    folder.mkdir(parents=True, exist_ok=True)
     volume = _volume(array, spacing, origin)
     writer = sitk.ImageFileWriter()
     writer.KeepOriginalImageUIDOn()
@@ -115,9 +119,11 @@ def _dicom_series(folder, array, spacing=(0.8, 0.6, 2.0), origin=(10.0, 20.0, 30
             "0020|0032": "\\".join(map(str, position)),
             "0020|0037": "1\\0\\0\\0\\1\\0", "0018|0050": str(spacing[2]),
         }
+        if description is not None:
+            tags["0008|103e"] = description
         for tag, value in tags.items():
             image.SetMetaData(tag, value)
-        writer.SetFileName(str(folder / f"slice{k:03d}.dcm"))
+        writer.SetFileName(str(folder / f"{prefix}{k:03d}.dcm"))
         writer.Execute(image)
     return folder
 
@@ -171,6 +177,34 @@ def test_read_dicom_series_picks_largest(tmp_path):
     with pytest.raises(DataError, match="no DICOM series") as error:
         read_image(tmp_path / "empty")
     assert "empty" in str(error.value)
+
+
+def test_a_folder_of_two_dicom_series_lists_both_and_reads_the_chosen_one(tmp_path, caplog):
+    large = np.arange(5 * 6 * 4, dtype=np.int16).reshape(5, 6, 4)
+    small = (np.arange(3 * 4 * 7, dtype=np.int16).reshape(3, 4, 7) * 3 + 100)
+    folder = _dicom_series(tmp_path / "study", large, uid_end="7", description="Axial T1")
+    _dicom_series(folder, small, spacing=(0.5, 0.5, 3.0), uid_end="8", description="Scout", prefix="scout")
+    series = list_dicom_series(folder)
+    uid = "1.2.826.0.1.3680043.2.1125.{}.2"
+    assert [(s.uid, s.description, s.modality, s.size, len(s.files)) for s in series] == [
+        (uid.format(7), "Axial T1", "CT", (6, 4, 5), 5), (uid.format(8), "Scout", "CT", (4, 7, 3), 3)]
+    assert all(os.path.basename(f).startswith("scout") for f in series[1].files)
+    chosen = read_image(folder, series_uid=uid.format(8))
+    np.testing.assert_array_equal(chosen.array, small)
+    assert chosen.spacing == pytest.approx((0.5, 0.5, 3.0))
+    assert read_image_geometry(folder, series_uid=uid.format(8)).shape == (3, 4, 7)
+    with caplog.at_level("WARNING", logger="cotexnet.data.image"):
+        np.testing.assert_array_equal(read_image(folder).array, large)  # unchosen: the largest, with a warning
+    assert "holds 2 DICOM series" in caplog.text and uid.format(8) in caplog.text
+    with pytest.raises(DataError, match=r"holds no DICOM series 1\.2\.3 \(it holds: .*'Axial T1'.*'Scout'"):
+        read_image(folder, series_uid="1.2.3")
+    with pytest.raises(DataError, match="chooses a series of a DICOM folder; this is a file"):
+        read_image(series[0].files[0], series_uid=uid.format(7))
+    # the chosen series keeps the slice-position checks: one of its slices moved is refused
+    moved = _dicom_series(tmp_path / "gap", large, uid_end="9", z_positions=[30.0, 32.0, 34.0, 38.0, 40.0])
+    _dicom_series(moved, small, uid_end="8", prefix="scout")
+    with pytest.raises(DataError, match="1 slice\\(s\\) missing"):
+        read_image(moved, series_uid=uid.format(9))
 
 
 def test_bad_images_name_file_and_problem(tmp_path):

@@ -16,8 +16,8 @@ from typing import Optional
 
 import numpy as np
 from cotexnet.atomic import write_files_atomic
-from cotexnet.data.image import (SEGMENTATION_SUFFIX, read_image, read_image_geometry, read_segmentation_file,
-                                 strip_suffix)
+from cotexnet.data.image import (SEGMENTATION_SUFFIX, list_dicom_series, read_image, read_image_geometry,
+                                 read_segmentation_file, strip_suffix)
 from cotexnet.data.labels import read_label_map, write_segmentation_nrrd
 from cotexnet.errors import CoTexNetError, DataError
 
@@ -31,6 +31,9 @@ from CoTexNetSegmentLib import mrml  # noqa: E402
 #: What a training does with a segment that is not one of the model's classes: add it as a class (the
 #: default), leave it out, or count it as the named class ("map to white matter").
 ADD_CLASS, SKIP_CLASS, MAP_TO = "add as a new class", "skip (leave it out)", "map to "
+#: Joins a DICOM folder's path in the data root and the UID of the series opened from it, in the name the page
+#: gives such a case (a folder of one series is named by its path alone).
+SERIES_MARK = "#series="
 #: Suffix of the segment statistics written beside a saved segmentation.
 STATISTICS_SUFFIX = ".statistics.csv"
 #: Memory the undo steps of the case in the views may hold: each step keeps the segmentation before and
@@ -45,7 +48,7 @@ class OpenedCase:
     """A case opened in the page: its volume and the segmentation that Segment, the effects and Save work on.
     Cases stay in the session's scene until closed, so a training can use every one of them."""
 
-    relative: str  # its path in the data root, as the page names it
+    relative: str  # its path in the data root, as the page names it (with SERIES_MARK and the series' UID)
     path: Path
     volume: object  # vtkMRMLScalarVolumeNode
     segmentation: object  # vtkMRMLSegmentationNode
@@ -53,10 +56,16 @@ class OpenedCase:
     disk_stamp: Optional[tuple] = None
     #: The segmentation's content when last read or written (:func:`fingerprint`); None: never.
     saved: Optional[str] = None
+    #: The UID of the series chosen from a DICOM folder of several; None: a file, or a folder of one series.
+    series: Optional[str] = None
 
     @property
     def stem(self) -> str:
-        return self.path.name if self.path.is_dir() else strip_suffix(self.path)
+        """The name its saved segmentation starts with: the file's, the folder's, or for a series chosen from
+        a folder of several ``<folder>-<series UID>`` (so the series of one folder never share a file)."""
+        if not self.path.is_dir():
+            return strip_suffix(self.path)
+        return f"{self.path.name}-{self.series}" if self.series else self.path.name
 
     @property
     def segment_count(self) -> int:
@@ -130,11 +139,23 @@ def disk_stamp(path: Path) -> Optional[tuple]:
     return status.st_mtime_ns, status.st_size
 
 
-def check_volume(path: Path, data_root: Optional[DataRoot] = None) -> None:
-    """Reads a volume with the engine's checked reader (the CLI's: a cut or damaged file, NaN voxels and
-    the like are refused), so the page never shows or segments what the CLI would refuse."""
+def case_name(relative: str, series: Optional[str] = None) -> str:
+    """The page's name of a case: its path in the data root, plus the series chosen from a DICOM folder."""
+    return f"{relative}{SERIES_MARK}{series}" if series else relative
+
+
+def split_case_name(name: str) -> tuple[str, Optional[str]]:
+    """(path in the data root, series UID or None) of a name made by :func:`case_name`."""
+    relative, mark, series = name.rpartition(SERIES_MARK)
+    return (relative, series) if mark else (name, None)
+
+
+def check_volume(path: Path, data_root: Optional[DataRoot] = None, series: Optional[str] = None) -> None:
+    """Reads a volume (or the series ``series`` of a DICOM folder) with the engine's checked reader (the CLI's:
+    a cut or damaged file, NaN voxels, misplaced slices and the like are refused), so the page never shows or
+    segments what the CLI would refuse."""
     try:
-        read_image(path)
+        read_image(path, series_uid=series)
     except DataError as error:
         raise AccessError(data_root.shown(str(error)) if data_root is not None else str(error)) from None
 
@@ -153,13 +174,20 @@ class OpenedCases:
     def __len__(self) -> int:
         return len(self.by_path)
 
-    def open(self, relative: str) -> OpenedCase:
-        """The case of a volume or DICOM folder of the data root, read into the scene on first use."""
-        path = self.data_root.resolve(relative or "")
-        relative = self.data_root.relative(path)
+    def open(self, name: str) -> OpenedCase:
+        """The case of a volume, DICOM folder or series of a DICOM folder (named as :func:`case_name` does) of
+        the data root, read into the scene on first use."""
+        relative, series = split_case_name(name or "")
+        path = self.data_root.resolve(relative)
+        relative = case_name(self.data_root.relative(path), series)
         if relative not in self.by_path:
-            check_volume(path, self.data_root)
-            files = sorted(str(p) for p in path.iterdir() if p.is_file()) if path.is_dir() else [str(path)]
+            check_volume(path, self.data_root, series)
+            if series is not None:  # only its files: Slicer would read every series of the folder
+                files = next(list(found.files) for found in list_dicom_series(path) if found.uid == series)
+            elif path.is_dir():
+                files = sorted(str(p) for p in path.iterdir() if p.is_file())
+            else:
+                files = [str(path)]
             volumes = self.slicer_app.io_manager.load_volumes(files)
             if not volumes:
                 raise AccessError(f"{relative}: no volume could be read from it")
@@ -167,7 +195,7 @@ class OpenedCases:
                 self.slicer_app.scene.RemoveNode(extra)
             segmentation = self.slicer_app.segmentation_editor.create_empty_segmentation_node()
             segmentation.SetName(f"{volumes[0].GetName()} segmentation")
-            self.by_path[relative] = OpenedCase(relative, path, volumes[0], segmentation)
+            self.by_path[relative] = OpenedCase(relative, path, volumes[0], segmentation, series=series)
         return self.by_path[relative]
 
     def close(self, case: OpenedCase) -> Optional[OpenedCase]:
@@ -201,7 +229,7 @@ class OpenedCases:
             segments = read_segmentation_file(path)[0]["segments"]
             names = [str(segment.get("name") or f"Segment_{segment.get('labelValue')}") for segment in segments]
             colors = [tuple(segment.get("color") or (0.5, 0.5, 0.5)) for segment in segments]
-            labels = read_label_map(path, reference=read_image_geometry(case.path), classes=names)
+            labels = read_label_map(path, reference=read_image_geometry(case.path, case.series), classes=names)
             mrml.labelMapToSegmentation(self.slicer_app.scene, labels, case.volume, names, colors, case.segmentation)
         except (CoTexNetError, ValueError) as error:
             raise AccessError(self.data_root.shown(f"{path}: not loaded ({error}); Save will not replace it")) from None
@@ -231,7 +259,7 @@ class OpenedCases:
                 raise AccessError(f"{case.relative}: '{name}' cannot be mapped to '{target}', which the case has "
                                   "too: skip one of them, or merge them by painting")
             segmentation.GetSegment(segment_id).SetName(target)
-        return OpenedCase(case.relative, case.path, case.volume, copy)
+        return OpenedCase(case.relative, case.path, case.volume, copy, series=case.series)
 
     def drop_copy(self, case: OpenedCase) -> None:
         """Removes a training copy made by :meth:`with_classes` (an opened case itself stays)."""

@@ -156,7 +156,7 @@ class TrainingJobs:
             labels = mrml.segmentationToLabelMap(case.segmentation, case.volume, names)
             truth = folder / f"{case_id}.seg.nrrd"
             write_segmentation_nrrd(labels, mrml.geometryFromVolume(case.volume), truth, names)
-            arguments += ["--case", str(case.path), str(truth)]
+            arguments += ["--case", str(case.path), str(truth), case.series or ""]
         process = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "cotexnet_app.promotion", str(self.init_model), str(self.run), *arguments,
             "--classes", *classes, "--device", self.device,

@@ -8,9 +8,11 @@ from __future__ import annotations
 from trame.widgets import html
 from trame.widgets import vuetify3 as v3
 from trame_client.widgets.core import HtmlElement
+from trame_server.utils.typed_state import TypedState
 from trame_slicer.app.logic.slice_view_logic import get_view_slider_typed_state
-from trame_slicer.app.ui import (SegmentEditorToolbarUI, SegmentEditorUI, SegmentEditorUndoRedoUI, ViewerLayout,
-                                 create_vertical_slice_view_gutter_ui)
+from trame_slicer.app.ui import (PaintEffectState, SegmentEditorState, SegmentEditorToolbarUI, SegmentEditorUI,
+                                 SegmentEditorUndoRedoUI, ViewerLayout, create_vertical_slice_view_gutter_ui)
+from trame_slicer.segmentation import SegmentationEffectErase, SegmentationEffectPaint
 
 
 def build_page(page) -> None:
@@ -23,6 +25,7 @@ def build_page(page) -> None:
             page.editor_ui.add_segment_clicked.connect(page.add_segment_without_volume)
         with page.ui.toolbar:
             SegmentEditorToolbarUI(editor_ui=page.editor_ui)
+            _build_brush_size(page)
         with page.ui.undo_redo:
             SegmentEditorUndoRedoUI(editor_ui=page.editor_ui)
         with page.ui.content:
@@ -35,6 +38,24 @@ def build_page(page) -> None:
         with page.ui.footer:
             html.Span("CoTexNet in the browser, on trame-slicer and 3D Slicer", classes="text-grey-lighten-1 text-caption")
     page.editor_logic.set_ui(page.editor_ui)
+
+
+def _build_brush_size(page) -> None:
+    """Brush size beside the paint and erase buttons, while one of them is active: + and - change the active
+    effect's brush diameter as the + and - keys do (``page.key``); the number is trame-slicer's brush slider
+    (the effect panel's), which follows the effect's diameter."""
+    active = TypedState(page.state, SegmentEditorState).name.active_effect_name
+    brushes = [effect.get_effect_name() for effect in (SegmentationEffectPaint, SegmentationEffectErase)]
+    diameter = TypedState(page.state, PaintEffectState).name.brush_diameter_slider.value
+    with html.Div(id="cx-brush", v_if=(f"{brushes}.includes({active})",), classes="d-flex flex-column align-center",
+                  title="Brush size (% of the view; keys + and -)"):
+        with v3.VBtn(id="cx-brush-larger", icon=True, size="small", variant="text", title="Larger brush (+)",
+                     click=(page.key, "['brush', 1]")):
+            v3.VIcon("mdi-plus")
+        html.Span(f"{{{{ Math.round({diameter} * 10) / 10 }}}}", id="cx-brush-size", classes="text-caption")
+        with v3.VBtn(id="cx-brush-smaller", icon=True, size="small", variant="text", title="Smaller brush (-)",
+                     click=(page.key, "['brush', -1]")):
+            v3.VIcon("mdi-minus")
 
 
 def _build_panel(page) -> None:
@@ -92,6 +113,24 @@ def _build_panel(page) -> None:
                     v3.VSpacer()
                     v3.VBtn("Cancel", id="cx-question-cancel", click=(page.answer, "[false]"))
                     v3.VBtn("{{ cx_answer }}", id="cx-question-proceed", color="error", click=(page.answer, "[true]"))
+        with v3.VDialog(model_value=("cx_series.length > 0",), persistent=True, max_width=640):
+            with v3.VCard(id="cx-series"):
+                v3.VCardTitle("{{ cx_series_folder }} holds {{ cx_series.length }} DICOM series: click the one to open",
+                              classes="text-wrap text-body-1")
+                with v3.VTable(density="compact", hover=True):
+                    with html.Thead():
+                        with html.Tr():
+                            for title in ("Description", "Modality", "Size (rows x columns x slices)", "Files"):
+                                html.Th(title)
+                    with html.Tbody():
+                        with html.Tr(v_for="(one, index) in cx_series", key="one.uid", classes="cx-series-row",
+                                     id=("`cx-series-${index}`",), style="cursor: pointer", title=("one.uid",),
+                                     click=(page.open_series, "[one.uid]")):
+                            for field in ("description", "modality", "size", "files"):
+                                html.Td(f"{{{{ one.{field} }}}}")
+                with v3.VCardActions():
+                    v3.VSpacer()
+                    v3.VBtn("Cancel", id="cx-series-cancel", click=(page.open_series, "[null]"))
         with v3.VProgressLinear(id="cx-progress", model_value=("cx_progress",), v_show=("cx_busy",), height=18,
                                 classes="mt-2"):
             html.Span("{{ cx_phase }}", id="cx-phase", classes="text-caption")

@@ -43,17 +43,18 @@ def run_facts(run: Path) -> tuple[int, Optional[HeldOutCases]]:
     return int(info.get("epochs_run") or 0), cases
 
 
-def held_out_dice(models: list[str], cases: list[tuple[str, str]], classes: list[str],
+def held_out_dice(models: list[str], cases: list[tuple[str, str, str]], classes: list[str],
                   device: str = "auto") -> list[dict]:
-    """Per model, its Dice per class pooled over ``cases`` ((image, .seg.nrrd) files whose segments are
-    named like ``classes``), for its classes that ``classes`` names."""
+    """Per model, its Dice per class pooled over ``cases`` ((image, .seg.nrrd whose segments are named like
+    ``classes``, the UID of the series read from a DICOM folder or "" for its only or largest one)), for its
+    classes that ``classes`` names."""
     from cotexnet.data import read_image, read_label_map
     from cotexnet.infer import predict_volume
     from cotexnet.model import CoTexNet
 
     truths = []
-    for image_path, truth_path in cases:
-        image = read_image(image_path)
+    for image_path, truth_path, series in cases:
+        image = read_image(image_path, series_uid=series or None)
         truths.append((image, read_label_map(truth_path, reference=image, classes=classes)))
     results = []
     for folder in models:
@@ -78,7 +79,7 @@ def mean_over(dice: dict, classes) -> float:
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="cotexnet_app.promotion", description="Dice of models on held-out cases")
     parser.add_argument("models", nargs="+")
-    parser.add_argument("--case", nargs=2, action="append", required=True, metavar=("IMAGE", "LABELS"))
+    parser.add_argument("--case", nargs=3, action="append", required=True, metavar=("IMAGE", "LABELS", "SERIES"))
     parser.add_argument("--classes", nargs="+", required=True)
     parser.add_argument("--device", default="auto")
     args = parser.parse_args(argv)

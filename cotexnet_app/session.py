@@ -47,10 +47,11 @@ from CoTexNetSegmentLib.logic import CONCEPT_COLUMNS  # noqa: E402
 from CoTexNetSegmentLib.worker import SegmentationWorker  # noqa: E402
 from CoTexNetTrainLib import TrainingInputError, TrainingRunError, TrainingState  # noqa: E402
 from cotexnet.bundle import read_bundle_config  # noqa: E402
-from cotexnet.data import read_image  # noqa: E402
+from cotexnet.data import list_dicom_series, read_image  # noqa: E402
 from cotexnet.errors import CoTexNetError  # noqa: E402
 
-from cotexnet_app.cases import ADD_CLASS, MAP_TO, SKIP_CLASS, OpenedCase, OpenedCases, statistics_path  # noqa: E402
+from cotexnet_app.cases import (ADD_CLASS, MAP_TO, SKIP_CLASS, OpenedCase, OpenedCases, case_name,  # noqa: E402
+                                split_case_name, statistics_path)
 from cotexnet_app.jobs import DEFAULT_TRAINING_EPOCHS, DRAWING, SegmentationJobs, TrainingJobs  # noqa: E402
 from cotexnet_app.layout import build_page, slice_view_ui  # noqa: E402
 from cotexnet_app.models import ModelChooser  # noqa: E402
@@ -149,6 +150,7 @@ class CoTexNetWebApp(TrameApp):
         s.cx_train_message = ""
         s.cx_charts = []
         s.cx_question, s.cx_answer = "", ""
+        s.cx_series_folder, s.cx_series = "", []  # a DICOM folder of several series, and its series to choose
         s.cx_conflict = False
         s.is_drawer_visible = True
 
@@ -179,20 +181,33 @@ class CoTexNetWebApp(TrameApp):
         log.warning(message)
 
     # ------------------------------------------------------------------ cases
-    def open_volume(self, relative: Optional[str] = None) -> None:
-        """Opens a volume or DICOM folder of the data root as a new case (or shows it again if it is open)."""
-        relative = relative or self.state.cx_volume
+    def open_volume(self, name: Optional[str] = None) -> None:
+        """Opens a volume or DICOM folder of the data root as a new case (or shows it again if it is open). A
+        folder of several DICOM series lists them for the user to choose one (:meth:`open_series`)."""
+        name = name or self.state.cx_volume
         self.state.cx_error = ""
+        relative, series = split_case_name(name or "")
         try:
-            self.data_root.resolve(relative or "")
+            path = self.data_root.resolve(relative)
         except AccessError as error:
             return self._fail(str(error))
         if self.segmentation.running:
             return self._fail("a segmentation is running: Cancel it before opening another volume")
         self.refresh_lists()
         opened = set(self.cases.by_path)
+        if series is None and path.is_dir() and self.data_root.relative(path) not in opened:
+            try:
+                found = list_dicom_series(path)
+            except CoTexNetError as error:
+                return self._fail(self.data_root.shown(str(error)))
+            if len(found) > 1:
+                self.state.cx_series_folder = self.data_root.relative(path)
+                self.state.cx_series = [{"uid": one.uid, "description": one.description or "(no description)",
+                                         "modality": one.modality or "?", "size": " x ".join(map(str, one.size)),
+                                         "files": len(one.files)} for one in found]
+                return
         try:
-            case = self.cases.open(relative)
+            case = self.cases.open(name)
         except AccessError as error:
             return self._fail(str(error))
         saved, problem = None, ""
@@ -206,6 +221,12 @@ class CoTexNetWebApp(TrameApp):
             f" with its saved segmentation {self.data_root.relative(saved)} ({case.segment_count} segments)."
             if saved else ".")
         self.state.cx_error = problem
+
+    def open_series(self, uid: Optional[str] = None) -> None:
+        """Opens the series the user chose from the DICOM folder's list (none: the list is closed)."""
+        folder, self.state.cx_series = self.state.cx_series_folder, []
+        if uid:
+            self.open_volume(case_name(folder, uid))
 
     def close_case(self, confirmed: bool = False) -> None:
         """Removes the case in the views (volume, segmentation, its concept table) from the session's scene;

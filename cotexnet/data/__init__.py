@@ -23,9 +23,11 @@ from .image import (
     PICTURE_SUFFIXES,
     SEGMENTATION_SUFFIX,
     VOLUME_SUFFIXES,
+    DicomSeries,
     ImageGeometry,
     VolumeImage,
     image_suffix,
+    list_dicom_series,
     read_image,
     read_image_geometry,
     write_image,
@@ -41,11 +43,12 @@ _LAZY = {"SliceDataset": "slice_dataset", "ForegroundBatchSampler": "slice_datas
 
 __all__ = [
     "CT_WINDOWS", "LOSSY_SUFFIXES", "PICTURE_SUFFIXES", "SEGMENTATION_SUFFIX", "SPLIT_NAMES", "VOLUME_SUFFIXES",
-    "Case", "DatasetIndex", "FlipRule", "ForegroundBatchSampler", "ImageGeometry", "IntensityNormalization",
-    "SliceDataset", "VolumeImage", "augment_batch", "case_group", "flip_rule", "image_suffix", "in_plane_spacing",
-    "lateral_pairs", "load_dataset", "load_split", "make_split", "read_image", "read_image_geometry",
-    "read_label_map", "resize_slices", "save_split", "slice_axis_index", "split_cases", "stack_slices",
-    "swap_channels", "swap_labels", "unpaired_lateral", "volume_slices", "write_image", "write_segmentation_nrrd",
+    "Case", "DatasetIndex", "DicomSeries", "FlipRule", "ForegroundBatchSampler", "ImageGeometry",
+    "IntensityNormalization", "SliceDataset", "VolumeImage", "augment_batch", "case_group", "flip_rule",
+    "image_suffix", "in_plane_spacing", "lateral_pairs", "list_dicom_series", "load_dataset", "load_split",
+    "make_split", "read_image", "read_image_geometry", "read_label_map", "resize_slices", "save_split",
+    "slice_axis_index", "split_cases", "stack_slices", "swap_channels", "swap_labels", "unpaired_lateral",
+    "volume_slices", "write_image", "write_segmentation_nrrd",
 ]
 
 

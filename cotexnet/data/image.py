@@ -189,41 +189,77 @@ def _unsupported(path: Path) -> DataError:
     )
 
 
-def _dicom_series_files(folder: Path) -> list[str]:
-    """Files of the DICOM series with the most files in ``folder``; when it holds others, a warning says
-    which was read and lists the others (the first in GDCM's order wins a tie).
+@dataclass(frozen=True)
+class DicomSeries:
+    """One DICOM series of a folder, as :func:`list_dicom_series` finds it."""
 
-    ITK prints a warning of its own for a folder without a series; the error raised here says it once.
-    """
-    with quiet_itk():
-        series = {uid: sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid)
-                  for uid in sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))}
-    if not series:
-        empty = not any(folder.iterdir())
-        raise DataError("folder holds no DICOM series" + (" (it is empty)" if empty else ""), folder)
-    chosen = max(series, key=lambda uid: len(series[uid]))
-    if len(series) > 1:
-        others = "; ".join(_describe_series(uid, files) for uid, files in series.items() if uid != chosen)
-        logger.warning("%s: holds %d DICOM series; reading %s. Not read: %s. Give a folder with one series to "
-                       "choose another", folder, len(series), _describe_series(chosen, series[chosen]), others)
-    return list(series[chosen])
+    uid: str  # Series Instance UID (0020,000E)
+    description: str  # Series Description (0008,103E), "" if none
+    modality: str  # Modality (0008,0060), "" if none
+    size: tuple[int, int, int]  # rows, columns, slices
+    files: tuple[str, ...]
+
+    def __str__(self) -> str:
+        described = f", {self.description!r}" if self.description else ""
+        return f"{self.uid} ({len(self.files)} files{described})"
 
 
-def _describe_series(uid: str, files) -> str:
+def _series_header(uid: str, files: tuple[str, ...]) -> DicomSeries:
+    """The series' description, modality and size, from the header of its first file."""
     reader = sitk.ImageFileReader()
     reader.SetFileName(files[0])
     try:
         with quiet_itk():
             reader.ReadImageInformation()
-        description = reader.GetMetaData("0008|103e").strip() if reader.HasMetaDataKey("0008|103e") else ""
     except RuntimeError:
-        description = ""
-    return f"{uid} ({len(files)} files{', ' + repr(description) if description else ''})"
+        return DicomSeries(uid, "", "", (0, 0, len(files)), files)
+
+    def tag(key: str) -> str:
+        return reader.GetMetaData(key).strip() if reader.HasMetaDataKey(key) else ""
+
+    size = reader.GetSize()
+    frames = size[2] if len(size) > 2 else 1  # a multi-frame file holds several slices
+    return DicomSeries(uid, tag("0008|103e"), tag("0008|0060"), (size[1], size[0], frames * len(files)), files)
 
 
-def _read_dicom_series(folder: Path) -> sitk.Image:
+def list_dicom_series(folder: str | Path) -> list[DicomSeries]:
+    """The DICOM series of a folder, the one with most files first (the one :func:`read_image` reads when
+    not told which; GDCM's order breaks a tie). A folder with none is refused.
+
+    ITK prints a warning of its own for a folder without a series; the error raised here says it once.
+    """
+    folder = Path(folder)
+    check_file(folder)
+    with quiet_itk():
+        files = {uid: tuple(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid))
+                 for uid in sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))}
+    if not files:
+        empty = not any(folder.iterdir())
+        raise DataError("folder holds no DICOM series" + (" (it is empty)" if empty else ""), folder)
+    return sorted((_series_header(uid, names) for uid, names in files.items()), key=lambda s: -len(s.files))
+
+
+def _dicom_series_files(folder: Path, series_uid: str | None = None) -> list[str]:
+    """Files of the series ``series_uid`` of ``folder``, or of its largest series; when not told which and
+    the folder holds others, a warning says which was read and lists the others."""
+    series = list_dicom_series(folder)
+    if series_uid is not None:
+        chosen = next((s for s in series if s.uid == series_uid), None)
+        if chosen is None:
+            raise DataError(f"holds no DICOM series {series_uid} (it holds: {'; '.join(map(str, series))})", folder)
+    else:
+        chosen = series[0]
+        if len(series) > 1:
+            others = "; ".join(map(str, series[1:]))
+            logger.warning("%s: holds %d DICOM series; reading %s. Not read: %s. Choose one in the web app's dialog, "
+                           "with read_image(folder, series_uid=...) (list_dicom_series lists them), or by giving a "
+                           "folder of that series alone", folder, len(series), chosen, others)
+    return list(chosen.files)
+
+
+def _read_dicom_series(folder: Path, series_uid: str | None = None) -> sitk.Image:
     reader = sitk.ImageSeriesReader()
-    reader.SetFileNames(_dicom_series_files(folder))
+    reader.SetFileNames(_dicom_series_files(folder, series_uid))
     reader.MetaDataDictionaryArrayUpdateOn()
     with quiet_itk():  # its warning about uneven slices names no file; the check below does
         image = reader.Execute()
@@ -277,9 +313,9 @@ def _check_slice_positions(image: sitk.Image, reader: sitk.ImageSeriesReader, fo
                         f"{sideways[i]:.3f} mm sideways (gantry tilt?); resample it before use", folder)
 
 
-def _read_sitk(path: Path) -> sitk.Image:
+def _read_sitk(path: Path, series_uid: str | None = None) -> sitk.Image:
     try:
-        return _read_dicom_series(path) if path.is_dir() else sitk.ReadImage(str(path))
+        return _read_dicom_series(path, series_uid) if path.is_dir() else sitk.ReadImage(str(path))
     except RuntimeError as error:
         raise DataError(f"cannot be read as an image ({error_summary(error)})", path) from None
 
@@ -351,15 +387,18 @@ def _check_finite(image: VolumeImage) -> VolumeImage:
     return image
 
 
-def read_image(path: str | Path) -> VolumeImage:
+def read_image(path: str | Path, series_uid: str | None = None) -> VolumeImage:
     """Read NIfTI, NRRD, MHA/MHD, DICOM (a series folder or one file) or a PNG/JPEG/TIFF/BMP picture.
 
-    RGB pictures stay ``(y, x, 3)`` (alpha dropped); a 4D file with one time point becomes 3D.
+    RGB pictures stay ``(y, x, 3)`` (alpha dropped); a 4D file with one time point becomes 3D. ``series_uid``
+    chooses a series of a DICOM folder (:func:`list_dicom_series`); without it the largest is read.
     """
     path = Path(path)
     check_file(path)
+    if series_uid is not None and not path.is_dir():
+        raise DataError(f"a series UID ({series_uid}) chooses a series of a DICOM folder; this is a file", path)
     if path.is_dir():
-        image = _read_sitk(path)
+        image = _read_sitk(path, series_uid)
     else:
         suffix = image_suffix(path)
         if suffix in PICTURE_SUFFIXES:
@@ -391,13 +430,14 @@ def read_segmentation_file(path: Path):
     return segmentation, geometry
 
 
-def read_image_geometry(path: str | Path) -> ImageGeometry:
-    """The grid of an image file, reading only its header (a DICOM series is read whole)."""
+def read_image_geometry(path: str | Path, series_uid: str | None = None) -> ImageGeometry:
+    """The grid of an image file, reading only its header (a DICOM series is read whole; ``series_uid`` as
+    in :func:`read_image`)."""
     path = Path(path)
     check_file(path)
     suffix = image_suffix(path)
-    if path.is_dir() or suffix == ".dcm":
-        return read_image(path).geometry
+    if path.is_dir() or suffix == ".dcm" or series_uid is not None:
+        return read_image(path, series_uid).geometry
     if suffix in PICTURE_SUFFIXES:
         from PIL import Image
 
