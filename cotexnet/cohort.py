@@ -584,9 +584,10 @@ def segment_cohort(model, model_path, inputs: Sequence[str | os.PathLike], out_d
         gathered = _gather({"rows": result.rows, "seconds": result.seconds, "busy": result.busy_seconds}, world)
     finally:
         progress.close()
-    if world > 1:
-        import torch.distributed as dist
+    if world > 1:  # every rank leaves the group together: one closing its connections while another still
+        import torch.distributed as dist  # reads them can abort that one in gloo's C++ ("terminate called")
 
+        dist.barrier()
         dist.destroy_process_group()
     if rank != 0:
         return {"summary": {s: result.count(s) for s in STATUSES}, "studies": result.rows}
