@@ -346,8 +346,8 @@ def push_bundle(bundle: str | os.PathLike, repo_id: str, *, private: bool = Fals
 
 
 def card_summary(folder: str | os.PathLike) -> dict:
-    """``{"title", "classes"}`` of a bundle (a Hub id fetches only its config and card): the card's first heading,
-    or the title a card would get."""
+    """``{"title", "classes", "config"}`` of a bundle (a Hub id fetches only its config and card): the card's first
+    heading, or the title a card would get."""
     from .card import CARD_NAME, card_title
     from .hub import DESCRIPTION_FILES
 
@@ -359,4 +359,4 @@ def card_summary(folder: str | os.PathLike) -> dict:
         heading = next((line[2:].strip() for line in card.read_text(encoding="utf-8").splitlines()
                         if line.startswith("# ")), "")
         title = heading or title
-    return {"title": title, "classes": list(config.classes)}
+    return {"title": title, "classes": list(config.classes), "config": config}

@@ -9,15 +9,12 @@ pickles (``.bin``, ``.pt``) or code (``.py``), and loading reads tensors only: n
 """
 from __future__ import annotations
 
-import logging
 import os
 import re
 from pathlib import Path
 
 from .config import CONFIG_NAME, WEIGHTS_NAME
 from .errors import BundleError
-
-logger = logging.getLogger(__name__)
 
 #: A Hub model repository id (``owner/name``), as huggingface_hub validates it.
 REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")

@@ -136,7 +136,7 @@ class CoTexNetSegmentLogic:
         config, read with no network access, since the field updates on the GUI thread. A Hugging Face Hub
         repository id (``owner/name``) is read from the Hugging Face cache; one never downloaded gives its id as
         the title and no classes or config (the worker downloads it on the first run). BundleError if unusable."""
-        from cotexnet.bundle import card_summary, read_bundle_config
+        from cotexnet.bundle import card_summary
         from cotexnet.hub import cached_snapshot, parse_repo_id
 
         path = _checkedModelPath(modelPath)
@@ -146,7 +146,7 @@ class CoTexNetSegmentLogic:
             if path is None:
                 return {"title": f"{repo[0]}: a Hugging Face Hub model, downloaded on the first run", "classes": None,
                         "config": None}
-        return {**card_summary(path), "config": read_bundle_config(path)}
+        return card_summary(path)
 
     def loadModel(self, modelPath, device: str = "auto"):
         """Loads a bundle in this process once per (folder, device, weights file version); later calls reuse it."""
