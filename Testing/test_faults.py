@@ -1010,12 +1010,13 @@ def _stop_file(tmp: Path) -> str:
     (lambda shapes, tmp: ["--progress-file", str(tmp)], "the progress file is a folder"),
     (lambda shapes, tmp: ["--lr", "inf"], "lr: expected a finite positive number"),
     (lambda shapes, tmp: ["--max-steps-per-epoch", "0"], "max_steps_per_epoch"),
+    (lambda shapes, tmp: ["--accumulate", "0"], "accumulate: expected a positive integer"),
     (lambda shapes, tmp: ["--train-encoder", "last-99"], "the image encoder has 4 layers"),
     (lambda shapes, tmp: ["--stop-file", _stop_file(tmp)], "the stop file exists already"),
     (lambda shapes, tmp: ["--out", str(shapes / "run")], "lies inside the dataset"),
 ], ids=["19-cache-limit-negative", "19-cache-limit-nan", "19-image-size-40", "19-weight-decay-negative",
         "19-weight-decay-nan", "19-seed-negative", "19-workers-negative", "19-progress-file-folder", "15-lr-inf",
-        "20-max-steps-0", "20-train-encoder-last-99", "20-stop-file-at-start", "20-out-inside-dataset"])
+        "20-max-steps-0", "22-accumulate-0", "20-train-encoder-last-99", "20-stop-file-at-start", "20-out-inside-dataset"])
 def test_bad_train_options_give_one_error_line_and_write_nothing(shapes, tmp_path, capsys, arguments, named):
     run = tmp_path / "run"
     assert main(["train", str(shapes), "--classes", "disk", "square", "--out", str(run), *TINY_TRAIN, "--epochs", "1",

@@ -1,7 +1,8 @@
 """Model cards and sharing through the Hugging Face Hub, against a stand-in Hub on loopback (no network).
 
-The stand-in implements the routes huggingface_hub (0.2x-0.3x) calls for an upload (create repo, branch,
-YAML check, preupload, commit) and a download (model info at a revision, HEAD/GET of resolved files).
+The stand-in implements the routes huggingface_hub (0.2x-0.3x, and 1.x/2.x, which transformers 5 brings) calls for an
+upload (create repo, branch, YAML check, preupload, commit) and a download (model info at a revision, the file tree,
+HEAD/GET of resolved files).
 """
 from __future__ import annotations
 
@@ -135,6 +136,14 @@ class HubHandler(BaseHTTPRequestHandler):
             tree = self.repo(repo_id)["commits"][sha]
             return self.reply(200, {"id": repo_id, "modelId": repo_id, "sha": sha, "private": self.repo(repo_id)["private"],
                                     "siblings": [{"rfilename": name} for name in sorted(tree)]})
+        match = re.fullmatch(r"/api/models/([^/]+/[^/]+)/tree/([^/]+)", path)
+        if match:  # huggingface_hub 1.x/2.x list a snapshot's files here (0.x read the model info's siblings)
+            sha = self.resolve(match[1], match[2])
+            if sha is None:
+                return self.reply(404, {"error": "Invalid rev id"}, error_code="RevisionNotFound")
+            tree = self.repo(match[1])["commits"][sha]
+            return self.reply(200, [{"type": "file", "path": name, "size": len(data), "oid": hashlib.sha1(data).hexdigest()}
+                                    for name, data in sorted(tree.items())])
         match = re.fullmatch(r"/([^/]+/[^/]+)/resolve/([^/]+)/(.+)", path)
         sha = self.resolve(match[1], match[2]) if match else None
         if sha is None:

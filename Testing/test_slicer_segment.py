@@ -445,11 +445,11 @@ def versions(mapping):
 
 def test_requirements_never_downgrade_slicer_packages():
     report = dependencies.checkRequirements(
-        ["numpy>=1.23", "SimpleITK>=2.2", "transformers>=4.40,<5", "tqdm>=4.60", "monai>=1.3"],
-        versions({"torch": "2.3.0", "numpy": "1.20.0", "SimpleITK": "2.4.0", "transformers": "5.1.0", "tqdm": "4.66.0"}),
+        ["numpy>=1.23", "SimpleITK>=2.2", "transformers>=4.40,<6", "tqdm>=4.60", "monai>=1.3"],
+        versions({"torch": "2.3.0", "numpy": "1.20.0", "SimpleITK": "2.4.0", "transformers": "6.1.0", "tqdm": "4.66.0"}),
         bundled=["numpy", "SimpleITK"],
     )
-    assert report.toInstall == ["transformers>=4.40,<5", "monai>=1.3"]  # too new (not Slicer's) and missing
+    assert report.toInstall == ["transformers>=4.40,<6", "monai>=1.3"]  # too new (not Slicer's) and missing
     assert report.conflicts == ["numpy 1.20.0 (CoTexNet expects >=1.23)"]  # Slicer's own: reported, untouched
     assert not report.torchMissing and report.needsInstall
     assert dependencies.checkRequirements([], versions({"torch": "2.0.1"})).torchMissing

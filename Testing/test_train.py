@@ -16,7 +16,7 @@ from PIL import Image
 from cotexnet import CoTexNet, CoTexNetConfig
 from cotexnet.cli import main
 from cotexnet.checkpoints import TRAINER_STATE
-from cotexnet.train import TrainOptions, train
+from cotexnet.train import TrainOptions, Trainer, train
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -116,6 +116,77 @@ def test_progress_file_events(shapes, tmp_path):
     epoch = next(e for e in events if e["event"] == "epoch")
     assert 0.0 <= epoch["val_dice"] <= 1.0 and set(epoch["val_dice_per_class"]) == {"disk", "square"}
     assert step["loss"] == pytest.approx(step["loss_seg"] + step["loss_kd"], rel=1e-5)
+
+
+# --------------------------------------------------------------------------------- accumulation
+def ready_trainer(shapes, out, **fields) -> Trainer:
+    """A trainer past ``initialize`` on a deterministic step: no augmentation, no dropout, no clipping."""
+    trainer = Trainer(quick(shapes, out, augment=False, grad_clip=0.0, feature_cache="off",
+                            config_overrides={"dropout": 0.0}, **fields))
+    trainer.initialize()
+    trainer.net.train()
+    return trainer
+
+
+def test_an_accumulated_step_descends_the_mean_gradient_of_its_batches(shapes, tmp_path):
+    """``--accumulate 2`` back-propagates half of each batch's loss and steps once: on one batch given twice,
+    g/2 + g/2 = g in floats, so the gradient, the step and the loss reported equal one step on that batch alone
+    (a step per batch, or no halving, would give other weights or a doubled gradient)."""
+    single, double = ready_trainer(shapes, tmp_path / "one"), ready_trainer(shapes, tmp_path / "two", accumulate=2)
+    batch = next(iter(single.train_loader))
+    before = {name: p.detach().clone() for name, p in double.model.named_parameters()}
+    assert single.train_step([batch]) == pytest.approx(double.train_step([batch, batch]), rel=1e-6)
+    moved = 0
+    for (name, one), (_, two) in zip(single.model.named_parameters(), double.model.named_parameters()):
+        if one.grad is not None:
+            torch.testing.assert_close(two.grad, one.grad, rtol=1e-5, atol=1e-8, msg=name)
+            moved += not torch.equal(two, before[name])
+        torch.testing.assert_close(two, one, rtol=1e-5, atol=1e-7, msg=name)
+    assert moved > 0 and double.scheduler.last_epoch == single.scheduler.last_epoch == 1
+
+
+def test_accumulate_counts_optimiser_steps_and_out_of_memory_keeps_the_effective_batch(shapes, tmp_path, monkeypatch):
+    """An epoch of ``--accumulate 2`` is ceil(batches / 2) optimiser steps. Out of GPU memory (simulated on the first
+    step) the trainer halves the batch and doubles the accumulation: the effective batch (4) and the steps per
+    epoch stay the run's."""
+    events = []
+    trainer = Trainer(quick(shapes, tmp_path / "run", epochs=1, accumulate=2, batch_size=2),
+                      on_event=lambda event, **values: events.append((event, values)))
+    real_step, calls = Trainer.train_step, []
+
+    def first_step_runs_out_of_memory(self, batches):
+        calls.append([len(batch["image"]) for batch in batches])
+        if len(calls) == 1:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real_step(self, batches)
+
+    monkeypatch.setattr(Trainer, "train_step", first_step_runs_out_of_memory)
+    trainer.run()
+    start = next(values for event, values in events if event == "start")
+    batches_of_two = len(trainer.make_loaders(2)[0])
+    assert start["steps_per_epoch"] == trainer.steps == -(-batches_of_two // 2)
+    warning = next(values["message"] for event, values in events if event == "warning")
+    assert "batch size 1, 4 batches per optimiser step (effective batch 4)" in warning
+    assert trainer.batch_size == 1 and trainer.accumulate == 4
+    assert calls[0] == [2, 2] and all(sizes == [1] * len(sizes) for sizes in calls[1:])
+    assert sum(1 for event, _ in events if event == "step") == trainer.steps
+    assert sum(len(sizes) for sizes in calls[1:]) <= 4 * trainer.steps
+
+
+def test_a_compiled_step_trains_as_the_eager_one(shapes, tmp_path):
+    """``--compile default`` (inductor on the CPU) on the text encoder and decoder: on two batches (new prompts, no
+    recompilation needed) the losses and each step's gradients are the eager step's within float32 reassociation.
+    Gradients, not weights: Adam turns the float noise of a gradient that is zero in exact arithmetic (an attention
+    key's bias, which the softmax ignores) into a full step of either sign."""
+    eager, compiled = ready_trainer(shapes, tmp_path / "eager"), ready_trainer(shapes, tmp_path / "compiled",
+                                                                               compile="default")
+    assert type(compiled.model.decode).__name__ != "method"  # torch.compile's wrapper, not the bound method
+    for batch in list(eager.train_loader)[:2]:
+        assert compiled.train_step([batch]) == pytest.approx(eager.train_step([batch]), rel=1e-4)
+        scale = max(p.grad.abs().max().item() for p in eager.model.parameters() if p.grad is not None)
+        for (name, one), (_, two) in zip(eager.model.named_parameters(), compiled.model.named_parameters()):
+            if one.grad is not None:
+                torch.testing.assert_close(two.grad, one.grad, rtol=1e-3, atol=1e-4 * scale, msg=name)
 
 
 # ------------------------------------------------------------------------------------- torchrun

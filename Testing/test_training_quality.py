@@ -185,6 +185,39 @@ def test_feature_cache_falls_back_over_its_cap(mni152_dataset, tmp_path):
     assert trainer.cache is None and "feature cache off" in warnings[0]["message"]
 
 
+def test_the_cache_goes_to_gpu_memory_only_when_every_view_fits_in_its_share(tmp_path):
+    from cotexnet.feature_cache import RESIDENT_SHARE, CacheLayout, plan_cache
+
+    layout = CacheLayout(layers=3, tokens=37, width=32, projection=32, classes=2, image_size=96, roi=True)
+    # 3 x 37 x 32 + 32 x (1 + 2) halves, and one byte per label pixel
+    assert layout.entry_bytes == 2 * (3 * 37 * 32 + 32 * 3) + 96 * 96
+    need = 100 * 4 * layout.entry_bytes  # 100 slices x 4 views
+    fits = plan_cache(layout, 100, 4, 2**40, tmp_path / "a", free_gpu_bytes=int(need / RESIDENT_SHARE))
+    assert fits.resident and fits.views == 4 and "in GPU memory" in fits.message
+    assert not (tmp_path / "a").exists()  # nothing on disk for a cache in GPU memory
+    short = plan_cache(layout, 100, 4, 2**40, tmp_path / "b", free_gpu_bytes=int(need / RESIDENT_SHARE) - 1)
+    assert not short.resident and short.views == 4 and str(tmp_path / "b") in short.message
+    capped = plan_cache(layout, 100, 4, need - 1, tmp_path / "c", free_gpu_bytes=2**40)  # the cap holds on a GPU too
+    assert not capped.resident and capped.views == 3
+    assert not plan_cache(layout, 100, 4, 2**40, tmp_path / "d", free_gpu_bytes=None).resident  # no GPU
+
+
+def test_a_cache_in_device_memory_trains_as_the_files_do(mni152_dataset, tmp_path, monkeypatch, caplog):
+    """The cache that a GPU holds (in tensors on the training device, here the CPU's memory): every step's loss
+    equals the memory-mapped files' bit for bit (the same 16-bit features), and no file is written."""
+    from cotexnet import feature_cache
+
+    on_disk = step_losses(mni152_dataset, tmp_path / "disk", "auto")
+    plan = feature_cache.plan_cache
+    monkeypatch.setattr(feature_cache, "plan_cache",
+                        lambda layout, items, views, limit, folder, free: plan(layout, items, views, limit, folder, 2**40))
+    monkeypatch.setattr(feature_cache, "reserve", lambda path, size: pytest.fail(f"{path} written"))
+    with caplog.at_level("INFO", logger="cotexnet"):
+        in_memory = step_losses(mni152_dataset, tmp_path / "memory", "auto")
+    assert any("in GPU memory" in record.getMessage() for record in caplog.records)
+    assert in_memory == on_disk and len(on_disk) > 4
+
+
 def test_recipes_per_backbone_are_recorded():
     tiny = TrainOptions(data="d", out="o", backbone="tiny")
     paper = TrainOptions(data="d", out="o", backbone="CIDAS/clipseg-rd64-refined")

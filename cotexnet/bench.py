@@ -326,7 +326,7 @@ PAPER_RECIPE_SLICES, PAPER_RECIPE_EPOCHS = 4000, 500
 
 
 def bench_train(backbone: str = "full-random", device: str = "auto", batch_size: int = 4, image_size: int = 352,
-                num_classes: int = 3, batches: int = 2, iterations: int = 3) -> dict:
+                num_classes: int = 3, batches: int = 2, iterations: int = 3, compile: str | None = None) -> dict:
     """Training steps per second with the frozen-feature cache off and on, side by side in one run, phase by phase.
 
     Both sides run :meth:`cotexnet.train.Trainer.train_step` on the same ``batches`` batches (augmentation
@@ -336,7 +336,9 @@ def bench_train(backbone: str = "full-random", device: str = "auto", batch_size:
     ``phases_per_step_s`` (data, forward, backward, optimizer) comes from ``iterations`` more steps that
     synchronise the device at each phase's end. ``paper_recipe_estimate_s`` is what
     :data:`PAPER_RECIPE_SLICES` slices x :data:`PAPER_RECIPE_EPOCHS` epochs take at the measured rates:
-    uncached throughout, or cached after each of the trainer's default views was encoded once.
+    uncached throughout, or cached after each of the trainer's default views was encoded once. ``compile`` runs
+    the step's text encoder and decoder through ``torch.compile`` (``cotexnet train --compile``), compiled in the
+    warm-up / first pass.
     """
     import tempfile
 
@@ -353,7 +355,7 @@ def bench_train(backbone: str = "full-random", device: str = "auto", batch_size:
             options = TrainOptions(data=str(data), out=str(Path(tmp) / cache), backbone=backbone,
                                    classes=[f"class {i + 1}" for i in range(num_classes)], image_size=image_size,
                                    batch_size=batch_size, epochs=1, device=str(resolved), augment=False, oversample=0,
-                                   train_encoder="none", feature_cache=cache, show_progress=False)
+                                   train_encoder="none", feature_cache=cache, show_progress=False, compile=compile)
             trainer = Trainer(options)
             trainer.initialize()
             if cache == "auto" and trainer.cache is None:
@@ -363,18 +365,18 @@ def bench_train(backbone: str = "full-random", device: str = "auto", batch_size:
                 torch.cuda.reset_peak_memory_stats(resolved)
             started = time.perf_counter()
             for batch in loader if cache == "auto" else loader[:1]:  # first epoch (fills the cache) / warm-up
-                trainer.train_step(batch)
+                trainer.train_step([batch])
             _sync(resolved)
             first = time.perf_counter() - started
             started = time.perf_counter()
             for i in range(iterations):
-                trainer.train_step(loader[i % len(loader)])
+                trainer.train_step([loader[i % len(loader)]])
             _sync(resolved)
             seconds = time.perf_counter() - started
             phases: dict[str, float] = {}
             trainer.clock = PhaseClock(resolved, phases)
             for i in range(iterations):
-                trainer.train_step(loader[i % len(loader)])
+                trainer.train_step([loader[i % len(loader)]])
             sides[cache] = {"steps_per_s": iterations / seconds, "slices_per_s": iterations * batch_size / seconds,
                             "first_pass_s": first,
                             "phases_per_step_s": {name: value / iterations for name, value in phases.items()},
@@ -391,7 +393,7 @@ def bench_train(backbone: str = "full-random", device: str = "auto", batch_size:
                 "cached": views * PAPER_RECIPE_SLICES / uncached + (total - views * PAPER_RECIPE_SLICES) / cached}
     return {"mode": "train", "backbone": backbone, "device": str(resolved), "device_name": _device_name(resolved),
             "precision": precision, "batch_size": batch_size, "image_size": image_size, "num_classes": num_classes,
-            "iterations": iterations, "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "iterations": iterations, "compile": compile, "torch": torch.__version__, "threads": torch.get_num_threads(),
             "uncached": sides["off"], "cached": sides["auto"],
             "train_ratio": sides["auto"]["steps_per_s"] / sides["off"]["steps_per_s"],
             "paper_recipe_estimate_s": estimate}
@@ -399,7 +401,8 @@ def bench_train(backbone: str = "full-random", device: str = "auto", batch_size:
 
 def format_train_report(report: dict) -> str:
     lines = [f"{report['backbone']}, {report['image_size']} px, batch {report['batch_size']}, {report['num_classes']} "
-             f"classes, {report['device_name']} ({report['precision']})"]
+             f"classes, {report['device_name']} ({report['precision']}"
+             + (f", compiled {report['compile']})" if report.get("compile") else ")")]
     for side in ("uncached", "cached"):
         row = report[side]
         phases = ", ".join(f"{name} {seconds * 1000:.1f}" for name, seconds in row["phases_per_step_s"].items())

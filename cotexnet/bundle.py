@@ -71,13 +71,79 @@ def clipseg_architecture(name: str, image_size: int):
 
 
 def build_clipseg(clipseg_config, seed: int = 0):
-    """A randomly initialised ``CLIPSegForImageSegmentation``, reproducible for a given seed."""
+    """A randomly initialised ``CLIPSegForImageSegmentation``, the same tensor for tensor for a given seed under
+    transformers 4.40+ and 5.x.
+
+    The library's own initialisation differs by major: transformers 5 draws the decoder's FiLM, reduction and
+    upsampling layers from N(0, initializer_factor = 1), about 6x PyTorch's default that transformers 4 leaves
+    there, and a tiny model so drawn did not learn the demo task (held-out Dice 0.06). So every weight is drawn
+    again here, by :func:`initialize_clipseg`, whatever the library did.
+    """
     import torch
     from transformers import CLIPSegForImageSegmentation
 
-    with torch.random.fork_rng(devices=[]):
+    model = CLIPSegForImageSegmentation(clipseg_config)
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
         torch.manual_seed(seed)
-        return CLIPSegForImageSegmentation(clipseg_config).eval()
+        initialize_clipseg(model)
+    return model.eval()
+
+
+def initialize_clipseg(model) -> None:
+    """Draw every weight of a CLIPSeg model in the order and with the rules of transformers 4.x's construction.
+
+    Each part (the CLIP model, then the decoder) is built with PyTorch's default initialisation, module by module
+    in the order its constructors run, then re-drawn by CLIPSeg's scheme in post-order (children before their
+    parent): N(0, 0.02 f) text embeddings; N(0, d^-1/2 f) class embedding; N(0, initializer_range f) patch and
+    position embeddings; attention q/k/v N(0, d^-1/2 (2L)^-1/2 f) and output N(0, d^-1/2 f); MLP fc1 N(0, (2d)^-1/2 f)
+    and fc2 N(0, d^-1/2 (2L)^-1/2 f); projections N(0, width^-1/2 f); layer norms 1 and 0; linear biases 0.
+    Replaying that sequence from the same seed reproduces the weights transformers 4 gives bit for bit.
+    """
+    from torch import nn
+    from transformers.models.clipseg.modeling_clipseg import (CLIPSegAttention, CLIPSegMLP, CLIPSegModel,
+                                                              CLIPSegTextEmbeddings, CLIPSegVisionEmbeddings)
+
+    factor = model.config.initializer_factor
+
+    def post_order(module):
+        for child in module.children():
+            yield from post_order(child)
+        yield module
+
+    def clipseg_scheme(module) -> None:
+        if isinstance(module, CLIPSegTextEmbeddings):
+            module.token_embedding.weight.normal_(0.0, 0.02 * factor)
+            module.position_embedding.weight.normal_(0.0, 0.02 * factor)
+        elif isinstance(module, CLIPSegVisionEmbeddings):
+            module.class_embedding.normal_(0.0, module.embed_dim ** -0.5 * factor)
+            module.patch_embedding.weight.normal_(0.0, module.config.initializer_range * factor)
+            module.position_embedding.weight.normal_(0.0, module.config.initializer_range * factor)
+        elif isinstance(module, (CLIPSegAttention, CLIPSegMLP)):
+            width, depth = module.config.hidden_size, module.config.num_hidden_layers
+            inner = width ** -0.5 * (2 * depth) ** -0.5 * factor
+            if isinstance(module, CLIPSegAttention):
+                for projection in (module.q_proj, module.k_proj, module.v_proj):
+                    projection.weight.normal_(0.0, inner)
+                module.out_proj.weight.normal_(0.0, width ** -0.5 * factor)
+            else:
+                module.fc1.weight.normal_(0.0, (2 * width) ** -0.5 * factor)
+                module.fc2.weight.normal_(0.0, inner)
+        elif isinstance(module, CLIPSegModel):
+            module.text_projection.weight.normal_(0.0, module.text_embed_dim ** -0.5 * factor)
+            module.visual_projection.weight.normal_(0.0, module.vision_embed_dim ** -0.5 * factor)
+        if isinstance(module, nn.LayerNorm):
+            module.reset_parameters()
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            module.bias.zero_()
+
+    for part in (model.clip, model.decoder):
+        for module in part.modules():  # pre-order: a constructor's own draws come before its children's
+            if isinstance(module, CLIPSegVisionEmbeddings):
+                module.class_embedding.normal_()  # torch.randn in its constructor
+            elif isinstance(module, (nn.Linear, nn.Conv2d, nn.ConvTranspose2d, nn.Embedding, nn.LayerNorm)):
+                module.reset_parameters()
+        for module in post_order(part):
+            clipseg_scheme(module)
 
 
 def download_backbone(repo_id: str, cache_dir: str | os.PathLike | None = None, tqdm_class=None) -> Path:
@@ -99,7 +165,7 @@ def download_backbone(repo_id: str, cache_dir: str | os.PathLike | None = None, 
         raise BundleError(
             f"backbone {repo_id!r} could not be downloaded or found in the cache ({error_summary(error)}). "
             f"To use it offline, download it once where there is internet "
-            f"(huggingface-cli download {repo_id} --local-dir DIR) and pass that folder as the backbone, "
+            f"(hf download {repo_id} --local-dir DIR) and pass that folder as the backbone, "
             f"or point HF_HOME / --cache-dir at a cache that holds it"
         ) from None
 
@@ -337,7 +403,7 @@ def push_bundle(bundle: str | os.PathLike, repo_id: str, *, private: bool = Fals
                                    commit_message=f"Upload CoTexNet model from {folder.name}")
     except HfHubHTTPError as error:
         raise CoTexNetError(f"{repo_id}: the Hub refused the upload ({error}); check the token "
-                            f"(huggingface-cli login or HF_TOKEN) and that you may write to this repository") from None
+                            f"(hf auth login or HF_TOKEN) and that you may write to this repository") from None
     except OSError as error:
         raise CoTexNetError(f"{repo_id}: could not reach the Hub ({type(error).__name__}: {error})") from None
     logger.info("pushed %s to %s (%s)", folder, repo_id, revision or "main")

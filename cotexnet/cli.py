@@ -58,7 +58,12 @@ def _add_train(sub) -> None:
     p.add_argument("--image-size", type=int, help="default: the recipe's")
     p.add_argument("--epochs", type=int, help="default: the recipe's")
     p.add_argument("--batch-size", type=int, help="default: the recipe's")
+    p.add_argument("--accumulate", type=int, default=train("accumulate"),
+                   help="batches whose gradients each optimiser step sums (an effective batch of accumulate x "
+                        "batch size, for a device too small for the batch)")
     p.add_argument("--lr", type=float, help="default: the recipe's")
+    p.add_argument("--compile", choices=COMPILE_MODES,
+                   help="torch.compile the step's text encoder and decoder (reduce-overhead: CUDA graphs)")
     p.add_argument("--train-encoder", help=f"image-encoder layers that train: {TRAIN_ENCODER_HELP} (default: the "
                                            "recipe's); anything but none turns the feature cache off")
     p.add_argument("--init-from", help="start from this bundle's (or run folder's) weights: same classes, or "
@@ -76,7 +81,8 @@ def _add_train(sub) -> None:
     p.add_argument("--oversample", type=float, default=train("oversample"),
                    help="share of each batch drawn from slices holding a class (0: off)")
     p.add_argument("--feature-cache", choices=FEATURE_CACHE_MODES, default=train("feature_cache"),
-                   help="cache the frozen encoders' outputs per slice and view under OUT (auto: when it fits)")
+                   help="cache the frozen encoders' outputs per slice and view, in GPU memory when they all fit "
+                        "there, else under OUT (auto: when it fits)")
     p.add_argument("--views", type=int, default=train("views"), help="cached augmented views per slice")
     p.add_argument("--cache-limit-gb", type=float, default=train("cache_limit_gb"),
                    help="size cap of the feature cache; beyond it features are computed on the fly")
@@ -186,7 +192,8 @@ def _run_train(args) -> int:
                  "use_text_module": not args.no_text_module}
     options = TrainOptions(
         data=args.data, out=args.out, classes=args.classes, keywords=args.keywords, backbone=args.backbone,
-        cache_dir=args.cache_dir, image_size=args.image_size, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+        cache_dir=args.cache_dir, image_size=args.image_size, epochs=args.epochs, batch_size=args.batch_size,
+        accumulate=args.accumulate, compile=args.compile, lr=args.lr,
         train_encoder=args.train_encoder, init_from=args.init_from, flips=args.flips, oversample=args.oversample,
         feature_cache=args.feature_cache, views=args.views, cache_limit_gb=args.cache_limit_gb,
         optimizer=args.optimizer, weight_decay=args.weight_decay, patience=args.patience, device=args.device,
@@ -330,7 +337,7 @@ def _run_card(args) -> int:
 
     if parse_repo_id(args.model):  # its files live in the Hugging Face cache, which is not ours to edit
         raise CoTexNetError(f"{args.model}: no such folder; card rewrites a local bundle (download a Hub model with "
-                            f"huggingface-cli download {args.model} --local-dir DIR and give DIR)")
+                            f"hf download {args.model} --local-dir DIR and give DIR)")
     folder = bundle_folder(args.model)
     results = []
     for path in args.evaluation:  # all read before the bundle changes, so a bad file changes nothing
@@ -350,7 +357,7 @@ def _add_push(sub) -> None:
                        description="Uploads config, safetensors weights, tokenizer files and the model card of a "
                                    "bundle (a run folder's best model) to a Hub model repository, created if missing. "
                                    "Never the training state of last/, nor training.json (it holds local paths). "
-                                   "Log in first (huggingface-cli login) or set HF_TOKEN.")
+                                   "Log in first (hf auth login) or set HF_TOKEN.")
     p.add_argument("model", help="model bundle folder, or a training run folder (RUN means RUN/best)")
     p.add_argument("repo_id", help="Hub repository id, owner/name")
     p.add_argument("--private", action="store_true", help="create the repository private")
@@ -467,7 +474,9 @@ def _add_bench(sub) -> None:
     p.add_argument("--volume", type=_volume_shape, help="also time a synthetic CT volume end to end, e.g. 300x512x512")
     p.add_argument("--volume-batch-size", type=_positive_int,
                    help="slices per batch for --volume (default: from free GPU memory on CUDA, else --batch-size)")
-    p.add_argument("--compile", choices=COMPILE_MODES, help="torch.compile both sides (reduce-overhead: CUDA graphs)")
+    p.add_argument("--compile", choices=COMPILE_MODES,
+                   help="torch.compile both sides; with --train, the step's text encoder and decoder (reduce-overhead: "
+                        "CUDA graphs)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_run_bench)
 
@@ -477,7 +486,7 @@ def _run_bench(args) -> int:
 
     if args.train:
         report = bench_train(args.backbone, args.device, args.batch_size, args.image_size, args.classes,
-                             iterations=args.iterations)
+                             iterations=args.iterations, compile=args.compile)
         if args.json:
             _print_json(report)
         else:

@@ -355,6 +355,11 @@ class TrainOptions:
     image_size: int | None = None
     epochs: int | None = None
     batch_size: int | None = None
+    #: ``torch.compile`` mode of the step's text encoder and decoder (:meth:`CoTexNet.compile_training`); None: eager.
+    compile: str | None = None
+    #: Batches whose gradients one optimiser step sums: an effective batch of ``accumulate x batch_size`` on a
+    #: device too small for it (out of GPU memory, the trainer halves the batch and doubles this by itself).
+    accumulate: int = 1
     lr: float | None = None
     train_encoder: str | None = None
     optimizer: str = "adam"
@@ -370,7 +375,7 @@ class TrainOptions:
     feature_cache: str = "auto"
     #: Augmented views per slice kept in the feature cache (one without augmentation).
     views: int = 4
-    #: Size cap of the feature cache on disk; beyond it the step encodes on the fly.
+    #: Size cap of the feature cache (GPU memory or disk); beyond it the step encodes on the fly.
     cache_limit_gb: float = 8.0
     #: A bundle (or run folder) whose weights start this run: same classes, or matched by name.
     init_from: str | None = None
@@ -405,6 +410,8 @@ class TrainOptions:
         last = encoder.startswith("last-") and encoder[5:].isdigit() and int(encoder[5:]) > 0
         if encoder not in ("none", "all") and not last:
             raise ConfigError(f"train_encoder: expected {TRAIN_ENCODER_HELP}, got {encoder!r}")
+        if self.compile is not None and self.compile not in COMPILE_MODES:
+            raise ConfigError(f"compile: expected one of {', '.join(COMPILE_MODES)}, got {self.compile!r}")
         for name, choices in (("flips", FLIP_MODES), ("feature_cache", FEATURE_CACHE_MODES)):
             if getattr(self, name) not in choices:
                 raise ConfigError(f"{name}: expected one of {', '.join(choices)}, got {getattr(self, name)!r}")
@@ -412,7 +419,7 @@ class TrainOptions:
             raise ConfigError(f"oversample: expected a share in [0, 1], got {self.oversample!r}")
         if not isinstance(self.views, int) or self.views < 1:
             raise ConfigError(f"views: expected a positive integer, got {self.views!r}")
-        for name in ("epochs", "batch_size", "patience", "image_size", "max_steps_per_epoch"):
+        for name in ("epochs", "batch_size", "accumulate", "patience", "image_size", "max_steps_per_epoch"):
             value = getattr(self, name)
             if (value is not None or name != "max_steps_per_epoch") and not _integer_at_least(value, 1):
                 raise ConfigError(f"{name}: expected a positive integer, got {value!r}")

@@ -6,10 +6,12 @@ passes are nearly all of a step's time, so each (slice, view) is encoded once, o
 in 16-bit in memory-mapped files under the run folder, with the view's label map and real-text prompt.
 With augmentation, each slice has ``views`` fixed random views; a step draws one of them at random.
 
-The files are sized up front and their blocks reserved on disk at once (a sparse memory-mapped file
-whose disk fills up later kills the process with SIGBUS; a reservation that fails is an ordinary error);
-when ``views`` do not fit under the cap (and half the free disk), fewer views are kept, and when one view
-does not fit the cache is off and the step encodes on the fly.
+On a GPU whose free memory holds every view (at most :data:`RESIDENT_SHARE` of it, and under the cap), the
+cache lives in GPU memory instead: no file, no host copy per step. Otherwise the files are sized up front and
+their blocks reserved on disk at once (a sparse memory-mapped file whose disk fills up later kills the process
+with SIGBUS; a reservation that fails is an ordinary error); when ``views`` do not fit under the cap (and half
+the free disk), fewer views are kept, and when one view does not fit the cache is off and the step encodes on
+the fly.
 """
 from __future__ import annotations
 
@@ -27,6 +29,9 @@ from .model import CoTexNet, EncodedFeatures
 logger = logging.getLogger(__name__)
 
 CACHE_FOLDER = "feature_cache"
+#: Share of the GPU's free memory (measured once the model is on it) the cache may take there; the rest is the
+#: training step's (activations of the decoder and the ROI branch, optimiser state).
+RESIDENT_SHARE = 0.5
 
 
 @dataclass(frozen=True)
@@ -55,19 +60,33 @@ class CacheLayout:
         return 2 * floats + self.image_size ** 2
 
 
-def plan_views(layout: CacheLayout, items: int, views: int, limit_bytes: float, folder: Path) -> tuple[int, str]:
-    """(views that fit, a line saying so): at most ``views``; 0 means no cache."""
+@dataclass(frozen=True)
+class CachePlan:
+    """Where the cache lives and how many views per slice it keeps (0: no cache), with a line saying so."""
+
+    views: int
+    resident: bool
+    message: str
+
+
+def plan_cache(layout: CacheLayout, items: int, views: int, limit_bytes: float, folder: Path,
+               free_gpu_bytes: int | None = None) -> CachePlan:
+    """In GPU memory when ``free_gpu_bytes`` (``None`` off a GPU) holds every view within :data:`RESIDENT_SHARE`
+    and ``limit_bytes``; else on disk, as many of ``views`` as fit under ``limit_bytes`` and half the free disk."""
+    per_view = layout.entry_bytes * items
+    needed = f"{items} slices x {views} view(s) x {layout.entry_bytes / 2**20:.2f} MB = {views * per_view / 2**30:.2f} GB"
+    if free_gpu_bytes is not None and views * per_view <= min(limit_bytes, RESIDENT_SHARE * free_gpu_bytes):
+        return CachePlan(views, True, f"feature cache: {needed} in GPU memory ({free_gpu_bytes / 2**30:.1f} GB free)")
     folder.mkdir(parents=True, exist_ok=True)
     budget = min(limit_bytes, 0.5 * shutil.disk_usage(folder).free)
-    per_view = layout.entry_bytes * items
     fit = min(views, int(budget // per_view))
-    needed = f"{items} slices x {views} view(s) x {layout.entry_bytes / 2**20:.2f} MB = {views * per_view / 2**30:.2f} GB"
     if fit == 0:
-        return 0, (f"feature cache off: {needed}, over the cap of {budget / 2**30:.2f} GB (--cache-limit-gb, half the "
-                   "free disk); the frozen encoders run on the fly every step")
+        return CachePlan(0, False, f"feature cache off: {needed}, over the cap of {budget / 2**30:.2f} GB "
+                                   "(--cache-limit-gb, half the free disk); the frozen encoders run on the fly every step")
     if fit < views:
-        return fit, f"feature cache: {fit} of {views} views per slice fit ({needed} is over {budget / 2**30:.2f} GB)"
-    return fit, f"feature cache: {needed} under {folder}"
+        return CachePlan(fit, False, f"feature cache: {fit} of {views} views per slice fit ({needed} is over "
+                                     f"{budget / 2**30:.2f} GB)")
+    return CachePlan(fit, False, f"feature cache: {needed} under {folder}")
 
 
 def reserve(path: Path, size: int) -> None:
@@ -82,17 +101,26 @@ def reserve(path: Path, size: int) -> None:
 
 
 class FeatureCache:
-    """Memory-mapped :class:`~cotexnet.model.EncodedFeatures`, label maps and prompts per (item, view)."""
+    """:class:`~cotexnet.model.EncodedFeatures`, label maps and prompts per (item, view), 16-bit, in memory-mapped
+    files under ``folder`` or, with ``resident``, in tensors on ``device`` (the training device)."""
 
-    def __init__(self, folder: Path, layout: CacheLayout, items: int, views: int):
+    def __init__(self, folder: Path, layout: CacheLayout, items: int, views: int, resident: bool = False,
+                 device: torch.device | str = "cpu"):
         self.folder, self.layout, self.views = Path(folder), layout, views
-        self.folder.mkdir(parents=True, exist_ok=True)
+        self.storage = torch.device(device) if resident else torch.device("cpu")
+        self.maps: list[np.memmap] = []
+        if not resident:
+            self.folder.mkdir(parents=True, exist_ok=True)
         L = layout
 
         def array(name, shape, dtype):
-            path, shape = self.folder / f"{name}.bin", (items, views, *shape)
+            shape = (items, views, *shape)
+            if resident:
+                return torch.empty(shape, dtype=torch.from_numpy(np.zeros(0, dtype)).dtype, device=self.storage)
+            path = self.folder / f"{name}.bin"
             reserve(path, int(np.prod(shape)) * np.dtype(dtype).itemsize)
-            return np.memmap(path, dtype=dtype, mode="r+", shape=shape)
+            self.maps.append(np.memmap(path, dtype=dtype, mode="r+", shape=shape))
+            return torch.from_numpy(self.maps[-1])
 
         self.activations = array("activations", (L.layers, L.tokens, L.width), np.float16)
         self.image_embeds = array("image_embeds", (L.projection,), np.float16)
@@ -101,40 +129,44 @@ class FeatureCache:
         self.filled = np.zeros((items, views), dtype=bool)
         self.prompts: dict[tuple[int, int], str | None] = {}
 
+    def index(self, keys: list[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        items, views = zip(*keys)
+        return (torch.tensor(items, device=self.storage), torch.tensor(views, device=self.storage))
+
     def missing(self, keys: list[tuple[int, int]]) -> list[int]:
         """Positions in ``keys`` whose entry is not stored yet."""
         return [k for k, (item, view) in enumerate(keys) if not self.filled[item, view]]
 
     def put(self, keys: list[tuple[int, int]], encoded: EncodedFeatures, labels: torch.Tensor,
             prompts: list[str] | None) -> None:
-        for row, (item, view) in enumerate(keys):
-            self.activations[item, view] = torch.stack([a[row] for a in encoded.activations]).half().cpu().numpy()
-            self.image_embeds[item, view] = encoded.image_embeds[row].half().cpu().numpy()
-            if self.roi_embeds is not None:
-                self.roi_embeds[item, view] = encoded.roi_embeds[row].half().cpu().numpy()
-            self.labels[item, view] = labels[row].to(torch.uint8).cpu().numpy()
-            self.prompts[item, view] = prompts[row] if prompts is not None else None
-            self.filled[item, view] = True
+        at, storage = self.index(keys), self.storage
+        self.activations[at] = torch.stack(encoded.activations, dim=1).to(storage, torch.float16)
+        self.image_embeds[at] = encoded.image_embeds.to(storage, torch.float16)
+        if self.roi_embeds is not None:
+            self.roi_embeds[at] = encoded.roi_embeds.to(storage, torch.float16)
+        self.labels[at] = labels.to(storage, torch.uint8)
+        for row, key in enumerate(keys):
+            self.prompts[key] = prompts[row] if prompts is not None else None
+            self.filled[key] = True
 
     def get(self, keys: list[tuple[int, int]], device: torch.device) -> tuple[EncodedFeatures, torch.Tensor, list | None]:
         """(features as float32 on ``device``, label maps int64, prompts or ``None``) of stored entries."""
-        items, views = (np.asarray(k) for k in zip(*keys))
+        at = self.index(keys)
 
-        def tensor(array):
-            return torch.from_numpy(np.ascontiguousarray(array[items, views])).to(device).float()
+        def tensor(stored):
+            return stored[at].to(device).float()
 
         activations = tensor(self.activations)
         encoded = EncodedFeatures(list(activations.unbind(1)), tensor(self.image_embeds),
                                   tensor(self.roi_embeds) if self.roi_embeds is not None else None)
-        labels = torch.from_numpy(np.ascontiguousarray(self.labels[items, views])).to(device).long()
+        labels = self.labels[at].to(device).long()
         prompts = [self.prompts[key] for key in keys]
         return encoded, labels, None if prompts[0] is None else prompts
 
     def close(self) -> None:
-        """Drop the files (they are rebuilt by the next run; a resumed run re-encodes)."""
-        for name in ("activations", "image_embeds", "roi_embeds", "labels"):
-            array = getattr(self, name)
-            if array is not None:
-                array._mmap.close()
-            setattr(self, name, None)
+        """Free the memory or drop the files (they are rebuilt by the next run; a resumed run re-encodes)."""
+        self.activations = self.image_embeds = self.roi_embeds = self.labels = None
+        for array in self.maps:
+            array._mmap.close()
+        self.maps = []
         shutil.rmtree(self.folder, ignore_errors=True)

@@ -50,12 +50,12 @@ def download_model(repo_id: str, revision: str | None = None, files=DOWNLOAD_PAT
         raise BundleError(f"{where}: the Hub repository has no revision {revision!r}") from None
     except RepositoryNotFoundError:
         raise BundleError(f"{repo_id}: no such local folder, and no such model repository on {constants.ENDPOINT} (or "
-                          f"it is private and no token was given: huggingface-cli login, or set HF_TOKEN)") from None
+                          f"it is private and no token was given: hf auth login, or set HF_TOKEN)") from None
     except Exception as error:  # offline and not cached, network down, server errors: one message
         offline = " (HF_HUB_OFFLINE is set)" if constants.HF_HUB_OFFLINE else ""
         raise BundleError(f"{where}: no such local folder, and as a Hub repository it could not be downloaded from "
                           f"{constants.ENDPOINT} and is not in the Hugging Face cache{offline} ({type(error).__name__}). "
-                          f"Run once with a connection to cache it, or download it (huggingface-cli download {repo_id} "
+                          f"Run once with a connection to cache it, or download it (hf download {repo_id} "
                           f"--local-dir DIR) and use that folder") from None
     needed = [CONFIG_NAME] + ([WEIGHTS_NAME] if any(p.endswith(".safetensors") for p in files) else [])
     missing = [name for name in needed if not (folder / name).is_file()]

@@ -376,6 +376,14 @@ class CoTexNet(BundleMixin, nn.Module):
         return self.encode_text(self.text_inputs(text_ids, batch), pseudo if config.use_pseudo_text else None)
 
     # ------------------------------------------------------------------------------------ training
+    def compile_training(self, mode: str) -> None:
+        """Run the training step's tensor-only parts through ``torch.compile`` in ``mode`` (``reduce-overhead``:
+        CUDA graphs): the text encoder on prompts and pseudo-tokens, and the decoder. The Python around them
+        (prompt token ids, which differ from batch to batch, and the ablation switches) stays eager, so new
+        prompts never recompile. Weights are untouched: the bundle saves as ever."""
+        self.encode_text = torch.compile(self.encode_text, mode=mode)
+        self.decode = torch.compile(self.decode, mode=mode)
+
     def set_encoder_training(self, layers: str) -> None:
         """Which image-encoder weights train: ``none`` (frozen, the paper), ``all``, or ``last-K`` (the last K
         layers, the final norm and the projection). A random encoder is no CLIP; training it is what lets a

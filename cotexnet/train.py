@@ -23,6 +23,7 @@ continues the epoch from there, so the resumed run takes as many optimiser steps
 from __future__ import annotations
 
 import errno
+import itertools
 import json
 import logging
 import math
@@ -63,8 +64,8 @@ logger = logging.getLogger(__name__)
 LOSS_TERMS = ("loss", "loss_seg", "loss_kd")
 #: Options a resumed run takes from its checkpoint (model config, optimiser and schedule state): a new
 #: value would be ignored, so resuming with one is refused.
-RESUME_FIXED_OPTIONS = ("backbone", "image_size", "epochs", "batch_size", "lr", "optimizer", "weight_decay",
-                        "slice_axis", "modality", "intensity", "max_steps_per_epoch")
+RESUME_FIXED_OPTIONS = ("backbone", "image_size", "epochs", "batch_size", "accumulate", "lr", "optimizer",
+                        "weight_decay", "slice_axis", "modality", "intensity", "max_steps_per_epoch")
 
 
 class ProgressWriter:
@@ -408,6 +409,8 @@ class Trainer:
 
         self.model.set_encoder_training(options.train_encoder)
         model = self.model.place(self.device)
+        if options.compile is not None:
+            model.compile_training(options.compile)
         optimizer_class = torch.optim.AdamW if options.optimizer == "adamw" else torch.optim.Adam
         self.optimizer = optimizer_class(model.trainable_parameters(), lr=options.lr, weight_decay=options.weight_decay,
                                          **fused_optimizer(self.device))
@@ -425,9 +428,9 @@ class Trainer:
         self.dtype = autocast_dtype(self.device, "auto")
         # fp16 (GPUs without bf16) needs loss scaling against gradient underflow; bf16 and fp32 do not.
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
-        self.batch_size = options.batch_size
+        self.batch_size, self.accumulate = options.batch_size, options.accumulate
         self.train_loader, self.val_loader = self.make_loaders(self.batch_size)
-        self.steps = len(self.train_loader)
+        self.steps = math.ceil(len(self.train_loader) / self.accumulate)  # optimiser steps
         if options.max_steps_per_epoch is not None:
             self.steps = min(self.steps, options.max_steps_per_epoch)
         self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer,
@@ -466,8 +469,9 @@ class Trainer:
 
     def make_cache(self):
         """A :class:`~cotexnet.feature_cache.FeatureCache` when ``--feature-cache auto`` and it can work: frozen
-        encoder, one process, the CoTexNet variant, and room under the cap; else ``None`` (said why)."""
-        from .feature_cache import CACHE_FOLDER, CacheLayout, FeatureCache, plan_views
+        encoder, one process, the CoTexNet variant, and room under the cap (in GPU memory when it all fits there,
+        else on disk); else ``None`` (said why)."""
+        from .feature_cache import CACHE_FOLDER, CacheLayout, FeatureCache, plan_cache
 
         options = self.options
         if options.feature_cache == "off":
@@ -481,13 +485,14 @@ class Trainer:
         views = options.views if options.augment else 1
         layout = CacheLayout.of(self.model)
         folder = self.out / CACHE_FOLDER
-        views, message = plan_views(layout, len(self.train_set), views, options.cache_limit_gb * 2**30, folder)
-        logger.info(message)
-        if views == 0:
-            self.emit("warning", message=message)
+        free_gpu = torch.cuda.mem_get_info(self.device)[0] if self.device.type == "cuda" else None
+        plan = plan_cache(layout, len(self.train_set), views, options.cache_limit_gb * 2**30, folder, free_gpu)
+        logger.info(plan.message)
+        if plan.views == 0:
+            self.emit("warning", message=plan.message)
             return None
         try:
-            return FeatureCache(folder, layout, len(self.train_set), views)
+            return FeatureCache(folder, layout, len(self.train_set), plan.views, plan.resident, self.device)
         except OSError as error:
             shutil.rmtree(folder, ignore_errors=True)
             raise CoTexNetError(f"{folder}: cannot reserve the feature cache on disk ({error.strerror}); free space "
@@ -600,7 +605,7 @@ class Trainer:
         iterator = iter(self.train_loader)
         if self.resume_from is not None and epoch == self.start_epoch:  # a checkpoint saved mid-epoch
             done, totals = self.resume_from["step"], dict(self.resume_from["totals"])
-            for _ in range(done):  # the same shuffled order as before the stop; skip what was trained on
+            for _ in range(done * self.accumulate):  # the same shuffled order as before the stop; skip what was trained on
                 next(iterator)
             self.augment_rng.set_state(self.resume_from["augment_rng"])
             message = f"resuming epoch {epoch} at step {done + 1} of {self.steps}, where it was stopped"
@@ -611,12 +616,11 @@ class Trainer:
             if any_rank(bool(self.stop), self.device, self.world):
                 self.stopped = True
                 break
-            try:
-                batch = next(iterator)
-            except StopIteration:
+            batches = list(itertools.islice(iterator, self.accumulate))
+            if not batches:
                 break
             try:
-                terms = self.train_step(batch)
+                terms = self.train_step(batches)
             except torch.cuda.OutOfMemoryError:
                 self._halve_batch()
                 iterator = iter(self.train_loader)
@@ -647,13 +651,19 @@ class Trainer:
                              f"(now {self.options.lr}) and {kept}")
 
     def _halve_batch(self) -> None:
+        """Out of GPU memory: half the batch, twice the batches per optimiser step, so the effective batch, the
+        steps per epoch and the schedule stay the run's."""
         if self.batch_size == 1:
             raise CoTexNetError("out of GPU memory even with batch size 1; lower --image-size or use the CPU") from None
         self.optimizer.zero_grad(set_to_none=True)
         torch.cuda.empty_cache()
+        effective = self.batch_size * self.accumulate
         self.batch_size = max(1, self.batch_size // 2)
-        self.emit("warning", message=f"out of GPU memory: retrying with batch size {self.batch_size}")
-        logger.warning("out of GPU memory: retrying with batch size %d", self.batch_size)
+        self.accumulate = max(1, effective // self.batch_size)
+        message = (f"out of GPU memory: retrying with batch size {self.batch_size}, {self.accumulate} batches per "
+                   f"optimiser step (effective batch {self.batch_size * self.accumulate})")
+        self.emit("warning", message=message)
+        logger.warning(message)
         self.train_loader, self.val_loader = self.make_loaders(self.batch_size)
 
     def _class_masks(self, labels: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -693,30 +703,39 @@ class Trainer:
     def _autocast(self):
         return torch.autocast(self.device.type, dtype=self.dtype) if self.dtype is not None else nullcontext()
 
-    def train_step(self, batch: dict) -> dict[str, float]:
-        """Augment, describe (real-text prompts), forward, score with :class:`CoTexNetLoss`, one optimiser step.
+    def train_step(self, batches: list[dict]) -> dict[str, float]:
+        """One optimiser step on the summed gradients of ``batches`` (``--accumulate``: an effective batch of their
+        sizes' sum): per batch augment, describe (real-text prompts), forward, score with :class:`CoTexNetLoss`
+        and back-propagate 1/len(batches) of it. Returns the loss terms averaged over the batches.
 
         With the feature cache, the frozen encoders' outputs (and the view's labels and prompts) come from
         :meth:`cached_inputs` instead of being recomputed.
         """
         model, device, clock = self.model, self.device, self.clock
-        with clock("data"):
-            images = batch["image"].to(device, non_blocking=True)
-            labels = batch["label"].to(device, non_blocking=True)
-            encoded = None
-            if self.cache is not None:
-                labels, prompts, encoded = self.cached_inputs(batch, images, labels)
-            else:
-                images, labels, prompts = self._augmented(images, labels, self.augment_rng)
-            masks = self._class_masks(labels, images.dtype)
-            text_ids = model.encode_prompts(prompts) if prompts is not None else None
-        with clock("forward"):
-            with self._autocast():
-                output = self.net(images, masks, text_ids, encoded)
-            terms = self.loss(output, labels)
-        with clock("backward"):
-            self.optimizer.zero_grad(set_to_none=True)
-            self.scaler.scale(terms.total).backward()
+        self.optimizer.zero_grad(set_to_none=True)
+        sums = dict.fromkeys(LOSS_TERMS, 0.0)
+        for index, batch in enumerate(batches):
+            # DDP averages gradients across ranks at the last backward of the step only
+            last = index == len(batches) - 1
+            synced = self.net.no_sync() if self.world > 1 and not last else nullcontext()
+            with clock("data"):
+                images = batch["image"].to(device, non_blocking=True)
+                labels = batch["label"].to(device, non_blocking=True)
+                encoded = None
+                if self.cache is not None:
+                    labels, prompts, encoded = self.cached_inputs(batch, images, labels)
+                else:
+                    images, labels, prompts = self._augmented(images, labels, self.augment_rng)
+                masks = self._class_masks(labels, images.dtype)
+                text_ids = model.encode_prompts(prompts) if prompts is not None else None
+            with clock("forward"), synced:
+                with self._autocast():
+                    output = self.net(images, masks, text_ids, encoded)
+                terms = self.loss(output, labels)
+            with clock("backward"), synced:
+                self.scaler.scale(terms.total / len(batches)).backward()
+            for key, value in zip(LOSS_TERMS, (terms.total, terms.segmentation, terms.distillation)):
+                sums[key] += value.item() / len(batches)
         with clock("optimizer"):
             if self.options.grad_clip > 0:
                 self.scaler.unscale_(self.optimizer)
@@ -724,7 +743,7 @@ class Trainer:
             self.scaler.step(self.optimizer)
             self.scaler.update()
             self.scheduler.step()
-        return {"loss": terms.total.item(), "loss_seg": terms.segmentation.item(), "loss_kd": terms.distillation.item()}
+        return sums
 
     def validate(self) -> tuple[float, list[float]]:
         """Dice of each class over all validation slices, and their mean (test-time path, no text)."""

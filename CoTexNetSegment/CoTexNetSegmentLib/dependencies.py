@@ -27,7 +27,7 @@ from packaging.version import Version
 
 #: Engine requirements installed with pip (torch excluded: the PyTorch extension installs it).
 REQUIREMENTS = (
-    "transformers>=4.40,<5",  # as pyproject.toml: training is not yet verified under 5.x
+    "transformers>=4.40,<6",  # as pyproject.toml: 4.x and 5.x both tested
     "safetensors>=0.4",
     "huggingface_hub>=0.20",
     "numpy>=1.23",
