@@ -111,6 +111,7 @@ def test_train_bench_reports_phases_and_the_paper_recipe_estimate():
     estimate = report["paper_recipe_estimate_s"]
     assert estimate["uncached"] == pytest.approx(PAPER_RECIPE_SLICES * PAPER_RECIPE_EPOCHS / report["uncached"]["slices_per_s"])
     assert report["cached"]["phases_per_step_s"]["data"] < report["uncached"]["phases_per_step_s"]["forward"] * 10
+    assert report["cached"]["cache_storage"] == "cpu" and report["uncached"]["cache_storage"] is None  # files, on a CPU
 
 
 def test_a_bench_process_that_dies_before_reporting_is_an_error_not_a_hang():

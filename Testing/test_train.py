@@ -173,6 +173,45 @@ def test_accumulate_counts_optimiser_steps_and_out_of_memory_keeps_the_effective
     assert sum(len(sizes) for sizes in calls[1:]) <= 4 * trainer.steps
 
 
+def test_batch_size_auto_fills_half_the_free_memory_and_is_the_recipes_off_a_gpu(shapes, tmp_path):
+    """On a GPU: (free / 2 - fixed) / per-slice bytes, at least 1, at most 256. Off a GPU: the recipe's batch."""
+    from cotexnet.config import RECIPES
+    from cotexnet.train import train_batch_size
+
+    gib, mib = 2**30, 2**20
+    assert train_batch_size(8 * gib, 2 * gib, 100 * mib) == 20  # (4 - 2) GiB / 100 MiB = 20.48
+    assert train_batch_size(80 * gib, 2 * gib, 100 * mib) == 256  # 389 fit: capped
+    assert train_batch_size(1 * gib, 2 * gib, 100 * mib) == 1  # nothing fits: one slice, and out-of-memory halving
+    trainer = ready_trainer(shapes, tmp_path / "run", batch_size="auto")
+    assert trainer.batch_size == RECIPES["random"]["batch_size"] and trainer.accumulate == 1
+    assert trainer.training_info()["batch"] == {"size": RECIPES["random"]["batch_size"], "accumulate": 1}
+
+
+def test_a_resumed_run_keeps_the_batch_an_out_of_memory_retry_chose(shapes, tmp_path, monkeypatch):
+    """Out of memory at the first step (batch 2 -> 1, accumulate 2 -> 4), stopped after epoch 1: the resumed run
+    trains on with batch 1 and 4 batches per step (what its checkpoint holds), not the options' 2 and 2."""
+    stop = tmp_path / "stop"
+    options = dict(epochs=2, accumulate=2, batch_size=2, stop_file=str(stop))
+    real_step, calls = Trainer.train_step, []
+
+    def first_step_runs_out_of_memory(self, batches):
+        calls.append(len(batches))
+        if len(calls) == 1:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+        return real_step(self, batches)
+
+    monkeypatch.setattr(Trainer, "train_step", first_step_runs_out_of_memory)
+    first = Trainer(quick(shapes, tmp_path / "run", **options),
+                    on_event=lambda event, **values: event == "epoch" and stop.touch())
+    first.run()
+    assert first.stopped and first.epoch == 1 and (first.batch_size, first.accumulate) == (1, 4)
+    stop.unlink()
+    resumed = Trainer(quick(shapes, tmp_path / "run", resume=True, **options))
+    resumed.initialize()
+    assert (resumed.batch_size, resumed.accumulate) == (1, 4) and resumed.start_epoch == 2
+    assert resumed.steps == first.steps
+
+
 def test_a_compiled_step_trains_as_the_eager_one(shapes, tmp_path):
     """``--compile default`` (inductor on the CPU) on the text encoder and decoder: on two batches (new prompts, no
     recompilation needed) the losses and each step's gradients are the eager step's within float32 reassociation.

@@ -381,7 +381,8 @@ def bench_train(backbone: str = "full-random", device: str = "auto", batch_size:
                             "first_pass_s": first,
                             "phases_per_step_s": {name: value / iterations for name, value in phases.items()},
                             "peak_gpu_memory_mib": (torch.cuda.max_memory_allocated(resolved) / 2**20
-                                                    if resolved.type == "cuda" else None)}
+                                                    if resolved.type == "cuda" else None),
+                            "cache_storage": None if trainer.cache is None else trainer.cache.storage.type}
             if trainer.cache is not None:
                 trainer.cache.close()
     precision = {None: "fp32"}.get(trainer.dtype, str(trainer.dtype).removeprefix("torch."))

@@ -86,11 +86,13 @@ class RunFolder:
 
 
 def trainer_state(trainer, totals: dict | None = None) -> dict:
-    """What ``--resume`` needs besides the weights: optimiser, schedule, early-stopping state, RNGs, split,
-    and for a stop mid-epoch the step reached, its loss sums and the augmentation stream."""
+    """What ``--resume`` needs besides the weights: optimiser, schedule, early-stopping state, RNGs, split, the
+    batch the run trains with (``--batch-size auto`` or an out-of-memory retry chose it), and for a stop mid-epoch
+    the step reached, its loss sums and the augmentation stream."""
     state = {"optimizer": trainer.optimizer.state_dict(), "scheduler": trainer.scheduler.state_dict(),
              "epoch": trainer.epoch, "best": trainer.best, "stale": trainer.stale, "history": json.dumps(trainer.history),
-             "rng": _rng_state(), "split": trainer.split, "step": trainer.step if totals is not None else 0}
+             "rng": _rng_state(), "split": trainer.split, "step": trainer.step if totals is not None else 0,
+             "batch_size": trainer.batch_size, "accumulate": trainer.accumulate}
     if totals is not None:
         state.update(totals=json.dumps(totals), augment_rng=trainer.augment_rng.get_state())
     return state

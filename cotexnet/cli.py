@@ -57,7 +57,8 @@ def _add_train(sub) -> None:
                                        "HF_HUB_OFFLINE=1 uses the cache only)")
     p.add_argument("--image-size", type=int, help="default: the recipe's")
     p.add_argument("--epochs", type=int, help="default: the recipe's")
-    p.add_argument("--batch-size", type=int, help="default: the recipe's")
+    p.add_argument("--batch-size", type=_batch_size, help="slices per batch, or auto: on a GPU the largest batch "
+                                                          "whose step fits half the free memory (default: the recipe's)")
     p.add_argument("--accumulate", type=int, default=train("accumulate"),
                    help="batches whose gradients each optimiser step sums (an effective batch of accumulate x "
                         "batch size, for a device too small for the batch)")
@@ -85,7 +86,8 @@ def _add_train(sub) -> None:
                         "there, else under OUT (auto: when it fits)")
     p.add_argument("--views", type=int, default=train("views"), help="cached augmented views per slice")
     p.add_argument("--cache-limit-gb", type=float, default=train("cache_limit_gb"),
-                   help="size cap of the feature cache; beyond it features are computed on the fly")
+                   help="size cap of the feature cache on disk; beyond it features are computed on the fly "
+                        "(in GPU memory the cap is half the free memory)")
     p.add_argument("--empty-fraction", type=float, default=train("empty_fraction"),
                    help="share of slices without labels kept")
     p.add_argument("--slice-axis", choices=SLICE_AXES, default=train("slice_axis"))
@@ -509,6 +511,13 @@ def _integer_at_least(text: str, low: int) -> int:
     if value is None or value < low:
         raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text!r}")
     return value
+
+
+def _batch_size(text: str) -> int | str:
+    try:
+        return text if text == "auto" else _positive_int(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1 or auto, got {text!r}") from None
 
 
 def _positive_int(text: str) -> int:

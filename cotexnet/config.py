@@ -354,7 +354,8 @@ class TrainOptions:
     #: ``None``: from the backbone's recipe (:data:`RECIPES`, :func:`recipe_name`).
     image_size: int | None = None
     epochs: int | None = None
-    batch_size: int | None = None
+    #: ``"auto"``: on a GPU, the largest batch whose step fits half the free memory (measured); the recipe's elsewhere.
+    batch_size: int | str | None = None
     #: ``torch.compile`` mode of the step's text encoder and decoder (:meth:`CoTexNet.compile_training`); None: eager.
     compile: str | None = None
     #: Batches whose gradients one optimiser step sums: an effective batch of ``accumulate x batch_size`` on a
@@ -375,7 +376,7 @@ class TrainOptions:
     feature_cache: str = "auto"
     #: Augmented views per slice kept in the feature cache (one without augmentation).
     views: int = 4
-    #: Size cap of the feature cache (GPU memory or disk); beyond it the step encodes on the fly.
+    #: Size cap of the feature cache on disk; beyond it the step encodes on the fly (in GPU memory, half the free memory is the cap).
     cache_limit_gb: float = 8.0
     #: A bundle (or run folder) whose weights start this run: same classes, or matched by name.
     init_from: str | None = None
@@ -421,8 +422,11 @@ class TrainOptions:
             raise ConfigError(f"views: expected a positive integer, got {self.views!r}")
         for name in ("epochs", "batch_size", "accumulate", "patience", "image_size", "max_steps_per_epoch"):
             value = getattr(self, name)
+            if name == "batch_size" and value == "auto":
+                continue
             if (value is not None or name != "max_steps_per_epoch") and not _integer_at_least(value, 1):
-                raise ConfigError(f"{name}: expected a positive integer, got {value!r}")
+                also = " or 'auto'" if name == "batch_size" else ""
+                raise ConfigError(f"{name}: expected a positive integer{also}, got {value!r}")
         for name, top in (("seed", 2**32 - 1), ("num_workers", None)):  # numpy seeds are 32-bit
             value = getattr(self, name)
             if not _integer_at_least(value, 0) or (top is not None and value > top):

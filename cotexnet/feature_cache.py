@@ -6,8 +6,8 @@ passes are nearly all of a step's time, so each (slice, view) is encoded once, o
 in 16-bit in memory-mapped files under the run folder, with the view's label map and real-text prompt.
 With augmentation, each slice has ``views`` fixed random views; a step draws one of them at random.
 
-On a GPU whose free memory holds every view (at most :data:`RESIDENT_SHARE` of it, and under the cap), the
-cache lives in GPU memory instead: no file, no host copy per step. Otherwise the files are sized up front and
+On a GPU whose free memory holds every view (within :data:`RESIDENT_SHARE` of it), the cache lives in GPU
+memory instead: no file, no host copy per step, and no disk cap (the memory is the run's until it ends). Otherwise the files are sized up front and
 their blocks reserved on disk at once (a sparse memory-mapped file whose disk fills up later kills the process
 with SIGBUS; a reservation that fails is an ordinary error); when ``views`` do not fit under the cap (and half
 the free disk), fewer views are kept, and when one view does not fit the cache is off and the step encodes on
@@ -71,11 +71,11 @@ class CachePlan:
 
 def plan_cache(layout: CacheLayout, items: int, views: int, limit_bytes: float, folder: Path,
                free_gpu_bytes: int | None = None) -> CachePlan:
-    """In GPU memory when ``free_gpu_bytes`` (``None`` off a GPU) holds every view within :data:`RESIDENT_SHARE`
-    and ``limit_bytes``; else on disk, as many of ``views`` as fit under ``limit_bytes`` and half the free disk."""
+    """In GPU memory when ``free_gpu_bytes`` (``None`` off a GPU) holds every view within :data:`RESIDENT_SHARE`;
+    else on disk, as many of ``views`` as fit under ``limit_bytes`` (the disk cap) and half the free disk."""
     per_view = layout.entry_bytes * items
     needed = f"{items} slices x {views} view(s) x {layout.entry_bytes / 2**20:.2f} MB = {views * per_view / 2**30:.2f} GB"
-    if free_gpu_bytes is not None and views * per_view <= min(limit_bytes, RESIDENT_SHARE * free_gpu_bytes):
+    if free_gpu_bytes is not None and views * per_view <= RESIDENT_SHARE * free_gpu_bytes:
         return CachePlan(views, True, f"feature cache: {needed} in GPU memory ({free_gpu_bytes / 2**30:.1f} GB free)")
     folder.mkdir(parents=True, exist_ok=True)
     budget = min(limit_bytes, 0.5 * shutil.disk_usage(folder).free)

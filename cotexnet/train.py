@@ -54,7 +54,8 @@ from .data.laterality import FlipRule
 from .data.slice_dataset import ForegroundBatchSampler, SliceDataset, reads_as_color
 from .data.slicing import array_slice_axis
 from .errors import ConfigError, CoTexNetError, DataError, error_summary
-from .infer import PhaseClock, autocast_dtype, evaluate, fit_postprocessing, resolve_device
+from .infer import (MAX_AUTO_BATCH_SIZE, PhaseClock, auto_batch_size, autocast_dtype, evaluate, fit_postprocessing,
+                    resolve_device)
 from .losses import CoTexNetLoss
 from .metrics import DatasetDice
 from .model import CoTexNet, output_head
@@ -190,6 +191,13 @@ def fused_optimizer(device: torch.device) -> dict:
     return {"fused": True} if device.type == "cuda" else {}
 
 
+def train_batch_size(free_bytes: int, fixed_bytes: int, slice_bytes: int, share: float = 0.5,
+                     cap: int = MAX_AUTO_BATCH_SIZE) -> int:
+    """Slices per training batch whose step (``fixed_bytes`` + ``slice_bytes`` per slice) fits ``share`` of
+    ``free_bytes``: at least 1, at most ``cap``."""
+    return auto_batch_size(free_bytes * share - fixed_bytes, slice_bytes, share=1.0, cap=cap)
+
+
 def _seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -283,6 +291,8 @@ class Trainer:
         self.epoch, self.best, self.stale, self.history = 0, -math.inf, 0, []
         self.step = 0  # optimiser steps done in the epoch after ``self.epoch`` (a stop mid-epoch)
         self.resume_from: dict | None = None  # where in its epoch a resumed checkpoint stopped
+        self.cache = None  # the feature cache (make_cache)
+        self.augment_rng = torch.Generator()
 
     def emit(self, event: str, **values) -> None:
         self.writer(event, **values)
@@ -428,15 +438,14 @@ class Trainer:
         self.dtype = autocast_dtype(self.device, "auto")
         # fp16 (GPUs without bf16) needs loss scaling against gradient underflow; bf16 and fp32 do not.
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
-        self.batch_size, self.accumulate = options.batch_size, options.accumulate
+        self.clock = PhaseClock(self.device, None)  # bench --train gives it a dict: seconds per phase of the step
+        self.batch_size, self.accumulate = self.choose_batch(resume_state)
         self.train_loader, self.val_loader = self.make_loaders(self.batch_size)
         self.steps = math.ceil(len(self.train_loader) / self.accumulate)  # optimiser steps
         if options.max_steps_per_epoch is not None:
             self.steps = min(self.steps, options.max_steps_per_epoch)
         self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer,
                                                                     T_max=max(1, options.epochs * self.steps))
-        self.augment_rng = torch.Generator()
-        self.clock = PhaseClock(self.device, None)  # bench --train gives it a dict: seconds per phase of the step
         self.start_epoch = 1 if resume_state is None else restore_trainer_state(self, resume_state) + 1
         self.cache = self.make_cache()
         recipe = {name: getattr(options, name) for name in RECIPES[options.recipe]}
@@ -705,45 +714,87 @@ class Trainer:
 
     def train_step(self, batches: list[dict]) -> dict[str, float]:
         """One optimiser step on the summed gradients of ``batches`` (``--accumulate``: an effective batch of their
-        sizes' sum): per batch augment, describe (real-text prompts), forward, score with :class:`CoTexNetLoss`
-        and back-propagate 1/len(batches) of it. Returns the loss terms averaged over the batches.
-
-        With the feature cache, the frozen encoders' outputs (and the view's labels and prompts) come from
-        :meth:`cached_inputs` instead of being recomputed.
-        """
-        model, device, clock = self.model, self.device, self.clock
+        sizes' sum), each through :meth:`backward` with 1/len(batches) of its loss. Returns the loss terms averaged
+        over the batches."""
         self.optimizer.zero_grad(set_to_none=True)
         sums = dict.fromkeys(LOSS_TERMS, 0.0)
         for index, batch in enumerate(batches):
             # DDP averages gradients across ranks at the last backward of the step only
-            last = index == len(batches) - 1
-            synced = self.net.no_sync() if self.world > 1 and not last else nullcontext()
-            with clock("data"):
-                images = batch["image"].to(device, non_blocking=True)
-                labels = batch["label"].to(device, non_blocking=True)
-                encoded = None
-                if self.cache is not None:
-                    labels, prompts, encoded = self.cached_inputs(batch, images, labels)
-                else:
-                    images, labels, prompts = self._augmented(images, labels, self.augment_rng)
-                masks = self._class_masks(labels, images.dtype)
-                text_ids = model.encode_prompts(prompts) if prompts is not None else None
-            with clock("forward"), synced:
-                with self._autocast():
-                    output = self.net(images, masks, text_ids, encoded)
-                terms = self.loss(output, labels)
-            with clock("backward"), synced:
-                self.scaler.scale(terms.total / len(batches)).backward()
+            synced = self.net.no_sync() if self.world > 1 and index < len(batches) - 1 else nullcontext()
+            with synced:
+                terms = self.backward(batch, 1 / len(batches))
             for key, value in zip(LOSS_TERMS, (terms.total, terms.segmentation, terms.distillation)):
                 sums[key] += value.item() / len(batches)
-        with clock("optimizer"):
+        with self.clock("optimizer"):
             if self.options.grad_clip > 0:
                 self.scaler.unscale_(self.optimizer)
-                torch.nn.utils.clip_grad_norm_(model.trainable_parameters(), self.options.grad_clip)
+                torch.nn.utils.clip_grad_norm_(self.model.trainable_parameters(), self.options.grad_clip)
             self.scaler.step(self.optimizer)
             self.scaler.update()
             self.scheduler.step()
         return sums
+
+    def backward(self, batch: dict, weight: float, cached: bool = True):
+        """Augment, describe (real-text prompts), forward, score with :class:`CoTexNetLoss` and back-propagate
+        ``weight`` x the loss of one batch; returns the loss terms. With the feature cache (and ``cached``), the
+        frozen encoders' outputs (and the view's labels and prompts) come from :meth:`cached_inputs` instead."""
+        model, device, clock = self.model, self.device, self.clock
+        with clock("data"):
+            images = batch["image"].to(device, non_blocking=True)
+            labels = batch["label"].to(device, non_blocking=True)
+            encoded = None
+            if self.cache is not None and cached:
+                labels, prompts, encoded = self.cached_inputs(batch, images, labels)
+            else:
+                images, labels, prompts = self._augmented(images, labels, self.augment_rng)
+            masks = self._class_masks(labels, images.dtype)
+            text_ids = model.encode_prompts(prompts) if prompts is not None else None
+        with clock("forward"):
+            with self._autocast():
+                output = self.net(images, masks, text_ids, encoded)
+            terms = self.loss(output, labels)
+        with clock("backward"):
+            self.scaler.scale(terms.total * weight).backward()
+        return terms
+
+    def choose_batch(self, resume_state: dict | None) -> tuple[int, int]:
+        """(batch size, batches per optimiser step): a resumed run's own (as an out-of-memory retry may have left
+        them), else ``--batch-size`` and ``--accumulate``. ``--batch-size auto`` is, on a GPU, the largest batch
+        whose step fits half the free memory (:meth:`step_memory`, :func:`train_batch_size`), and the recipe's
+        off a GPU."""
+        options = self.options
+        if resume_state is not None and "batch_size" in resume_state:
+            return int(resume_state["batch_size"]), int(resume_state["accumulate"])
+        if options.batch_size != "auto":
+            return options.batch_size, options.accumulate
+        recipe = RECIPES[options.recipe]["batch_size"]
+        if self.device.type != "cuda":
+            logger.info("batch size auto: the recipe's %d (no GPU to size it for)", recipe)
+            return recipe, options.accumulate
+        fixed, per_slice = self.step_memory()
+        optimizer_state = 2 * sum(p.numel() * 4 for p in self.model.trainable_parameters())  # Adam's two moments
+        free = torch.cuda.mem_get_info(self.device)[0]
+        batch = min(train_batch_size(free - optimizer_state, fixed, per_slice), len(self.train_set))
+        logger.info("batch size auto: %d (a step takes %.0f MiB + %.1f MiB per slice; %.1f GiB free)", batch,
+                    fixed / 2**20, per_slice / 2**20, free / 2**30)
+        return batch, options.accumulate
+
+    def step_memory(self) -> tuple[int, int]:
+        """(bytes a training step takes besides its slices, bytes per slice) on this GPU, from the peak memory of
+        an uncached forward and backward (the larger step) on one and on two training slices."""
+        from torch.utils.data import default_collate
+
+        peaks = []
+        for count in (1, 2):
+            batch = default_collate([self.train_set[index % len(self.train_set)] for index in range(count)])
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            base = torch.cuda.memory_allocated(self.device)
+            self.backward(batch, 1.0, cached=False)
+            self.optimizer.zero_grad(set_to_none=True)
+            peaks.append(torch.cuda.max_memory_allocated(self.device) - base)
+        per_slice = max(1, peaks[1] - peaks[0])
+        return max(0, peaks[0] - per_slice), per_slice
 
     def validate(self) -> tuple[float, list[float]]:
         """Dice of each class over all validation slices, and their mean (test-time path, no text)."""
@@ -817,6 +868,7 @@ class Trainer:
             "sources": {part: [self.index.case(case).image_path.name for case in cases]
                         for part, cases in self.split.items()},
             "recipe": {"name": options.recipe, **{name: getattr(options, name) for name in RECIPES[options.recipe]}},
+            "batch": {"size": self.batch_size, "accumulate": self.accumulate} if hasattr(self, "batch_size") else None,
             "augmentation": self.flips_info() if hasattr(self, "flips") else None,
             "attributes": options.attributes or ["number", "shape", "size", "color", "location", "keyword"],
             "options": {k: v for k, v in asdict(options).items()

@@ -2,8 +2,8 @@
 # Every GPU measurement of docs/performance.md in one run of the device machine (DESIGN: minutes per session,
 # 10 minutes per command): CUDA-path checks, the model bench (fp32/bf16/fp16 next to stock CLIPSeg, FLOP, MFU),
 # the 300x512x512 volume phase by phase, training phase by phase with the paper-recipe estimate, a kernel profile
-# of one volume call, and the model under --compile reduce-overhead (CUDA graphs). Each step has its own timeout
-# and writes its JSON/text under $OUT (7 files), whatever the others do.
+# of one volume call, the model under --compile reduce-overhead (CUDA graphs), and the training step so compiled.
+# Each step has its own timeout and writes its JSON/text under $OUT (8 files), whatever the others do.
 #
 # Prepare here (once): ../shared/device/pack.sh   (SimpleITK, monai, slicerio, open-clip-torch into .device-carry/;
 # the machine's own transformers 5.x serves: the engine supports it). Then, with the device tool:
@@ -30,12 +30,12 @@ step() {  # step NAME SECONDS FILE COMMAND...: run with a timeout, say how it en
   rm -f "$OUT/$name.err"
 }
 { nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv; $py -c 'import torch, transformers; print("torch", torch.__version__, "cuda", torch.version.cuda, "transformers", transformers.__version__)'; } > "$OUT/environment.txt" 2>&1
-step checks 60 checks.json $py scripts/gpu_checks.py
-step bench 170 bench.json $py -m cotexnet.cli bench --backbone full-random --device cuda --batch-size 64 \
+step checks 70 checks.json $py scripts/gpu_checks.py
+step bench 140 bench.json $py -m cotexnet.cli bench --backbone full-random --device cuda --batch-size 64 \
   --precision bf16 fp16 fp32 --iterations 20 --warmup 3 --volume 300x512x512 --json
-step train 110 train.json $py -m cotexnet.cli bench --train --backbone full-random --device cuda --batch-size 16 \
+step train 90 train.json $py -m cotexnet.cli bench --train --backbone full-random --device cuda --batch-size 16 \
   --classes 3 --iterations 10 --json
-step profile 50 profile.txt $py - <<'PY'
+step profile 40 profile.txt $py - <<'PY'
 import numpy as np, torch
 from torch.profiler import ProfilerActivity, profile
 from cotexnet.bench import _build
@@ -51,6 +51,8 @@ with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
     torch.cuda.synchronize()
 print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=70))
 PY
-step compile 200 bench-compile.json $py -m cotexnet.cli bench --backbone full-random --device cuda --batch-size 64 \
+step compile 130 bench-compile.json $py -m cotexnet.cli bench --backbone full-random --device cuda --batch-size 64 \
   --precision bf16 --iterations 20 --warmup 3 --compile reduce-overhead --json
+step train-compile 110 train-compile.json $py -m cotexnet.cli bench --train --backbone full-random --device cuda \
+  --batch-size 16 --classes 3 --iterations 10 --compile reduce-overhead --json
 ls -l "$OUT"

@@ -3,7 +3,8 @@
 Prints one JSON object: each check's measured figures and whether it passed. Checks: labels of the device path
 (pinned pieces on a side stream, device percentiles, pinned download) against the CPU's; device percentiles of a
 300x512x512 volume against numpy; the decoder's channels-last weights and a bundle saved from them; the batch
-size chosen from free memory against the memory that batch then takes; a training step with the fused optimiser.
+size chosen from free memory against the memory that batch then takes; a training step with the fused optimiser
+and the feature cache in GPU memory; the training batch ``--batch-size auto`` measures against a real step's memory.
 """
 from __future__ import annotations
 
@@ -100,6 +101,7 @@ def batch_size_from_memory() -> dict:
 
 
 def fused_training_step() -> dict:
+    """One training step on CUDA: the fused optimiser, a finite loss, the feature cache in GPU memory."""
     from cotexnet.bench import _training_dataset
     from cotexnet.config import TrainOptions
     from cotexnet.train import Trainer
@@ -109,17 +111,44 @@ def fused_training_step() -> dict:
         trainer = Trainer(TrainOptions(data=str(data), out=f"{folder}/run", backbone="tiny", classes=["a", "b"],
                                        image_size=64, batch_size=4, epochs=1, device="cuda", show_progress=False))
         trainer.initialize()
-        terms = trainer.train_step(next(iter(trainer.train_loader)))
+        terms = trainer.train_step([next(iter(trainer.train_loader))])
         fused = bool(trainer.optimizer.defaults.get("fused"))
+        storage = None if trainer.cache is None else trainer.cache.storage.type
         if trainer.cache is not None:
             trainer.cache.close()
-    return {"fused": fused, "loss": terms["loss"], "passed": fused and np.isfinite(terms["loss"])}
+    # the tiny model's cache is a few MB: it must live in GPU memory (feature_cache.plan_cache)
+    return {"fused": fused, "loss": terms["loss"], "cache_storage": storage,
+            "passed": fused and np.isfinite(terms["loss"]) and storage == "cuda"}
+
+
+def training_batch_from_memory() -> dict:
+    """``train --batch-size auto`` on full-random at 352 px: the batch it measures its way to, then the peak memory
+    of a real step at that batch against the free memory it was sized for (half of it, with Adam's state)."""
+    from cotexnet.bench import _training_dataset
+    from cotexnet.config import TrainOptions
+    from cotexnet.train import Trainer
+
+    with tempfile.TemporaryDirectory() as folder:
+        data = _training_dataset(__import__("pathlib").Path(folder) / "data", 3, 320, 352)
+        trainer = Trainer(TrainOptions(data=str(data), out=f"{folder}/run", backbone="full-random", image_size=352,
+                                       classes=["a", "b", "c"], batch_size="auto", epochs=1, device="cuda",
+                                       feature_cache="off", train_encoder="none", show_progress=False))
+        trainer.initialize()
+        fixed, per_slice = trainer.step_memory()
+        free = torch.cuda.mem_get_info()[0]
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        trainer.train_step([next(iter(trainer.train_loader))])
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - before
+    return {"batch_size": trainer.batch_size, "fixed_mib": fixed / 2**20, "per_slice_mib": per_slice / 2**20,
+            "free_gib": free / 2**30, "peak_gib_of_a_step": peak / 2**30, "passed": peak < free}
 
 
 def main() -> int:
     report = {"torch": torch.__version__, "cuda": torch.version.cuda, "device": torch.cuda.get_device_name()}
     for check in (labels_match_cpu, device_percentiles, channels_last_bundle, batch_size_from_memory,
-                  fused_training_step):
+                  fused_training_step, training_batch_from_memory):
         try:
             report[check.__name__] = check()
         except Exception:
