@@ -112,6 +112,12 @@ def test_train_bench_reports_phases_and_the_paper_recipe_estimate():
     assert estimate["uncached"] == pytest.approx(PAPER_RECIPE_SLICES * PAPER_RECIPE_EPOCHS / report["uncached"]["slices_per_s"])
     assert report["cached"]["phases_per_step_s"]["data"] < report["uncached"]["phases_per_step_s"]["forward"] * 10
     assert report["cached"]["cache_storage"] == "cpu" and report["uncached"]["cache_storage"] is None  # files, on a CPU
+    for side in ("uncached", "cached"):  # MFU: the measured rate x a step's forward and backward FLOP over the peak
+        row = report[side]
+        assert row["achieved_tflops"] == pytest.approx(row["slices_per_s"] * row["flops_per_slice"] / 1e12, rel=1e-9)
+        assert row["mfu"] == pytest.approx(row["achieved_tflops"] / report["peak_matmul_tflops"], rel=1e-9)
+    # a cached step skips the frozen image encoder (the ROI branch's passes too): fewer FLOP than an uncached one
+    assert 0 < report["cached"]["flops_per_slice"] < report["uncached"]["flops_per_slice"]
 
 
 def test_a_bench_process_that_dies_before_reporting_is_an_error_not_a_hang():

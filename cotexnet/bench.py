@@ -58,11 +58,13 @@ def _build(side: str, backbone: str, image_size: int, num_classes: int):
     return model, model
 
 
-def flops_per_slice(run, image_size: int, device: torch.device) -> float:
-    """FLOP of one slice through ``run``: every matrix product, convolution and attention that one forward of a
-    one-slice batch performs, as ``torch.utils.flop_counter`` counts them (a multiply-add is 2 FLOP). Attention
+def counted_flops(call) -> float:
+    """FLOP of ``call()``: every matrix product, convolution and attention it performs (forward and, when it
+    back-propagates, backward), as ``torch.utils.flop_counter`` counts them (a multiply-add is 2 FLOP). Attention
     runs as its plain matrix products here, which the counter sees on every device (it has no formula for the
-    CPU's fused kernel)."""
+    CPU's fused kernel), and compiled functions run eagerly so that the counter sees inside them."""
+    from contextlib import nullcontext
+
     from torch.utils.flop_counter import FlopCounterMode
 
     try:
@@ -71,10 +73,21 @@ def flops_per_slice(run, image_size: int, device: torch.device) -> float:
         math_attention = sdpa_kernel(SDPBackend.MATH)
     except ImportError:  # torch < 2.3: only CUDA has fused kernels to switch off
         math_attention = torch.backends.cuda.sdp_kernel(enable_flash=False, enable_mem_efficient=False)
+    set_stance = getattr(torch.compiler, "set_stance", None)  # torch >= 2.6
+    eager = set_stance("force_eager") if set_stance is not None else nullcontext()
     counter = FlopCounterMode(display=False)
-    with torch.inference_mode(), math_attention, counter:
-        run(torch.rand(1, 3, image_size, image_size, device=device))
+    with math_attention, eager, counter:
+        call()
     return float(counter.get_total_flops())
+
+
+def flops_per_slice(run, image_size: int, device: torch.device) -> float:
+    """FLOP of one slice's forward through ``run`` (:func:`counted_flops` of a one-slice batch)."""
+    def forward():
+        with torch.inference_mode():
+            run(torch.rand(1, 3, image_size, image_size, device=device))
+
+    return counted_flops(forward)
 
 
 def matmul_peak_tflops(device: torch.device, dtype: torch.dtype | None, seconds: float = 0.5) -> float:
@@ -334,7 +347,9 @@ def bench_train(backbone: str = "full-random", device: str = "auto", batch_size:
     step, then ``iterations`` timed steps. Cached: one pass over the batches fills the cache (the first
     epoch, timed apart), then ``iterations`` timed steps read it. ``train_ratio`` is cached / uncached.
     ``phases_per_step_s`` (data, forward, backward, optimizer) comes from ``iterations`` more steps that
-    synchronise the device at each phase's end. ``paper_recipe_estimate_s`` is what
+    synchronise the device at each phase's end. ``flops_per_slice`` is a step's forward and backward per slice
+    (:func:`counted_flops`; the cached step skips the encoders), ``mfu`` its rate over ``peak_matmul_tflops`` in
+    the trainer's precision. ``paper_recipe_estimate_s`` is what
     :data:`PAPER_RECIPE_SLICES` slices x :data:`PAPER_RECIPE_EPOCHS` epochs take at the measured rates:
     uncached throughout, or cached after each of the trainer's default views was encoded once. ``compile`` runs
     the step's text encoder and decoder through ``torch.compile`` (``cotexnet train --compile``), compiled in the
@@ -348,6 +363,7 @@ def bench_train(backbone: str = "full-random", device: str = "auto", batch_size:
 
     resolved = resolve_device(device)
     sides = {}
+    peak = matmul_peak_tflops(resolved, autocast_dtype(resolved, "auto"))  # the trainer's precision
     with tempfile.TemporaryDirectory() as tmp:
         count = batch_size * batches * 10 // 8 + 3  # the 8:1:1 split leaves ``batches`` training batches
         data = _training_dataset(Path(tmp) / "data", num_classes, count, image_size)
@@ -377,8 +393,12 @@ def bench_train(backbone: str = "full-random", device: str = "auto", batch_size:
             trainer.clock = PhaseClock(resolved, phases)
             for i in range(iterations):
                 trainer.train_step([loader[i % len(loader)]])
-            sides[cache] = {"steps_per_s": iterations / seconds, "slices_per_s": iterations * batch_size / seconds,
-                            "first_pass_s": first,
+            flops = counted_flops(lambda: trainer.backward(loader[0], 1.0)) / batch_size
+            trainer.optimizer.zero_grad(set_to_none=True)
+            rate = iterations * batch_size / seconds
+            sides[cache] = {"steps_per_s": iterations / seconds, "slices_per_s": rate, "first_pass_s": first,
+                            "flops_per_slice": flops, "achieved_tflops": rate * flops / 1e12,
+                            "mfu": rate * flops / 1e12 / peak,
                             "phases_per_step_s": {name: value / iterations for name, value in phases.items()},
                             "peak_gpu_memory_mib": (torch.cuda.max_memory_allocated(resolved) / 2**20
                                                     if resolved.type == "cuda" else None),
@@ -395,7 +415,7 @@ def bench_train(backbone: str = "full-random", device: str = "auto", batch_size:
     return {"mode": "train", "backbone": backbone, "device": str(resolved), "device_name": _device_name(resolved),
             "precision": precision, "batch_size": batch_size, "image_size": image_size, "num_classes": num_classes,
             "iterations": iterations, "compile": compile, "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "uncached": sides["off"], "cached": sides["auto"],
+            "peak_matmul_tflops": peak, "uncached": sides["off"], "cached": sides["auto"],
             "train_ratio": sides["auto"]["steps_per_s"] / sides["off"]["steps_per_s"],
             "paper_recipe_estimate_s": estimate}
 
@@ -407,8 +427,8 @@ def format_train_report(report: dict) -> str:
     for side in ("uncached", "cached"):
         row = report[side]
         phases = ", ".join(f"{name} {seconds * 1000:.1f}" for name, seconds in row["phases_per_step_s"].items())
-        lines.append(f"{side:<9} {row['steps_per_s']:.3f} steps/s ({row['slices_per_s']:.2f} slices/s); "
-                     f"per step (ms): {phases}")
+        lines.append(f"{side:<9} {row['steps_per_s']:.3f} steps/s ({row['slices_per_s']:.2f} slices/s, "
+                     f"{row['flops_per_slice'] / 1e9:.2f} GFLOP/slice, MFU {row['mfu']:.1%}); per step (ms): {phases}")
     estimate = report["paper_recipe_estimate_s"]
     lines.append(f"cached / uncached: {report['train_ratio']:.1f}x; paper recipe ({estimate['slices']} slices x "
                  f"{estimate['epochs']} epochs) at these rates: uncached {estimate['uncached'] / 3600:.2f} h, cached "
