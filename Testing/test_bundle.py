@@ -152,6 +152,31 @@ def test_unavailable_backbone_names_it_and_says_how_to_get_it_offline(monkeypatc
         load_backbone("CIDAS/clipseg-rd64-refined", cache_dir=tmp_path)
 
 
+def test_a_synthetic_backbone_is_drawn_the_same_under_either_transformers_major():
+    """``build_clipseg`` draws every weight itself (CI runs this under transformers 4.x and 5.x): the decoder's FiLM,
+    reduction and upsampling layers at PyTorch's default (uniform, std 1/sqrt(3 fan_in)), not transformers 5's
+    generic N(0, 1) for a CLIPSeg config (std ~1, with which a tiny model did not learn); CLIP's own scheme for the
+    encoders; the same draws for the same seed; and the caller's random stream untouched, so the layers CoTexNet
+    adds after the backbone start the same under both majors."""
+    from cotexnet.bundle import build_clipseg, clipseg_architecture
+
+    torch.manual_seed(123)
+    expected_next = torch.rand(4)
+    torch.manual_seed(123)
+    clipseg = build_clipseg(clipseg_architecture("tiny", 64))
+    assert torch.equal(torch.rand(4), expected_next)
+    decoder = clipseg.decoder
+    for layer in (decoder.film_mul, decoder.film_add, *decoder.reduces):  # Linear(32 -> 16)
+        assert layer.weight.std().item() == pytest.approx((3 * 32) ** -0.5, rel=0.25)
+        assert torch.count_nonzero(layer.bias) == 0  # linear biases zeroed, as CLIPSeg's scheme does
+    upsampling = decoder.transposed_convolution[0]  # ConvTranspose2d(16, 16, 3): fan_in 16 x 9
+    assert upsampling.weight.std().item() == pytest.approx((3 * 16 * 9) ** -0.5, rel=0.25)
+    vision = clipseg.clip.vision_model.encoder.layers[0].self_attn  # CLIP's N(0, d^-1/2 (2L)^-1/2): d 32, L 4
+    assert vision.q_proj.weight.std().item() == pytest.approx(32 ** -0.5 * (2 * 4) ** -0.5, rel=0.25)
+    again = build_clipseg(clipseg_architecture("tiny", 64))
+    assert all(torch.equal(a, b) for a, b in zip(clipseg.state_dict().values(), again.state_dict().values()))
+
+
 def test_local_backbone_directory_loads_offline(tmp_path):
     """A backbone folder saved the way Hugging Face stores it loads with no network."""
     clipseg, tokenizer = load_backbone("tiny", image_size=64)

@@ -82,10 +82,11 @@ def build_clipseg(clipseg_config, seed: int = 0):
     import torch
     from transformers import CLIPSegForImageSegmentation
 
-    model = CLIPSegForImageSegmentation(clipseg_config)
-    with torch.random.fork_rng(devices=[]), torch.no_grad():
+    with torch.random.fork_rng(devices=[]):  # the caller's random stream is left as it was, under either major
+        model = CLIPSegForImageSegmentation(clipseg_config)
         torch.manual_seed(seed)
-        initialize_clipseg(model)
+        with torch.no_grad():
+            initialize_clipseg(model)
     return model.eval()
 
 
