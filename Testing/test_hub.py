@@ -207,6 +207,7 @@ def test_trained_bundle_card_holds_its_real_metrics_and_an_evaluation_rewrites_i
     assert test["cases"] == len(split["test"]) and test["per_class"][0]["dice"] > 0  # numbers that tell classes apart
     row = f"| disk | {100 * test['per_class'][0]['dice']:.2f} | {100 * test['per_class'][0]['iou']:.2f} |"
     assert row in card and "### val split" in card
+    assert "- Batch: 4 slices x 1 accumulated = 4 per optimiser step" in card  # quick(): batch 4, no accumulation
 
     # `cotexnet evaluate --json` then `cotexnet card --evaluation`: the train split's numbers land on the card.
     assert main(["evaluate", str(run), str(tmp_path / "shapes"), "--split", "train", "--json", "--device", "cpu"]) == 0

@@ -96,6 +96,10 @@ def _recipe_section(config: CoTexNetConfig, info: dict) -> list[str]:
              f"intensity `{json.dumps(config.intensity)}`"]
     if recipe:
         lines.append(f"- Recipe `{recipe.get('name')}`: {steps}")
+    batch = info.get("batch")
+    if batch:  # what the run trained with: --batch-size auto and out-of-memory retries choose it
+        lines.append(f"- Batch: {batch['size']} slices x {batch['accumulate']} accumulated = "
+                     f"{batch['size'] * batch['accumulate']} per optimiser step")
     chosen = config.postprocessing or {}
     kept = [f"{name}: " + (", ".join(k if k != "min_volume_mm3" else f"islands < {v} mm³ removed"
                                      for k, v in steps.items() if v) or "none")
