@@ -142,8 +142,8 @@ class HubHandler(BaseHTTPRequestHandler):
             if sha is None:
                 return self.reply(404, {"error": "Invalid rev id"}, error_code="RevisionNotFound")
             tree = self.repo(match[1])["commits"][sha]
-            return self.reply(200, [{"type": "file", "path": name, "size": len(data), "oid": hashlib.sha1(data).hexdigest()}
-                                    for name, data in sorted(tree.items())])
+            return self.reply(200, [{"type": "file", "path": name, "size": len(data),
+                                     "oid": hashlib.sha1(data).hexdigest()} for name, data in sorted(tree.items())])
         match = re.fullmatch(r"/([^/]+/[^/]+)/resolve/([^/]+)/(.+)", path)
         sha = self.resolve(match[1], match[2]) if match else None
         if sha is None:

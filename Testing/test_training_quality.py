@@ -212,8 +212,10 @@ def test_a_cache_in_device_memory_trains_as_the_files_do(mni152_dataset, tmp_pat
 
     on_disk = step_losses(mni152_dataset, tmp_path / "disk", "auto")
     plan = feature_cache.plan_cache
-    monkeypatch.setattr(feature_cache, "plan_cache",
-                        lambda layout, items, views, limit, folder, free: plan(layout, items, views, limit, folder, 2**40))
+    def plenty_of_gpu_memory(layout, items, views, limit, folder, free):
+        return plan(layout, items, views, limit, folder, 2**40)
+
+    monkeypatch.setattr(feature_cache, "plan_cache", plenty_of_gpu_memory)
     monkeypatch.setattr(feature_cache, "reserve", lambda path, size: pytest.fail(f"{path} written"))
     with caplog.at_level("INFO", logger="cotexnet"):
         in_memory = step_losses(mni152_dataset, tmp_path / "memory", "auto")

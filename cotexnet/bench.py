@@ -414,7 +414,8 @@ def bench_train(backbone: str = "full-random", device: str = "auto", batch_size:
                 "cached": views * PAPER_RECIPE_SLICES / uncached + (total - views * PAPER_RECIPE_SLICES) / cached}
     return {"mode": "train", "backbone": backbone, "device": str(resolved), "device_name": _device_name(resolved),
             "precision": precision, "batch_size": batch_size, "image_size": image_size, "num_classes": num_classes,
-            "iterations": iterations, "compile": compile, "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "iterations": iterations, "compile": compile, "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
             "peak_matmul_tflops": peak, "uncached": sides["off"], "cached": sides["auto"],
             "train_ratio": sides["auto"]["steps_per_s"] / sides["off"]["steps_per_s"],
             "paper_recipe_estimate_s": estimate}

@@ -376,7 +376,8 @@ class TrainOptions:
     feature_cache: str = "auto"
     #: Augmented views per slice kept in the feature cache (one without augmentation).
     views: int = 4
-    #: Size cap of the feature cache on disk; beyond it the step encodes on the fly (in GPU memory, half the free memory is the cap).
+    #: Size cap of the feature cache on disk; beyond it the step encodes on the fly (in GPU memory, half the free
+    #: memory is the cap).
     cache_limit_gb: float = 8.0
     #: A bundle (or run folder) whose weights start this run: same classes, or matched by name.
     init_from: str | None = None

@@ -7,11 +7,11 @@ in 16-bit in memory-mapped files under the run folder, with the view's label map
 With augmentation, each slice has ``views`` fixed random views; a step draws one of them at random.
 
 On a GPU whose free memory holds every view (within :data:`RESIDENT_SHARE` of it), the cache lives in GPU
-memory instead: no file, no host copy per step, and no disk cap (the memory is the run's until it ends). Otherwise the files are sized up front and
-their blocks reserved on disk at once (a sparse memory-mapped file whose disk fills up later kills the process
-with SIGBUS; a reservation that fails is an ordinary error); when ``views`` do not fit under the cap (and half
-the free disk), fewer views are kept, and when one view does not fit the cache is off and the step encodes on
-the fly.
+memory instead: no file, no host copy per step, and no disk cap (the memory is the run's until it ends).
+Otherwise the files are sized up front and their blocks reserved on disk at once (a sparse memory-mapped file
+whose disk fills up later kills the process with SIGBUS; a reservation that fails is an ordinary error); when
+``views`` do not fit under the cap (and half the free disk), fewer views are kept, and when one view does not
+fit the cache is off and the step encodes on the fly.
 """
 from __future__ import annotations
 
@@ -74,7 +74,8 @@ def plan_cache(layout: CacheLayout, items: int, views: int, limit_bytes: float, 
     """In GPU memory when ``free_gpu_bytes`` (``None`` off a GPU) holds every view within :data:`RESIDENT_SHARE`;
     else on disk, as many of ``views`` as fit under ``limit_bytes`` (the disk cap) and half the free disk."""
     per_view = layout.entry_bytes * items
-    needed = f"{items} slices x {views} view(s) x {layout.entry_bytes / 2**20:.2f} MB = {views * per_view / 2**30:.2f} GB"
+    needed = (f"{items} slices x {views} view(s) x {layout.entry_bytes / 2**20:.2f} MB = "
+              f"{views * per_view / 2**30:.2f} GB")
     if free_gpu_bytes is not None and views * per_view <= RESIDENT_SHARE * free_gpu_bytes:
         return CachePlan(views, True, f"feature cache: {needed} in GPU memory ({free_gpu_bytes / 2**30:.1f} GB free)")
     folder.mkdir(parents=True, exist_ok=True)
@@ -82,7 +83,8 @@ def plan_cache(layout: CacheLayout, items: int, views: int, limit_bytes: float, 
     fit = min(views, int(budget // per_view))
     if fit == 0:
         return CachePlan(0, False, f"feature cache off: {needed}, over the cap of {budget / 2**30:.2f} GB "
-                                   "(--cache-limit-gb, half the free disk); the frozen encoders run on the fly every step")
+                                   "(--cache-limit-gb, half the free disk); the frozen encoders run on the fly "
+                                   "every step")
     if fit < views:
         return CachePlan(fit, False, f"feature cache: {fit} of {views} views per slice fit ({needed} is over "
                                      f"{budget / 2**30:.2f} GB)")

@@ -614,7 +614,8 @@ class Trainer:
         iterator = iter(self.train_loader)
         if self.resume_from is not None and epoch == self.start_epoch:  # a checkpoint saved mid-epoch
             done, totals = self.resume_from["step"], dict(self.resume_from["totals"])
-            for _ in range(done * self.accumulate):  # the same shuffled order as before the stop; skip what was trained on
+            # the same shuffled order as before the stop; skip what was trained on
+            for _ in range(done * self.accumulate):
                 next(iterator)
             self.augment_rng.set_state(self.resume_from["augment_rng"])
             message = f"resuming epoch {epoch} at step {done + 1} of {self.steps}, where it was stopped"
