@@ -776,6 +776,10 @@ class Trainer:
         optimizer_state = 2 * sum(p.numel() * 4 for p in self.model.trainable_parameters())  # Adam's two moments
         free = torch.cuda.mem_get_info(self.device)[0]
         batch = min(train_batch_size(free - optimizer_state, fixed, per_slice), len(self.train_set))
+        if self.world > 1:  # every rank trains on the batch the fullest GPU allows
+            smallest = torch.tensor([batch], device=self.device)
+            dist.all_reduce(smallest, op=dist.ReduceOp.MIN)
+            batch = int(smallest.item())
         logger.info("batch size auto: %d (a step takes %.0f MiB + %.1f MiB per slice; %.1f GiB free)", batch,
                     fixed / 2**20, per_slice / 2**20, free / 2**30)
         return batch, options.accumulate

@@ -109,7 +109,8 @@ def fused_training_step() -> dict:
     with tempfile.TemporaryDirectory() as folder:
         data = _training_dataset(__import__("pathlib").Path(folder) / "data", 2, 12, 64)
         trainer = Trainer(TrainOptions(data=str(data), out=f"{folder}/run", backbone="tiny", classes=["a", "b"],
-                                       image_size=64, batch_size=4, epochs=1, device="cuda", show_progress=False))
+                                       image_size=64, batch_size=4, epochs=1, device="cuda", show_progress=False,
+                                       train_encoder="none"))  # a frozen encoder: the cache is on
         trainer.initialize()
         terms = trainer.train_step([next(iter(trainer.train_loader))])
         fused = bool(trainer.optimizer.defaults.get("fused"))
