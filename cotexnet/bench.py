@@ -108,6 +108,13 @@ def matmul_peak_tflops(device: torch.device, dtype: torch.dtype | None, seconds:
     return 2 * size**3 * count / (time.perf_counter() - started) / 1e12
 
 
+def utilisation(slices_per_s: float, flops_per_slice: float, peak_tflops: float) -> dict:
+    """The FLOP keys of a bench row: FLOP per slice, the TFLOP/s achieved at the measured rate, and MFU (that over
+    ``peak_tflops``)."""
+    achieved = slices_per_s * flops_per_slice / 1e12
+    return {"flops_per_slice": flops_per_slice, "achieved_tflops": achieved, "mfu": achieved / peak_tflops}
+
+
 def measure(side: str, backbone: str, device: str, precision: str, batch_size: int, image_size: int,
             num_classes: int, iterations: int, warmup: int, compile: str | None = None) -> dict:
     """Slices per second, peak memory, FLOP per slice, the matrix-product peak and MFU of one side at one
@@ -144,8 +151,7 @@ def measure(side: str, backbone: str, device: str, precision: str, batch_size: i
     seconds = time.perf_counter() - started
     rate = batch_size * iterations / seconds
     result = {"side": side, "precision": precision, "slices_per_s": rate, "seconds": seconds,
-              "flops_per_slice": flops, "achieved_tflops": rate * flops / 1e12, "peak_matmul_tflops": peak,
-              "mfu": rate * flops / 1e12 / peak}
+              **utilisation(rate, flops, peak), "peak_matmul_tflops": peak}
     if device.type == "cuda":
         result["peak_gpu_memory_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
     result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -397,8 +403,7 @@ def bench_train(backbone: str = "full-random", device: str = "auto", batch_size:
             trainer.optimizer.zero_grad(set_to_none=True)
             rate = iterations * batch_size / seconds
             sides[cache] = {"steps_per_s": iterations / seconds, "slices_per_s": rate, "first_pass_s": first,
-                            "flops_per_slice": flops, "achieved_tflops": rate * flops / 1e12,
-                            "mfu": rate * flops / 1e12 / peak,
+                            **utilisation(rate, flops, peak),
                             "phases_per_step_s": {name: value / iterations for name, value in phases.items()},
                             "peak_gpu_memory_mib": (torch.cuda.max_memory_allocated(resolved) / 2**20
                                                     if resolved.type == "cuda" else None),
